@@ -1,0 +1,527 @@
+"""TARFlow: a stack of autoregressive affine flows whose autoregression is a causal transformer.
+
+Notation follows ../shared/DESIGN.md section 1 and the R-REPA paper:
+
+    x      image in [-1, 1]^(C x H x W), cut into N = (H/p)(W/p) tokens of dimension D = C p^2
+    t      block index, 1..T (block T is the last in the forward direction, the first in generation)
+    l      layer index inside a block, 1..L
+    h      hidden state of a block's transformer, (B, N, width)
+    mu     shift, alpha log-scale of the affine transform, (B, N, D)
+    z      z_i = (x_i - mu_i(x_<i)) * exp(-alpha_i(x_<i)); standard Gaussian prior
+    logdet log|det dz/dx| = -sum(alpha), summed over every dimension (not a mean)
+
+Block t permutes its tokens (identity for odd t, reversed for even t, 1-indexed; i.e. the first
+block keeps raster order), runs its transformer on the permuted sequence and shifts the output by one
+position, so token 0 gets (mu, alpha) = (0, 0). Block inputs and outputs are in raster order.
+
+The module ends with the named presets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Position = tuple[int, int]  # 1-indexed (block t, layer l)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Architecture of a TARFlow. Defaults are the paper's ImageNet 64 x 64 model."""
+
+    in_channels: int = 3  # C: image (or latent) channels
+    image_height: int = 64  # H, in pixels (or latent cells)
+    image_width: int = 64  # W, in pixels (or latent cells)
+    patch_size: int = 2  # p: tokens are p x p patches, D = C p^2 values each
+    width: int = 768  # transformer width of every block
+    num_blocks: int = 8  # T: flow blocks (permutations alternate identity / flip)
+    layers_per_block: int = 8  # L: transformer layers per block
+    head_dim: int = 64  # attention head dimension; heads = width / head_dim
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * width
+    num_classes: int = 1000  # K: class-conditional with K labels; 0 = unconditional
+    sigma: float = 0.05  # std of the Gaussian noise the model is trained on; used to denoise samples
+
+    def __post_init__(self) -> None:
+        for name in ("in_channels", "image_height", "image_width", "patch_size", "width",
+                     "num_blocks", "layers_per_block", "head_dim", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FlowConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ValueError(f"FlowConfig.num_classes must be >= 0 (0 = unconditional), "
+                             f"got {self.num_classes}")
+        if self.sigma < 0:
+            raise ValueError(f"FlowConfig.sigma must be >= 0, got {self.sigma}")
+        p = self.patch_size
+        if self.image_height % p or self.image_width % p:
+            raise ValueError(
+                f"patch_size {p} does not divide the image size {self.image_height} x "
+                f"{self.image_width}; pick a patch size that divides both")
+        if self.width % self.head_dim:
+            raise ValueError(
+                f"width {self.width} is not a multiple of head_dim {self.head_dim}; use a width "
+                f"such as {max(1, round(self.width / self.head_dim)) * self.head_dim}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Token grid (H/p, W/p)."""
+        return self.image_height // self.patch_size, self.image_width // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """N = (H/p)(W/p)."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def token_dim(self) -> int:
+        """D = C p^2."""
+        return self.in_channels * self.patch_size**2
+
+    @property
+    def num_dims(self) -> int:
+        """C H W: dimensions of one image."""
+        return self.in_channels * self.image_height * self.image_width
+
+
+@dataclass
+class FlowOutput:
+    z: Tensor  # (B, C, H, W) latent
+    logdet: Tensor  # (B,) log|det dz/dx|, summed over all C H W dimensions
+    hidden: dict[Position, Tensor] = field(default_factory=dict)  # (t, l) -> (B, N, width), raster
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer layer with an optional KV cache
+# --------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of one attention layer during autoregressive inversion.
+
+    Without autograd the cache is preallocated and written in place (no copies per step); with
+    autograd it grows by concatenation, because in-place writes would invalidate saved tensors.
+    """
+
+    def __init__(self, length: int):
+        self.length = length
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.n = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v: (B, heads, n, head_dim) -> all keys and values so far, (B, heads, n_total, head_dim)."""
+        n = k.shape[2]
+        if torch.is_grad_enabled():
+            self.k = k if self.k is None else torch.cat([self.k[:, :, : self.n], k], dim=2)
+            self.v = v if self.v is None else torch.cat([self.v[:, :, : self.n], v], dim=2)
+        else:
+            if self.k is None or self.k.shape[2] < self.length or self.k.dtype != k.dtype:
+                shape = (*k.shape[:2], self.length, k.shape[3])
+                k_buf, v_buf = k.new_empty(shape), v.new_empty(shape)
+                if self.k is not None:
+                    k_buf[:, :, : self.n] = self.k[:, :, : self.n]
+                    v_buf[:, :, : self.n] = self.v[:, :, : self.n]
+                self.k, self.v = k_buf, v_buf
+            self.k[:, :, self.n : self.n + n] = k
+            self.v[:, :, self.n : self.n + n] = v
+        self.n += n
+        return self.k[:, :, : self.n], self.v[:, :, : self.n]
+
+
+class Layer(nn.Module):
+    """Pre-norm transformer layer: causal self-attention, then a GELU MLP, both residual."""
+
+    def __init__(self, width: int, head_dim: int, mlp_ratio: int):
+        super().__init__()
+        self.heads = width // head_dim
+        self.attn_norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.attn_out = nn.Linear(width, width)
+        self.mlp_norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, mlp_ratio * width)
+        self.fc2 = nn.Linear(mlp_ratio * width, width)
+
+    def forward(self, h: Tensor, q_scale: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """h: (B, n, width) -> (B, n, width).
+
+        q_scale: (B, 1, 1, 1) multiplies the queries, i.e. an attention temperature 1 / q_scale per row.
+        cache: when given, h holds the next n tokens and attends to everything cached so far
+        (n = 1 during sampling, so no mask is needed); otherwise attention is causal over h.
+        """
+        B, n, width = h.shape
+        q, k, v = self.qkv(self.attn_norm(h)).view(B, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if q_scale is not None:
+            q = q * q_scale.to(q.dtype)
+        if cache is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            if n != 1:
+                raise ValueError("the KV-cache path takes one token at a time")
+            k, v = cache.append(k, v)
+            a = F.scaled_dot_product_attention(q, k, v)
+        h = h + self.attn_out(a.transpose(1, 2).reshape(B, n, width))
+        return h + self.fc2(F.gelu(self.fc1(self.mlp_norm(h))))
+
+
+# --------------------------------------------------------------------------------------------
+# One flow block
+# --------------------------------------------------------------------------------------------
+
+
+class FlowBlock(nn.Module):
+    """One autoregressive affine flow over the (permuted) token sequence."""
+
+    def __init__(self, cfg: FlowConfig, flip: bool):
+        super().__init__()
+        N, D, width = cfg.num_tokens, cfg.token_dim, cfg.width
+        self.flip = flip
+        self.proj_in = nn.Linear(D, width)
+        self.pos_embed = nn.Parameter(torch.randn(N, width) * 0.01)  # indexed by raster position
+        self.class_embed = nn.Parameter(torch.randn(cfg.num_classes, width) * 0.01) if cfg.num_classes else None
+        self.layers = nn.ModuleList(Layer(width, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.layers_per_block))
+        self.proj_out = nn.Linear(width, 2 * D)  # -> (mu, alpha)
+        # A fresh block is the identity: training starts from z = x.
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def permute(self, x: Tensor) -> Tensor:
+        """Identity or token flip along dim 1 (the flip is its own inverse)."""
+        return x.flip(1) if self.flip else x
+
+    def embedding(self, y: Tensor | None) -> Tensor | None:
+        """Class embedding added to every token.
+
+        y: None (the null label: the mean embedding), (B,) int labels, or (B, K) float weights w
+        (the embedding is w^T E; uniform weights give the null label). Returns (B, width), (width,)
+        or None for an unconditional block.
+        """
+        if self.class_embed is None:
+            return None
+        if y is None:
+            return self.class_embed.mean(0)
+        if y.is_floating_point():
+            return y.to(self.class_embed.dtype) @ self.class_embed
+        return self.class_embed[y]
+
+    def transformer(self, x: Tensor, e: Tensor | None, keep: Iterable[int] = (),
+                    q_scale: Tensor | None = None, upto: int | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+        """Run the causal transformer on permuted tokens.
+
+        x: (B, N, D) tokens in this block's order; e: class embedding (B, width) or (width,).
+        Returns the unshifted proj_out output (B, N, 2D) (None when stopped early at layer `upto`)
+        and the hidden states {l: (B, N, width)} after the layers in `keep`, in this block's order.
+        """
+        h = self.proj_in(x) + self.permute(self.pos_embed)
+        if e is not None:
+            h = h + (e[:, None] if e.dim() == 2 else e)
+        keep = set(keep)
+        hidden = {}
+        for l, layer in enumerate(self.layers, start=1):
+            h = layer(h, q_scale)
+            if l in keep:
+                hidden[l] = h
+            if l == upto:
+                return None, hidden
+        return self.proj_out(h), hidden
+
+    def mu_alpha(self, x: Tensor, e: Tensor | None, keep: Iterable[int] = (),
+                 q_scale: Tensor | None = None) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+        """(mu, alpha) of every token given the preceding ones: x (B, N, D) in this block's order
+        -> mu, alpha (B, N, D) in x's dtype, and the kept hidden states."""
+        out, hidden = self.transformer(x, e, keep, q_scale)
+        out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1).to(x.dtype)
+        mu, alpha = out.chunk(2, dim=-1)
+        return mu, alpha, hidden
+
+    def forward(self, x: Tensor, e: Tensor | None, keep: Iterable[int] = ()) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+        """x: (B, N, D) raster order -> z (B, N, D) raster order, logdet (B,), {l: h (B, N, width) raster}."""
+        xp = self.permute(x)
+        mu, alpha, hidden = self.mu_alpha(xp, e, keep)
+        z = (xp - mu) * torch.exp(-alpha)
+        return self.permute(z), -alpha.sum(dim=(1, 2)), {l: self.permute(h) for l, h in hidden.items()}
+
+    def reverse(self, z: Tensor, e: Tensor | None, e_null: Tensor | None = None, guidance: float = 0.0,
+                anneal: bool = False, attn_temp: float = 1.0, kv_cache: bool = True) -> Tensor:
+        """Invert the block: z (B, N, D) raster order -> x (B, N, D) raster order.
+
+        Sequential over tokens: x_i = z_i * exp(alpha_i(x_<i)) + mu_i(x_<i).
+        Guidance (w = guidance > 0): a second, unconditional branch with embedding e_null and attention
+        temperature attn_temp runs in the same batch, and
+        (mu, alpha) <- (1 + w_i) * conditional - w_i * unconditional, with w_i = w * (i + 1) / (N - 1)
+        for token i + 1 when annealed, w_i = w otherwise.
+        kv_cache=False recomputes the whole prefix at every step (the reference the cache is tested against).
+        """
+        B, N, _ = z.shape
+        zp = self.permute(z)
+        guided = guidance != 0
+        q_scale = None
+        if guided:
+            e = _stack_branches(e, e_null, B)
+            if attn_temp != 1.0:
+                q_scale = torch.cat([z.new_ones(B), z.new_full((B,), 1.0 / attn_temp)]).view(2 * B, 1, 1, 1)
+        xs = [zp[:, 0]]  # token 0 has (mu, alpha) = (0, 0)
+        caches = [KVCache(N) for _ in self.layers] if kv_cache else None
+        pos = self.permute(self.pos_embed)
+        for i in range(N - 1):
+            if kv_cache:
+                tok = xs[i][:, None]
+                h = self.proj_in(torch.cat([tok, tok]) if guided else tok) + pos[i]
+                if e is not None:
+                    h = h + (e[:, None] if e.dim() == 2 else e)
+                for layer, cache in zip(self.layers, caches):
+                    h = layer(h, q_scale, cache)
+                out = self.proj_out(h)[:, 0]
+            else:
+                prefix = torch.stack(xs, dim=1)
+                if guided:
+                    prefix = torch.cat([prefix, prefix])
+                out = self._prefix_out(prefix, e, q_scale, pos)
+            mu, alpha = out.to(z.dtype).chunk(2, dim=-1)
+            if guided:
+                w = guidance * (i + 1) / (N - 1) if anneal else guidance
+                mu = (1 + w) * mu[:B] - w * mu[B:]
+                alpha = (1 + w) * alpha[:B] - w * alpha[B:]
+            xs.append(zp[:, i + 1] * torch.exp(alpha) + mu)
+        return self.permute(torch.stack(xs, dim=1))
+
+    def _prefix_out(self, prefix: Tensor, e: Tensor | None, q_scale: Tensor | None, pos: Tensor) -> Tensor:
+        """proj_out at the last position of a causal pass over the whole prefix (B, i + 1, D)."""
+        n = prefix.shape[1]
+        h = self.proj_in(prefix) + pos[:n]
+        if e is not None:
+            h = h + (e[:, None] if e.dim() == 2 else e)
+        for layer in self.layers:
+            h = layer(h, q_scale)
+        return self.proj_out(h[:, -1])
+
+
+def _stack_branches(e: Tensor | None, e_null: Tensor | None, B: int) -> Tensor | None:
+    """Conditional and unconditional embeddings for a batch of 2B rows: (2B, width) or None."""
+    if e is None:
+        return None
+    e = e.expand(B, -1) if e.dim() == 1 else e
+    e_null = e if e_null is None else e_null
+    return torch.cat([e, e_null.expand(B, -1) if e_null.dim() == 1 else e_null])
+
+
+# --------------------------------------------------------------------------------------------
+# The flow
+# --------------------------------------------------------------------------------------------
+
+
+class TARFlow(nn.Module):
+    """Transformer autoregressive flow over images (B, C, H, W) in [-1, 1]."""
+
+    def __init__(self, cfg: FlowConfig):
+        super().__init__()
+        self.cfg = cfg
+        # Block t (1-indexed) flips when t is even: the first block reads raster order.
+        self.blocks = nn.ModuleList(FlowBlock(cfg, flip=bool(t % 2)) for t in range(cfg.num_blocks))
+        # The finiteness check of the input costs a device sync; a training loop may switch it off.
+        self.validate_inputs = True
+
+    # --- tokens ------------------------------------------------------------------------------
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, N, D), raster order over patches, channel-major inside a token."""
+        B, C, H, W = x.shape
+        p = self.cfg.patch_size
+        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(B, N, D) -> (B, C, H, W); the inverse of patchify."""
+        B = x.shape[0]
+        cfg, p = self.cfg, self.cfg.patch_size
+        gh, gw = cfg.grid
+        x = x.reshape(B, gh, gw, cfg.in_channels, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(B, cfg.in_channels, cfg.image_height, cfg.image_width)
+
+    # --- input checks ------------------------------------------------------------------------
+
+    def check_images(self, x: Tensor, name: str = "x") -> None:
+        cfg = self.cfg
+        expected = (cfg.in_channels, cfg.image_height, cfg.image_width)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"{name} must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}) for this model, "
+                f"got {tuple(x.shape)}; resize the images or build the model with a matching FlowConfig")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor in [-1, 1], got {x.dtype}; "
+                             f"convert uint8 images with x / 127.5 - 1")
+        if self.validate_inputs and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or infinite values; check the data pipeline")
+
+    def check_labels(self, y: Tensor | None, batch: int) -> None:
+        K = self.cfg.num_classes
+        if y is None:
+            return
+        if K == 0:
+            raise ValueError("labels were given to an unconditional model (num_classes = 0); "
+                             "pass y=None or build the model with num_classes > 0")
+        if y.is_floating_point():
+            if y.shape != (batch, K):
+                raise ValueError(f"class weights must have shape ({batch}, {K}), got {tuple(y.shape)}")
+            return
+        if y.shape != (batch,):
+            raise ValueError(f"labels must have shape ({batch},), got {tuple(y.shape)}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= K):
+            raise ValueError(f"labels must lie in [0, {K}), got values in "
+                             f"[{int(y.min())}, {int(y.max())}]")
+
+    def embeddings(self, y: Tensor | None, drop: Tensor | None = None) -> list[Tensor | None]:
+        """Per-block class embeddings; rows where drop (B,) bool is True get the null label."""
+        es = []
+        for block in self.blocks:
+            e = block.embedding(y)
+            if drop is not None and e is not None and e.dim() == 2:
+                e = torch.where(drop[:, None], block.embedding(None), e)
+            es.append(e)
+        return es
+
+    # --- density -----------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, y: Tensor | None = None, hidden: Iterable[Position] = (),
+                label_drop: float = 0.0) -> FlowOutput:
+        """x (B, C, H, W) -> z (B, C, H, W), logdet (B,), and the hidden states at the requested
+        1-indexed (block, layer) positions, each (B, N, width) in raster token order.
+
+        y: None (null label), (B,) int labels in [0, K), or (B, K) float class weights.
+        label_drop: probability of replacing each label by the null label (training).
+        """
+        self.check_images(x)
+        self.check_labels(y, x.shape[0])
+        keep = self._positions(hidden)
+        drop = None
+        if label_drop > 0 and y is not None:
+            drop = torch.rand(x.shape[0], device=x.device) < label_drop
+        x = self.patchify(x)
+        logdet = x.new_zeros(x.shape[0])
+        states = {}
+        for t, (block, e) in enumerate(zip(self.blocks, self.embeddings(y, drop)), start=1):
+            x, ld, hs = block(x, e, keep.get(t, ()))
+            logdet = logdet + ld
+            states.update({(t, l): h for l, h in hs.items()})
+        return FlowOutput(self.unpatchify(x), logdet, states)
+
+    def log_prob(self, x: Tensor, y: Tensor | None = None, label_drop: float = 0.0) -> Tensor:
+        """log p(x | y) in nats, (B,): standard Gaussian prior plus the log-determinant."""
+        out = self(x, y, label_drop=label_drop)
+        z = out.z.flatten(1)
+        return -0.5 * (z.pow(2).sum(1) + z.shape[1] * math.log(2 * math.pi)) + out.logdet
+
+    def nll(self, x: Tensor, y: Tensor | None = None, label_drop: float = 0.0) -> Tensor:
+        """Negative log-likelihood per dimension in nats, (B,): the training loss."""
+        return -self.log_prob(x, y, label_drop) / self.cfg.num_dims
+
+    def bits_per_dim(self, x: Tensor, y: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+        """Bits per dimension of 8-bit images x (B, C, H, W) uint8 with uniform dequantization, (B,).
+
+        The dequantized value v = x + u, u ~ U[0, 1), lies in [0, 256); it is mapped to [-1, 1) by
+        v / 128 - 1, so the density on [0, 256) is the model's divided by 128 per dimension: the
+        log(128) term. noise: (B, C, H, W) values in [0, 1) to use for u (drawn when None).
+        """
+        if x.dtype != torch.uint8:
+            raise ValueError(f"bits_per_dim takes uint8 images (0..255), got {x.dtype}")
+        dtype = next(self.parameters()).dtype
+        u = torch.rand(x.shape, device=x.device, dtype=dtype) if noise is None else noise.to(dtype)
+        v = (x.to(u.dtype) + u) / 128.0 - 1.0
+        return (self.nll(v, y) + math.log(128.0)) / math.log(2.0)
+
+    # --- generation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reverse(self, z: Tensor, y: Tensor | None = None, guidance: float = 0.0, anneal: bool = False,
+                attn_temp: float = 1.0, kv_cache: bool = True) -> Tensor:
+        """z (B, C, H, W) -> x (B, C, H, W): the blocks inverted in reverse order.
+
+        guidance w: TARFlow guidance, (mu, alpha) <- (1 + w) cond - w uncond, where the unconditional
+        branch uses the null label and attention temperature attn_temp (which also serves
+        unconditional models); anneal ramps w linearly along the token index.
+        For autograd through the reverse, call reverse_with_grad.
+        """
+        return self.reverse_with_grad(z, y, guidance, anneal, attn_temp, kv_cache)
+
+    def reverse_with_grad(self, z: Tensor, y: Tensor | None = None, guidance: float = 0.0,
+                          anneal: bool = False, attn_temp: float = 1.0, kv_cache: bool = True) -> Tensor:
+        """reverse, differentiable when autograd is enabled (N sequential steps per block)."""
+        self.check_images(z, "z")
+        self.check_labels(y, z.shape[0])
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {guidance}")
+        if attn_temp <= 0:
+            raise ValueError(f"attn_temp must be > 0, got {attn_temp}")
+        x = self.patchify(z)
+        nulls = self.embeddings(None)
+        for block, e, e_null in reversed(list(zip(self.blocks, self.embeddings(y), nulls))):
+            x = block.reverse(x, e, e_null, guidance, anneal, attn_temp, kv_cache)
+        return self.unpatchify(x)
+
+    @torch.no_grad()
+    def sample(self, n: int, y: Tensor | None = None, guidance: float = 0.0, anneal: bool = False,
+               attn_temp: float = 1.0, denoise: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        """Draw n images (n, C, H, W): z ~ N(0, I), reverse, then one score step to remove the
+        training noise (when cfg.sigma > 0 and denoise is True). Values are not clipped."""
+        p = next(self.parameters())
+        cfg = self.cfg
+        z = torch.randn((n, cfg.in_channels, cfg.image_height, cfg.image_width),
+                        generator=generator, device=p.device, dtype=p.dtype)
+        x = self.reverse(z, y, guidance, anneal, attn_temp)
+        if denoise and cfg.sigma > 0:
+            x = self.denoise(x, y, cfg.sigma)
+        return x
+
+    def denoise(self, x: Tensor, y: Tensor | None = None, sigma: float | None = None) -> Tensor:
+        """One score step (Tweedie): x + sigma^2 * grad_x log p(x | y), gradient through the whole flow.
+        x: (B, C, H, W) -> (B, C, H, W), detached."""
+        sigma = self.cfg.sigma if sigma is None else sigma
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (score,) = torch.autograd.grad(self.log_prob(x, y).sum(), x)
+        return (x + sigma**2 * score).detach()
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _positions(self, hidden: Iterable[Position]) -> dict[int, list[int]]:
+        keep: dict[int, list[int]] = {}
+        T, L = self.cfg.num_blocks, self.cfg.layers_per_block
+        for t, l in hidden:
+            if not (1 <= t <= T and 1 <= l <= L):
+                raise ValueError(f"hidden position (block {t}, layer {l}) is outside this model's "
+                                 f"blocks 1..{T} and layers 1..{L} (1-indexed)")
+            keep.setdefault(t, []).append(l)
+        return keep
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: only what differs from the defaults (the paper's ImageNet 64 model)
+# --------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, FlowConfig] = {
+    # Fashion-MNIST, sized to train on 2 CPU cores in minutes.
+    "fmnist": FlowConfig(in_channels=1, image_height=28, image_width=28, patch_size=2, width=128,
+                         num_blocks=4, layers_per_block=2, num_classes=10),
+    "imagenet64": FlowConfig(),
+    # SD-VAE latents of 256 x 256 images (4 x 32 x 32, scale 0.18215), trained with sigma 0.2.
+    "imagenet256-latent": FlowConfig(in_channels=4, image_height=32, image_width=32, sigma=0.2),
+}
+PRESETS["imagenet256-latent-p1"] = replace(PRESETS["imagenet256-latent"], patch_size=1)
+
+
+def preset(name: str, **overrides) -> FlowConfig:
+    """A named FlowConfig, with optional field overrides."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
