@@ -92,3 +92,101 @@ def load_state_checked(model: nn.Module, state: Mapping[str, Tensor], source: st
             raise ValueError(f"{source} does not match this model: {k} has shape {tuple(state[k].shape)}, "
                              f"expected {tuple(v.shape)}; build the model with the checkpoint's config")
     model.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------
+# Training checkpoints: ckpt-{step:07d}.pt in a run folder, plus a `last` pointer file
+# --------------------------------------------------------------------------------------------
+
+CKPT_GLOB = "ckpt-*.pt"
+LAST_POINTER = "last"  # text file naming the newest complete checkpoint
+CKPT_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "config")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:07d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's checkpoints, oldest first (by step)."""
+    return sorted(Path(run_dir).glob(CKPT_GLOB), key=lambda p: p.name)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, state: Mapping, keep_last: int = 0) -> Path:
+    """Write state (a dict with at least CKPT_KEYS) as ckpt-{step}.pt atomically, point `last` at it,
+    then delete all but the newest keep_last checkpoints (0 keeps all). The pointer moves only after
+    the file is complete, so a crash at any moment leaves a loadable checkpoint behind."""
+    run_dir = Path(run_dir)
+    path = run_dir / checkpoint_name(int(state["step"]))
+    atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
+    atomic_write(run_dir / LAST_POINTER, lambda tmp: Path(tmp).write_text(path.name + "\n"))
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A training checkpoint as a dict on the CPU; ValueError naming the file if it is corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - zip, pickle and EOF errors all mean "unreadable"
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:200]})") from err
+    missing = [k for k in CKPT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path} is not an rrepa training checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+def load_latest_checkpoint(run_dir: str | os.PathLike, warn: Callable[[str], None] = print) -> tuple[Path, dict]:
+    """The newest checkpoint of a run that loads. The `last` pointer is tried first; a corrupt file is
+    reported through warn and the next older one is tried."""
+    run_dir = Path(run_dir)
+    candidates = list_checkpoints(run_dir)[::-1]
+    pointer = run_dir / LAST_POINTER
+    if pointer.is_file():
+        named = run_dir / pointer.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoints ({CKPT_GLOB}) in {run_dir}; is it a run folder of `rrepa train`?")
+    errors = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+        except ValueError as err:
+            errors.append(str(err))
+            warn(f"warning: {err}; trying an older checkpoint")
+            continue
+        return path, state
+    raise ValueError(f"no loadable checkpoint in {run_dir}: {'; '.join(errors)}")
+
+
+def resolve_checkpoint(path: str | os.PathLike, warn: Callable[[str], None] = print) -> tuple[Path, dict]:
+    """A run folder (its newest loadable checkpoint) or a checkpoint file -> (file, state)."""
+    path = Path(path)
+    if path.is_dir():
+        return load_latest_checkpoint(path, warn)
+    return path, load_checkpoint(path)
+
+
+def load_flow(path: str | os.PathLike, weights: str = "ema", device: str | torch.device = "cpu",
+              warn: Callable[[str], None] = print) -> tuple[TARFlow, dict]:
+    """A TARFlow from a run folder, a training checkpoint (.pt; weights "ema" or "raw") or exported
+    weights (.safetensors). Returns the model in eval mode and {"file", "step", "config"}, where config
+    is the run config as a dict (only {"model": ...} for a safetensors file, step None)."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        model = load_weights(path, device)
+        return model.eval(), {"file": str(path), "step": None, "config": {"model": asdict(model.cfg)}}
+    file, state = resolve_checkpoint(path, warn)
+    model = TARFlow(config_from_dict(state["config"]["model"]))
+    load_state_checked(model, state["ema" if weights == "ema" else "model"], source=str(file))
+    return model.to(device).eval(), {"file": str(file), "step": int(state["step"]), "config": state["config"]}

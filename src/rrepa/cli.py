@@ -30,6 +30,109 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.dst}: {cfg}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train a TARFlow: preset + YAML + --set overrides; or continue a run with --resume."""
+    from pathlib import Path
+
+    from rrepa.config import RunConfig, load_yaml, merge, parse_overrides, resolve
+
+    if args.resume:
+        if args.preset or args.config:
+            raise ValueError("--resume continues the run's own config.yaml; drop --preset/--config "
+                             "(--set still applies, e.g. --set train.steps=20000)")
+        stored = Path(args.resume) / "config.yaml"
+        cfg = merge(RunConfig.from_dict(load_yaml(stored)), parse_overrides(args.set), source="--set")
+        cfg.validate()
+    else:
+        cfg = resolve(args.preset or "fmnist", args.config, args.set)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return
+    from rrepa.train import train
+
+    train(cfg, args.resume or args.out, resume=bool(args.resume), overwrite=args.overwrite,
+          init_from=args.init_from, device=args.device)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    """Draw samples from a checkpoint: PNG grid and/or ADM-layout npz; sharded under torchrun."""
+    from pathlib import Path
+
+    import torch
+
+    from rrepa import distributed
+    from rrepa.checkpoint import load_flow
+    from rrepa.sample import generate, save_grid, save_npz
+
+    d = distributed.setup(args.device)
+    try:
+        model, info = load_flow(args.ckpt, args.weights, d.device)
+        K = model.cfg.num_classes
+        if args.class_label is not None and not 0 <= args.class_label < max(K, 1):
+            raise ValueError(f"--class must lie in [0, {K}) for this model" if K else
+                             "--class was given but the model is unconditional")
+        if args.n < 1 or args.batch_size < 1:
+            raise ValueError("--n and --batch-size must be >= 1")
+        if K == 0:
+            labels = None
+        elif args.class_label is not None:
+            labels = torch.full((args.n,), args.class_label, dtype=torch.int64)
+        else:
+            labels = torch.arange(args.n) % K  # one column per class in the grid
+        mine = generate(model, labels, args.n, args.batch_size, args.seed, d, guidance=args.guidance,
+                        anneal=args.anneal, attn_temp=args.attn_temp, denoise=not args.no_denoise)
+        parts: dict = {}
+        for shard in distributed.gather_objects(mine, d):
+            parts.update(shard)
+        if not d.is_main:
+            return
+        x = torch.cat([parts[j] for j in sorted(parts)])
+        ckpt = Path(args.ckpt)
+        out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / f"samples-seed{args.seed}"
+        formats = set(args.format.split(","))
+        if not formats <= {"png", "npz"}:
+            raise ValueError(f"--format takes png, npz or png,npz, got {args.format!r}")
+        if "npz" in formats:
+            save_npz(out.with_suffix(".npz"), x, labels)
+            print(f"wrote {out.with_suffix('.npz')}: {args.n} samples (arr_0 {tuple(x.shape[i] for i in (0, 2, 3, 1))}"
+                  f" uint8{', labels' if labels is not None else ''})")
+        if "png" in formats:
+            save_grid(x, out.with_suffix(".png"), K if K and args.class_label is None else 10)
+            print(f"wrote {out.with_suffix('.png')}")
+    finally:
+        distributed.teardown()
+
+
+def cmd_bpd(args: argparse.Namespace) -> None:
+    """Bits/dim of a dataset split with uniform dequantization."""
+    import json
+
+    from rrepa import distributed
+    from rrepa.checkpoint import load_flow
+    from rrepa.data import DataConfig, build_dataset
+    from rrepa.sample import evaluate_bpd
+
+    d = distributed.setup(args.device)
+    try:
+        model, info = load_flow(args.ckpt, args.weights, d.device)
+        data = DataConfig(**info["config"].get("data", {}))
+        if args.data_path:
+            data.path = args.data_path
+        dataset = build_dataset(data, args.split)
+        result = evaluate_bpd(model, dataset, args.batch_size, d, seed=args.seed,
+                              conditional=not args.unconditional, max_images=args.max_images)
+        result.update(split=args.split, weights=args.weights, step=info["step"], ckpt=info["file"],
+                      conditional=not args.unconditional and model.cfg.num_classes > 0)
+        if d.is_main:
+            print(json.dumps(result))
+            if args.json:
+                from rrepa.checkpoint import atomic_write
+
+                atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(result, indent=2) + "\n"))
+    finally:
+        distributed.teardown()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rrepa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -45,6 +148,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=64, help="attention head dimension of the checkpoint")
     p.add_argument("--sigma", type=float, default=0.05, help="training noise std the checkpoint was trained with")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="train a TARFlow (preset + --config YAML + --set key=value)",
+                       description="Train a TARFlow. The config is the preset, then --config, then each --set; "
+                                   "runs under torchrun as DDP.")
+    p.add_argument("--preset", default=None, help="model and run preset (default fmnist; see `rrepa presets`)")
+    p.add_argument("--config", help="YAML file with sections model:, data:, optim:, train: (only what differs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. --set optim.lr=3e-4 --set model.width=256 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--out", help="run folder (default runs/<date-time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest loadable checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--init-from", help="start from these weights (run folder, ckpt-*.pt or .safetensors); "
+                                       "optimiser and step start afresh")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="draw samples from a checkpoint (PNG grid and/or ADM npz)")
+    p.add_argument("--ckpt", required=True, help="run folder, ckpt-*.pt or .safetensors")
+    p.add_argument("--n", type=int, default=100, help="number of samples")
+    p.add_argument("--batch-size", type=int, default=100, help="samples per batch")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same samples (whatever the process count)")
+    p.add_argument("--class", dest="class_label", type=int, help="draw only this class (default: cycle through all)")
+    p.add_argument("--guidance", type=float, default=0.0, help="guidance weight w (0 = none)")
+    p.add_argument("--anneal", action="store_true", help="ramp the guidance linearly along the token index")
+    p.add_argument("--attn-temp", type=float, default=1.0, help="attention temperature of the unconditional branch")
+    p.add_argument("--no-denoise", action="store_true", help="skip the one-step (Tweedie) denoising")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which weights of a checkpoint")
+    p.add_argument("--format", default="png,npz", help="png, npz or png,npz")
+    p.add_argument("--out", help="output path without extension (default <run>/samples-seed<seed>)")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("bpd", help="bits/dim of a dataset split (uniform dequantization)")
+    p.add_argument("--ckpt", required=True, help="run folder, ckpt-*.pt or .safetensors")
+    p.add_argument("--split", choices=("train", "test"), default="test")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--max-images", type=int, help="only the first this many images")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which weights of a checkpoint")
+    p.add_argument("--unconditional", action="store_true", help="use the null label instead of the true one")
+    p.add_argument("--data-path", help="dataset location (default: the run's data.path)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.set_defaults(func=cmd_bpd)
     return parser
 
 

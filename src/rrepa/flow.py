@@ -194,8 +194,9 @@ class FlowBlock(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     def permute(self, x: Tensor) -> Tensor:
-        """Identity or token flip along dim 1 (the flip is its own inverse)."""
-        return x.flip(1) if self.flip else x
+        """Identity or flip of the token axis (-2: tokens (B, N, *) and the pos_embed table (N, width));
+        the flip is its own inverse."""
+        return x.flip(-2) if self.flip else x
 
     def embedding(self, y: Tensor | None) -> Tensor | None:
         """Class embedding added to every token.
@@ -242,7 +243,8 @@ class FlowBlock(nn.Module):
         mu, alpha = out.chunk(2, dim=-1)
         return mu, alpha, hidden
 
-    def forward(self, x: Tensor, e: Tensor | None, keep: Iterable[int] = ()) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+    def forward(self, x: Tensor, e: Tensor | None,
+                keep: Iterable[int] = ()) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
         """x: (B, N, D) raster order -> z (B, N, D) raster order, logdet (B,), {l: h (B, N, width) raster}."""
         xp = self.permute(x)
         mu, alpha, hidden = self.mu_alpha(xp, e, keep)
@@ -511,7 +513,8 @@ class TARFlow(nn.Module):
 
 PRESETS: dict[str, FlowConfig] = {
     # Fashion-MNIST, sized to train on 2 CPU cores in minutes.
-    "fmnist": FlowConfig(in_channels=1, image_height=28, image_width=28, patch_size=2, width=128,
+    # Patch 4 (49 tokens of 16 values) keeps a step at ~0.4 s for a batch of 128 on 2 cores.
+    "fmnist": FlowConfig(in_channels=1, image_height=28, image_width=28, patch_size=4, width=128,
                          num_blocks=4, layers_per_block=2, num_classes=10),
     "imagenet64": FlowConfig(),
     # SD-VAE latents of 256 x 256 images (4 x 32 x 32, scale 0.18215), trained with sigma 0.2.

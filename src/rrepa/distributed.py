@@ -1,0 +1,117 @@
+"""torchrun support: process group set-up and the global data order.
+
+Under `torchrun --nproc_per_node N` the environment names this process (RANK, LOCAL_RANK, WORLD_SIZE);
+without it the run is a single process and nothing here touches torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0  # global rank of this process
+    local_rank: int = 0  # rank on this machine (selects the GPU)
+    world_size: int = 1  # processes in the job
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 logs, samples and writes checkpoints."""
+        return self.rank == 0
+
+
+def setup(device: str = "auto") -> Dist:
+    """Start the process group when launched by torchrun (NCCL on GPU, gloo on CPU) and pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    elif world > 1:
+        # Processes on one machine share its cores; oversubscribing them slows every process down.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return Dist(rank, local_rank, world, dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Mean over processes of a tensor (identity in a single process)."""
+    if d.world_size > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= d.world_size
+    return values
+
+
+def any_true(flag: bool, d: Dist) -> bool:
+    """True when flag is True on any process (every process gets the same answer)."""
+    if d.world_size == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj: object, d: Dist) -> list[object]:
+    """[obj of rank 0, obj of rank 1, ...] on every process."""
+    if d.world_size == 1:
+        return [obj]
+    out: list[object] = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This process's micro-batches of one epoch, cut from a seeded permutation of the whole dataset.
+
+    Epoch e shuffles all n indices with the seed (seed, e) and cuts them into global batches of
+    batch_size (the incomplete last one is dropped). Global batch b is split into world_size * grad_accum
+    equal micro-batches; micro-step a of rank r gets chunk a * world_size + r. The order depends only on
+    (seed, epoch), so 1 process and N processes see the same global batches, and a run resumed at
+    (epoch, batch) continues the same order. Call set_epoch before iterating.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, d: Dist, grad_accum: int = 1):
+        if n < batch_size:
+            raise ValueError(f"the dataset has {n} images, fewer than one batch of {batch_size}; "
+                             f"lower optim.batch_size")
+        self.n, self.batch_size, self.seed, self.grad_accum = n, batch_size, seed, grad_accum
+        self.rank, self.world_size = d.rank, d.world_size
+        self.micro = batch_size // (d.world_size * grad_accum)
+        self.epoch, self.start = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.batch_size
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch `epoch`, beginning at its global batch `start` (to resume mid-epoch)."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start) * self.grad_accum
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        for b in range(self.start, self.batches_per_epoch):
+            batch = perm[b * self.batch_size:(b + 1) * self.batch_size]
+            for a in range(self.grad_accum):
+                chunk = a * self.world_size + self.rank
+                yield batch[chunk * self.micro:(chunk + 1) * self.micro].tolist()

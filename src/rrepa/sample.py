@@ -1,0 +1,105 @@
+"""Drawing samples from a trained flow, image grids, and bits/dim of a dataset split.
+
+`rrepa sample` writes ADM's layout: an .npz whose `arr_0` is (N, H, W, C) uint8 and, for a
+class-conditional model, `labels` (N,) int64. Samples come in batches; batch j draws its noise from a
+generator seeded with (seed, j), so the images do not depend on the batch-to-process assignment and
+a run under torchrun gives the same file as a single process.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+from rrepa.distributed import Dist
+from rrepa.flow import TARFlow
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Images (B, C, H, W) in [-1, 1] -> (B, C, H, W) uint8 (x + 1) * 127.5, rounded and clipped."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def save_grid(x: Tensor, path: str | Path, ncol: int) -> None:
+    """Images (B, C, H, W) in [-1, 1] as one PNG, ncol images per row, separated by 2 px of white."""
+    u = to_uint8(x).cpu()
+    B, C, H, W = u.shape
+    nrow = math.ceil(B / ncol)
+    pad = 2
+    grid = torch.full((C, nrow * (H + pad) + pad, ncol * (W + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, ncol)
+        grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = u[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr[..., 0] if C == 1 else arr).save(path)
+
+
+def grid_labels(model: TARFlow, rows: int) -> tuple[Tensor | None, int]:
+    """Labels for a grid with one column per class, (rows * K,) = [0, 1, .., K-1, 0, 1, ..], and the
+    number of columns; (None, 8) for an unconditional model."""
+    K = model.cfg.num_classes
+    if K == 0:
+        return None, 8
+    return torch.arange(K).repeat(rows), K
+
+
+@torch.no_grad()
+def generate(model: TARFlow, labels: Tensor | None, n: int, batch_size: int, seed: int, d: Dist,
+             guidance: float = 0.0, anneal: bool = False, attn_temp: float = 1.0, denoise: bool = True,
+             progress: bool = True) -> dict[int, Tensor]:
+    """This process's share of n samples: {batch index j: images (b, C, H, W) in [-1, 1] on the CPU}.
+
+    labels: (n,) int labels or None. Batch j holds samples [j * batch_size, (j + 1) * batch_size) and
+    is drawn by process j % world_size with torch.Generator seeded (seed, j).
+    """
+    device = next(model.parameters()).device
+    num_batches = math.ceil(n / batch_size)
+    mine = range(d.rank, num_batches, d.world_size)
+    out = {}
+    for j in tqdm(mine, desc="sampling", unit="batch", disable=not (progress and d.is_main)):
+        lo, hi = j * batch_size, min(n, (j + 1) * batch_size)
+        g = torch.Generator(device).manual_seed(seed * 1_000_003 + j)
+        y = None if labels is None else labels[lo:hi].to(device)
+        x = model.sample(hi - lo, y, guidance=guidance, anneal=anneal, attn_temp=attn_temp, denoise=denoise,
+                         generator=g)
+        out[j] = x.cpu()
+    return out
+
+
+def save_npz(path: str | Path, images: Tensor, labels: Tensor | None) -> None:
+    """ADM's layout: arr_0 (N, H, W, C) uint8, plus labels (N,) int64 when conditional."""
+    arrays = {"arr_0": to_uint8(images).permute(0, 2, 3, 1).numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.numpy().astype(np.int64)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+@torch.no_grad()
+def evaluate_bpd(model: TARFlow, dataset, batch_size: int, d: Dist, seed: int = 0, conditional: bool = True,
+                 max_images: int | None = None, progress: bool = True) -> dict:
+    """Bits/dim of dataset's 8-bit images with uniform dequantization (model.bits_per_dim), averaged
+    over the images; processes take every world_size-th batch. Returns {"bpd", "images"}."""
+    device = next(model.parameters()).device
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    use_labels = conditional and model.cfg.num_classes > 0
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of bpd, images)
+    starts = range(d.rank * batch_size, n, d.world_size * batch_size)
+    for lo in tqdm(starts, desc="bits/dim", unit="batch", disable=not (progress and d.is_main)):
+        idx = range(lo, min(n, lo + batch_size))
+        x = torch.stack([dataset.uint8(i) for i in idx]).to(device)
+        y = torch.tensor([dataset.label(i) for i in idx], device=device) if use_labels else None
+        g = torch.Generator().manual_seed(seed * 1_000_003 + lo)  # same noise whatever the process count
+        u = torch.rand(x.shape, generator=g).to(device)
+        bpd = model.bits_per_dim(x, y, noise=u)
+        total += torch.stack([bpd.double().sum(), torch.tensor(float(len(idx)), device=device)])
+    if d.world_size > 1:
+        torch.distributed.all_reduce(total)
+    return {"bpd": float(total[0] / total[1]), "images": int(total[1])}

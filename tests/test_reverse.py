@@ -1,0 +1,315 @@
+"""Alignment features along the forward, detached and reverse paths (DESIGN.md section 2).
+
+float64, a tiny TARFlow (1 x 4 x 4 image, patch 1: N = 16 tokens of dimension 1) whose proj_out is
+randomised: at zero-initialised proj_out every block is the identity and the strategies coincide.
+"""
+
+import math
+
+import pytest
+import torch
+
+from rrepa.flow import FlowConfig, TARFlow
+from rrepa.reverse import (
+    ForwardCache,
+    aligned_features,
+    detach_features,
+    forward_features,
+    forward_with_cache,
+    jacobi_reverse,
+    naive_reverse,
+    pseudo_reverse,
+)
+
+torch.set_num_threads(1)  # tiny ops: a second OpenMP thread only adds contention (100x slower under load)
+
+T, L = 3, 2
+
+
+def tiny(T=T, L=L) -> FlowConfig:
+    return FlowConfig(in_channels=1, image_height=4, image_width=4, patch_size=1, width=64, num_blocks=T,
+                      layers_per_block=L, head_dim=32, mlp_ratio=2, num_classes=3, sigma=0.05)
+
+
+def randomised(cfg: FlowConfig | None = None, seed: int = 0, scale: float = 0.5) -> TARFlow:
+    """float64 model far from the identity: proj_out weights and biases and class embeddings random."""
+    cfg = cfg or tiny()
+    torch.manual_seed(seed)
+    model = TARFlow(cfg).double()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.proj_out.weight.normal_(0, scale / math.sqrt(cfg.width))
+            block.proj_out.bias.normal_(0, 0.1)
+            block.class_embed.normal_(0, 1.0)
+    return model
+
+
+def data(cfg: FlowConfig, B: int = 3):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand((B, 1, cfg.image_height, cfg.image_width), generator=g, dtype=torch.float64) * 2 - 1
+    return x, torch.arange(B) % cfg.num_classes
+
+
+def functional(feats: dict) -> torch.Tensor:
+    """A fixed random linear functional of the features (a stand-in for the alignment loss)."""
+    total = 0
+    for (t, l), h in sorted(feats.items()):
+        g = torch.Generator().manual_seed(100 * t + l)
+        total = total + (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum()
+    return total
+
+
+def grads_of(model: TARFlow, compute) -> dict[str, torch.Tensor]:
+    """Parameter gradients of functional(compute()); parameters outside the graph get zeros."""
+    model.zero_grad(set_to_none=True)
+    functional(compute()).backward()
+    return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def cache_of(model, x, y, positions=(), drop=None) -> ForwardCache:
+    return forward_with_cache(model, x, y, hidden=positions, drop=drop)
+
+
+METHODS = {
+    "naive": lambda m, c, pos: naive_reverse(m, c, pos),
+    "pseudo": lambda m, c, pos: pseudo_reverse(m, c, pos),
+    "jacobi1": lambda m, c, pos: jacobi_reverse(m, c, pos, 1),
+    "jacobi3": lambda m, c, pos: jacobi_reverse(m, c, pos, 3),
+    "jacobiN": lambda m, c, pos: jacobi_reverse(m, c, pos),
+}
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    scale = max(float(v.abs().max()) for v in a.values())
+    return max(float((a[n] - b[n]).abs().max()) for n in a) / scale
+
+
+# --- values --------------------------------------------------------------------------------------
+
+
+def test_forward_with_cache_matches_model_forward():
+    model = randomised()
+    x, y = data(model.cfg)
+    pos = [(1, 2), (3, 1)]
+    for label_drop in (0.0, 0.5):
+        torch.manual_seed(5)
+        ref = model(x, y, hidden=pos, label_drop=label_drop)
+        torch.manual_seed(5)
+        c = forward_with_cache(model, x, y, hidden=pos, label_drop=label_drop)
+        assert torch.equal(c.z, ref.z) and torch.equal(c.logdet, ref.logdet)
+        assert all(torch.equal(c.hidden[p], ref.hidden[p]) for p in pos)
+    assert len(c.inputs) == T + 1 and len(c.embeddings(model)) == T and c.drop is not None
+    assert torch.equal(c.inputs[0], model.patchify(x)) and torch.equal(c.inputs[T], model.patchify(c.z))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_reverse_paths_reproduce_forward_values_and_features(method):
+    model = randomised()
+    x, y = data(model.cfg)
+    pos = [(1, 1), (2, 2), (3, 1), (3, 2)]
+    drop = torch.tensor([True, False, False])  # the reverse reuses the forward's (dropped) embeddings
+    c = cache_of(model, x, y, pos, drop=drop)
+    r = METHODS[method](model, c, pos)
+    assert list(r.features) == pos and sorted(r.recon) == list(range(T + 1))
+    for s in range(T + 1):
+        torch.testing.assert_close(r.recon[s], c.inputs[s], atol=1e-10, rtol=0)
+    assert float((c.inputs[0] - c.inputs[T]).detach().abs().max()) > 0.1  # the model is far from the identity
+    for p in pos:
+        assert r.features[p].shape == (3, 16, 64)
+        torch.testing.assert_close(r.features[p], c.hidden[p], atol=1e-10, rtol=0)
+
+
+def test_reverse_stops_at_the_lowest_aligned_block():
+    model = randomised()
+    x, y = data(model.cfg)
+    r = pseudo_reverse(model, cache_of(model, x, y), [(3, 1), (2, 1)])
+    assert sorted(r.recon) == [1, 2, 3] and list(r.features) == [(3, 1), (2, 1)]
+
+
+def test_all_strategies_give_the_same_values():
+    model = randomised()
+    x, y = data(model.cfg)
+    pos = [(2, 1), (3, 2)]
+    ref = model(x, y, hidden=pos).hidden
+    for strategy, rev in [("forward", "pseudo"), ("detach", "pseudo"), ("reverse", "pseudo"),
+                          ("reverse", "naive"), ("reverse", "jacobi")]:
+        feats = aligned_features(model, x, y, pos, strategy, rev)
+        for p in pos:
+            torch.testing.assert_close(feats[p], ref[p], atol=1e-10, rtol=0)
+
+
+# --- gradients: jacobi, pseudo and naive ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("pos", [[(1, 1)], [(2, 2), (3, 1)], [(1, 2), (3, 2)]])
+def test_jacobi_N_gradients_equal_naive_gradients(pos):
+    model = randomised()
+    x, y = data(model.cfg)
+    c = cache_of(model, x, y)
+    g_naive = grads_of(model, lambda: naive_reverse(model, c, pos).features)
+    g_jac = grads_of(model, lambda: jacobi_reverse(model, c, pos, steps=16).features)
+    scale = max(float(g.abs().max()) for g in g_naive.values())
+    for n in g_naive:
+        torch.testing.assert_close(g_jac[n], g_naive[n], atol=1e-10 * scale, rtol=1e-8, msg=n)
+
+
+def test_truncated_jacobi_gradients_are_approximate_and_one_step_is_pseudo():
+    model = randomised()
+    x, y = data(model.cfg)
+    pos = [(1, 1)]
+    c = cache_of(model, x, y)
+    g_naive = grads_of(model, lambda: naive_reverse(model, c, pos).features)
+    err = {k: max_rel_diff(g_naive, grads_of(model, lambda k=k: jacobi_reverse(model, c, pos, k).features))
+           for k in (1, 2, 4, 16)}
+    # The truncated Neumann series is not monotone in K (||J|| is not small here): only K = N is exact.
+    assert min(err[1], err[2], err[4]) > 1e-2 and err[16] < 1e-10, err
+    g_pseudo = grads_of(model, lambda: pseudo_reverse(model, c, pos).features)
+    g_one = grads_of(model, lambda: jacobi_reverse(model, c, pos, 1).features)
+    assert all(torch.equal(g_pseudo[n], g_one[n]) for n in g_pseudo)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3])
+def test_pseudo_equals_naive_iff_involved_proj_out_weights_are_zero(t):
+    model = randomised()
+    x, y = data(model.cfg)
+    pos = [(t, 1)]
+    c = cache_of(model, x, y)
+    g_naive = grads_of(model, lambda: naive_reverse(model, c, pos).features)
+    g_pseudo = grads_of(model, lambda: pseudo_reverse(model, c, pos).features)
+    assert max_rel_diff(g_naive, g_pseudo) > 1e-3  # random proj_out: the one-step gradient is approximate
+    with torch.no_grad():
+        for block in model.blocks[t - 1:]:  # blocks t..T; the blocks below stay random
+            block.proj_out.weight.zero_()
+            assert float(block.proj_out.bias.abs().min()) > 0
+    c = cache_of(model, x, y)
+    g_naive = grads_of(model, lambda: naive_reverse(model, c, pos).features)
+    g_pseudo = grads_of(model, lambda: pseudo_reverse(model, c, pos).features)
+    scale = max(float(g.abs().max()) for g in g_naive.values())
+    for n in g_naive:
+        torch.testing.assert_close(g_pseudo[n], g_naive[n], atol=1e-12 * scale, rtol=1e-10, msg=n)
+    assert float(g_naive[f"blocks.{t - 1}.proj_out.weight"].abs().max()) > 0
+
+
+# --- gradients: parameter scope of each strategy (DESIGN.md section 2 table) ---------------------
+
+
+def expected_nonzero(name: str, strategy: str, t: int, l: int) -> bool:
+    _, b, part, *rest = name.split(".")
+    b = int(b) + 1  # 1-indexed block
+    if strategy == "reverse":
+        return b >= t  # every parameter of blocks t..T, block t's proj_out and layers > l included
+    if b != t:
+        return strategy == "forward" and b < t  # forward: blocks 1..t-1 through the input
+    if part == "layers":
+        return int(rest[0]) + 1 <= l
+    return part != "proj_out"  # proj_in, pos_embed, class_embed: yes; proj_out: no
+
+
+SCOPE = [("forward", None), ("detach", None), ("reverse", "naive"), ("reverse", "pseudo"), ("reverse", "jacobi")]
+
+
+@pytest.mark.parametrize("t", [1, 2, 3])
+@pytest.mark.parametrize("strategy,rev", SCOPE)
+def test_parameter_scope(strategy, rev, t):
+    model = randomised()
+    x, y = data(model.cfg)
+    pos = [(t, 1)]
+    c = cache_of(model, x, y, pos)
+    g = grads_of(model, lambda: aligned_features(model, x, y, pos, strategy, rev or "pseudo", 4, forward_out=c))
+    for n, v in g.items():
+        if expected_nonzero(n, strategy, t, 1):
+            assert float(v.abs().max()) > 1e-8, f"{strategy}/{rev}: {n} should receive a gradient"
+        else:
+            assert not v.any(), f"{strategy}/{rev}: {n} should receive no gradient"
+
+
+@pytest.mark.parametrize("l", [1, 2])
+@pytest.mark.parametrize("rev", ["naive", "pseudo", "jacobi"])
+def test_reverse_gradients_differ_from_detach_at_the_last_block(rev, l):
+    model = randomised()
+    x, y = data(model.cfg)
+    pos = [(T, l)]
+    c = cache_of(model, x, y)
+    g_det = grads_of(model, lambda: aligned_features(model, x, y, pos, "detach", forward_out=c))
+    g_rev = grads_of(model, lambda: aligned_features(model, x, y, pos, "reverse", rev, forward_out=c))
+    prefix = f"blocks.{T - 1}."
+    shared = [n for n in g_det if n.startswith(prefix) and g_det[n].any()]
+    assert f"{prefix}proj_in.weight" in shared and f"{prefix}layers.{l - 1}.fc2.weight" in shared
+    for n in shared:  # the same parameters get a different gradient
+        assert float((g_rev[n] - g_det[n]).abs().max()) > 1e-6 * float(g_det[n].abs().max()), n
+    assert not g_det[f"{prefix}proj_out.weight"].any() and g_rev[f"{prefix}proj_out.weight"].abs().max() > 1e-8
+
+
+def test_pseudo_differs_from_a_single_pass_on_the_detached_cache():
+    """The pitfall of DESIGN.md: features read from the pass on the detached cache give D-REPA."""
+    model = randomised()
+    x, y = data(model.cfg)
+    pos = [(2, 1)]
+    c = cache_of(model, x, y)
+    block, e = model.blocks[1], c.embeddings(model)[1]
+
+    def single_pass():
+        _, hs = block.transformer(block.permute(c.inputs[1].detach()), e, keep=[1], upto=1)
+        return {(2, 1): block.permute(hs[1])}
+
+    g_single = grads_of(model, single_pass)
+    g_det = grads_of(model, lambda: detach_features(model, c, pos))
+    g_pseudo = grads_of(model, lambda: pseudo_reverse(model, c, pos).features)
+    assert all(torch.equal(g_single[n], g_det[n]) for n in g_det)
+    assert max_rel_diff(g_pseudo, g_det) > 1e-3
+
+
+# --- the entry point ------------------------------------------------------------------------------
+
+
+def test_aligned_features_reuses_or_recomputes_the_forward():
+    model = randomised()
+    x, y = data(model.cfg)
+    pos = [(2, 1), (3, 2)]
+    c = cache_of(model, x, y, pos)
+    # forward strategy: the training forward's hidden states themselves
+    feats = aligned_features(model, x, y, pos, "forward", forward_out=c)
+    assert all(feats[p] is c.hidden[p] for p in pos)
+    g_cached = grads_of(model, lambda: aligned_features(model, x, y, pos, "forward", forward_out=c))
+    g_rerun = grads_of(model, lambda: forward_features(model, x, y, pos))
+    assert max_rel_diff(g_cached, g_rerun) < 1e-12
+    # detach / reverse: the same gradients from the cache, from a plain FlowOutput and from nothing
+    plain = model(x, y)
+    for strategy, rev in [("detach", "pseudo"), ("reverse", "pseudo"), ("reverse", "jacobi")]:
+        g = [grads_of(model, lambda fo=fo, s=strategy, r=rev: aligned_features(model, x, y, pos, s, r, 2,
+                                                                               forward_out=fo))
+             for fo in (c, plain, None)]
+        assert max_rel_diff(g[0], g[1]) < 1e-12 and max_rel_diff(g[0], g[2]) < 1e-12
+
+
+def test_bad_arguments_raise():
+    model = randomised()
+    x, y = data(model.cfg)
+    c = cache_of(model, x, y)
+    with pytest.raises(ValueError, match="strategy"):
+        aligned_features(model, x, y, [(1, 1)], "sideways")
+    with pytest.raises(ValueError, match="reverse method"):
+        aligned_features(model, x, y, [(1, 1)], "reverse", "magic")
+    with pytest.raises(ValueError, match="outside"):
+        aligned_features(model, x, y, [(4, 1)], "reverse", forward_out=c)
+    with pytest.raises(ValueError, match="outside"):
+        aligned_features(model, x, y, [(1, 0)], "detach", forward_out=c)
+    with pytest.raises(ValueError, match="no aligned positions"):
+        pseudo_reverse(model, c, [])
+    with pytest.raises(ValueError, match=">= 1"):
+        jacobi_reverse(model, c, [(1, 1)], 0)
+
+
+def test_pseudo_reverse_under_bf16_autocast_reproduces_the_cache():
+    """The pseudo-reverse reruns the forward's own bf16 computation of (mu, alpha), so even under autocast
+    it reconstructs the cached values up to float32 rounding (the affine transform stays float32)."""
+    model = randomised().float()
+    x, y = data(model.cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        c = forward_with_cache(model, x.float(), y)
+        r = pseudo_reverse(model, c, [(1, 2)])
+        functional(r.features).backward()
+    assert r.recon[0].dtype == torch.float32
+    for s in range(T + 1):
+        torch.testing.assert_close(r.recon[s], c.inputs[s], atol=1e-5, rtol=1e-5)
+    assert model.blocks[2].proj_out.weight.grad.abs().max() > 0
