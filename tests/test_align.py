@@ -16,7 +16,7 @@ from rrepa.align import (
     position_key,
 )
 from rrepa.flow import FlowConfig, TARFlow
-from rrepa.reverse import aligned_features, forward_with_cache
+from rrepa.reverse import aligned_features
 
 torch.set_num_threads(1)  # tiny ops: a second OpenMP thread only adds contention
 
@@ -207,7 +207,7 @@ def test_head_reuses_the_training_forward():
     for strategy in ("forward", "detach", "reverse"):
         cfg = AlignConfig(positions=[(3, 1)], strategy=strategy, projector_hidden=16)
         head = AlignHead(cfg, 64, 6).double()
-        fwd = forward_with_cache(model, x, y, hidden=cfg.positions)
+        fwd = model(x, y, hidden=cfg.positions)
         nll = -(fwd.logdet - 0.5 * fwd.z.pow(2).flatten(1).sum(1)).mean()
         total = nll + head(model, x, y, enc, forward_out=fwd).loss  # one backward for both terms
         total.backward()

@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from rrepa.checkpoint import load_weights, save_weights
 from rrepa.flow import PRESETS, FlowConfig, KVCache, Layer, TARFlow, preset
 
-torch.set_num_threads(2)
-
 
 def tiny(C=1, H=4, W=4, p=2, T=3, L=2, K=5, width=64, head_dim=32, sigma=0.05) -> FlowConfig:
     return FlowConfig(in_channels=C, image_height=H, image_width=W, patch_size=p, width=width, num_blocks=T,

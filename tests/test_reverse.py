@@ -9,13 +9,11 @@ import math
 import pytest
 import torch
 
-from rrepa.flow import FlowConfig, TARFlow
+from rrepa.flow import FlowConfig, FlowOutput, TARFlow
 from rrepa.reverse import (
-    ForwardCache,
     aligned_features,
     detach_features,
     forward_features,
-    forward_with_cache,
     jacobi_reverse,
     naive_reverse,
     pseudo_reverse,
@@ -66,8 +64,8 @@ def grads_of(model: TARFlow, compute) -> dict[str, torch.Tensor]:
     return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
 
-def cache_of(model, x, y, positions=(), drop=None) -> ForwardCache:
-    return forward_with_cache(model, x, y, hidden=positions, drop=drop)
+def cache_of(model, x, y, positions=(), drop=None) -> FlowOutput:
+    return model(x, y, hidden=positions, drop=drop)
 
 
 METHODS = {
@@ -87,19 +85,22 @@ def max_rel_diff(a: dict, b: dict) -> float:
 # --- values --------------------------------------------------------------------------------------
 
 
-def test_forward_with_cache_matches_model_forward():
+def test_forward_output_carries_block_inputs_and_dropout_mask():
+    """FlowOutput.inputs are the blocks' inputs, and (y, drop) reproduce the forward exactly."""
     model = randomised()
     x, y = data(model.cfg)
     pos = [(1, 2), (3, 1)]
-    for label_drop in (0.0, 0.5):
-        torch.manual_seed(5)
-        ref = model(x, y, hidden=pos, label_drop=label_drop)
-        torch.manual_seed(5)
-        c = forward_with_cache(model, x, y, hidden=pos, label_drop=label_drop)
-        assert torch.equal(c.z, ref.z) and torch.equal(c.logdet, ref.logdet)
-        assert all(torch.equal(c.hidden[p], ref.hidden[p]) for p in pos)
-    assert len(c.inputs) == T + 1 and len(c.embeddings(model)) == T and c.drop is not None
-    assert torch.equal(c.inputs[0], model.patchify(x)) and torch.equal(c.inputs[T], model.patchify(c.z))
+    torch.manual_seed(5)
+    c = model(x, y, hidden=pos, label_drop=0.5)
+    assert len(c.inputs) == T + 1 and c.drop is not None and 0 < int(c.drop.sum()) < len(y)
+    tok = model.patchify(x)
+    assert torch.equal(c.inputs[0], tok)
+    for t, (block, e) in enumerate(zip(model.blocks, model.embeddings(c.y, c.drop)), start=1):
+        tok = block(tok, e)[0]
+        assert torch.equal(c.inputs[t], tok)
+    assert torch.equal(c.inputs[T], model.patchify(c.z))
+    again = model(x, c.y, hidden=pos, drop=c.drop)
+    assert torch.equal(again.z, c.z) and all(torch.equal(again.hidden[p], c.hidden[p]) for p in pos)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -246,7 +247,7 @@ def test_pseudo_differs_from_a_single_pass_on_the_detached_cache():
     x, y = data(model.cfg)
     pos = [(2, 1)]
     c = cache_of(model, x, y)
-    block, e = model.blocks[1], c.embeddings(model)[1]
+    block, e = model.blocks[1], model.embeddings(c.y, c.drop)[1]
 
     def single_pass():
         _, hs = block.transformer(block.permute(c.inputs[1].detach()), e, keep=[1], upto=1)
@@ -306,7 +307,7 @@ def test_pseudo_reverse_under_bf16_autocast_reproduces_the_cache():
     model = randomised().float()
     x, y = data(model.cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        c = forward_with_cache(model, x.float(), y)
+        c = model(x.float(), y)
         r = pseudo_reverse(model, c, [(1, 2)])
         functional(r.features).backward()
     assert r.recon[0].dtype == torch.float32

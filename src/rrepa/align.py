@@ -163,7 +163,7 @@ class AlignHead(nn.Module):
                 drop: Tensor | None = None) -> AlignOutput:
         """Alignment loss of the flow on clean images x (B, C, H, W) with labels y, against the encoder's
         patch tokens of the same images enc_tokens (B, n, d). forward_out, drop: see
-        rrepa.reverse.aligned_features (pass the training forward's ForwardCache to avoid a re-run)."""
+        rrepa.reverse.aligned_features (pass the training forward's FlowOutput to avoid a re-run)."""
         cfg = self.cfg
         feats = aligned_features(model, x, y, cfg.positions, cfg.strategy, cfg.reverse, cfg.jacobi_steps,
                                  forward_out, drop)

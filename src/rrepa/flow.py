@@ -97,6 +97,11 @@ class FlowOutput:
     z: Tensor  # (B, C, H, W) latent
     logdet: Tensor  # (B,) log|det dz/dx|, summed over all C H W dimensions
     hidden: dict[Position, Tensor] = field(default_factory=dict)  # (t, l) -> (B, N, width), raster
+    # Block inputs x^(0..T) as tokens (B, N, D) in raster order (x^(T) is z): the reverse alignment
+    # paths reconstruct from them. Kept anyway by autograd, so returning them costs no memory.
+    inputs: list[Tensor] = field(default_factory=list)
+    y: Tensor | None = None  # the labels the forward was given (None: the null label)
+    drop: Tensor | None = None  # (B,) bool: rows whose label was dropped to the null label
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,27 +398,31 @@ class TARFlow(nn.Module):
     # --- density -----------------------------------------------------------------------------
 
     def forward(self, x: Tensor, y: Tensor | None = None, hidden: Iterable[Position] = (),
-                label_drop: float = 0.0) -> FlowOutput:
+                label_drop: float = 0.0, drop: Tensor | None = None) -> FlowOutput:
         """x (B, C, H, W) -> z (B, C, H, W), logdet (B,), and the hidden states at the requested
         1-indexed (block, layer) positions, each (B, N, width) in raster token order.
 
         y: None (null label), (B,) int labels in [0, K), or (B, K) float class weights.
         label_drop: probability of replacing each label by the null label (training).
+        drop: (B,) bool, the rows to give the null label (drawn with probability label_drop when None).
         """
         self.check_images(x)
         self.check_labels(y, x.shape[0])
         keep = self._positions(hidden)
-        drop = None
-        if label_drop > 0 and y is not None:
+        if y is None:
+            drop = None
+        elif drop is None and label_drop > 0:
             drop = torch.rand(x.shape[0], device=x.device) < label_drop
         x = self.patchify(x)
+        inputs = [x]
         logdet = x.new_zeros(x.shape[0])
         states = {}
         for t, (block, e) in enumerate(zip(self.blocks, self.embeddings(y, drop)), start=1):
             x, ld, hs = block(x, e, keep.get(t, ()))
+            inputs.append(x)
             logdet = logdet + ld
             states.update({(t, l): h for l, h in hs.items()})
-        return FlowOutput(self.unpatchify(x), logdet, states)
+        return FlowOutput(self.unpatchify(x), logdet, states, inputs, y, drop)
 
     def log_prob(self, x: Tensor, y: Tensor | None = None, label_drop: float = 0.0) -> Tensor:
         """log p(x | y) in nats, (B,): standard Gaussian prior plus the log-determinant."""

@@ -27,47 +27,25 @@ Three ways to compute the reverse path (all reconstruct the cached forward value
             never change, the gradient is the truncated Neumann series sum_{k<K} J^k, exact at K = N
             (J is nilpotent). K = 1 is the pseudo-reverse.
 
-The reverse paths need the block inputs of the forward pass (`ForwardCache.inputs`). `forward_with_cache`
-is a drop-in replacement of `TARFlow.forward` for the training step that also returns them (no extra
-memory: autograd keeps these tensors anyway); `aligned_features` falls back to a no-grad re-run of the
-forward when given no cache (one extra forward of all T blocks).
+The reverse paths need the block inputs of the forward pass, which `TARFlow.forward` returns in
+`FlowOutput.inputs` (no extra memory: autograd keeps these tensors anyway), with the labels and the
+label-dropout mask it used; `aligned_features` reuses the training forward's output and falls back to a
+no-grad re-run of the forward when given none (one extra forward of all T blocks). The class embeddings
+are recomputed from (y, drop), so the alignment graph shares no node with the NLL graph.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from rrepa.flow import FlowBlock, Position, TARFlow
+from rrepa.flow import FlowBlock, FlowOutput, Position, TARFlow
 
 STRATEGIES = ("forward", "detach", "reverse")
 REVERSE_METHODS = ("pseudo", "naive", "jacobi")
-
-
-@dataclass
-class ForwardCache:
-    """The training forward pass, with what the alignment paths reuse."""
-
-    z: Tensor  # (B, C, H, W) latent
-    logdet: Tensor  # (B,) log|det dz/dx|, summed over all dimensions
-    hidden: dict[Position, Tensor] = field(default_factory=dict)  # (t, l) -> (B, N, width), raster order
-    # inputs[s] = x^(s) as tokens (B, N, D), raster order, s = 0..T: inputs[0] = patchify(x),
-    # inputs[t - 1] is block t's input, inputs[T] = patchify(z). Still attached to the graph: the alignment
-    # paths detach them themselves.
-    inputs: list[Tensor] = field(default_factory=list)
-    # The labels and the label-dropout mask (B,) bool the forward used: the alignment paths recompute the
-    # class embeddings from them (model.embeddings(y, drop)), the same values the forward used, which the
-    # reverse needs to reconstruct the forward values. Recomputed rather than stored, so the alignment graph
-    # shares no node with the NLL graph (either can be backpropagated alone).
-    y: Tensor | None = None
-    drop: Tensor | None = None
-
-    def embeddings(self, model: TARFlow) -> list[Tensor | None]:
-        """Per-block class embeddings of the forward pass, freshly computed (attached to the parameters)."""
-        return model.embeddings(self.y, self.drop)
 
 
 @dataclass
@@ -79,43 +57,12 @@ class ReverseResult:
 
 
 # --------------------------------------------------------------------------------------------
-# The forward pass with its cache
-# --------------------------------------------------------------------------------------------
-
-
-def forward_with_cache(model: TARFlow, x: Tensor, y: Tensor | None = None, hidden: Iterable[Position] = (),
-                       label_drop: float = 0.0, drop: Tensor | None = None) -> ForwardCache:
-    """TARFlow.forward that also returns the block inputs, the labels and the label-dropout mask.
-
-    x (B, C, H, W), y as in TARFlow.forward. drop: (B,) bool, rows that get the null label (drawn with
-    probability label_drop when None, exactly as TARFlow.forward draws it). Same values and graph as
-    TARFlow.forward, so it can serve as the training forward (z and logdet give the NLL).
-    """
-    model.check_images(x)
-    model.check_labels(y, x.shape[0])
-    keep = _group(model, hidden)
-    if drop is None and label_drop > 0 and y is not None:
-        drop = torch.rand(x.shape[0], device=x.device) < label_drop
-    es = model.embeddings(y, drop)
-    tok = model.patchify(x)
-    inputs = [tok]
-    logdet = tok.new_zeros(tok.shape[0])
-    states: dict[Position, Tensor] = {}
-    for t, (block, e) in enumerate(zip(model.blocks, es), start=1):
-        tok, ld, hs = block(tok, e, keep.get(t, ()))
-        logdet = logdet + ld
-        states.update({(t, l): h for l, h in hs.items()})
-        inputs.append(tok)
-    return ForwardCache(model.unpatchify(tok), logdet, states, inputs, y, drop)
-
-
-# --------------------------------------------------------------------------------------------
 # Forward and detached features
 # --------------------------------------------------------------------------------------------
 
 
 def forward_features(model: TARFlow, x: Tensor, y: Tensor | None, positions: Sequence[Position],
-                     forward_out: object | None = None, drop: Tensor | None = None) -> dict[Position, Tensor]:
+                     forward_out: FlowOutput | None = None, drop: Tensor | None = None) -> dict[Position, Tensor]:
     """F-REPA: the forward pass's hidden states, attached to the forward graph.
 
     Taken from forward_out.hidden when it holds every position (the training forward, no extra cost);
@@ -144,11 +91,11 @@ def forward_features(model: TARFlow, x: Tensor, y: Tensor | None, positions: Seq
     return {p: feats[p] for p in positions}
 
 
-def detach_features(model: TARFlow, cache: ForwardCache, positions: Sequence[Position]) -> dict[Position, Tensor]:
+def detach_features(model: TARFlow, cache: FlowOutput, positions: Sequence[Position]) -> dict[Position, Tensor]:
     """D-REPA: block t's transformer run on stop_gradient(x^(t-1)) up to layer l."""
     positions = _as_positions(positions)
     feats: dict[Position, Tensor] = {}
-    es = cache.embeddings(model)
+    es = model.embeddings(cache.y, cache.drop)
     for t, layers in _group(model, positions).items():
         hs = _block_features(model.blocks[t - 1], cache.inputs[t - 1].detach(), es[t - 1], layers)
         feats.update({(t, l): h for l, h in hs.items()})
@@ -160,7 +107,7 @@ def detach_features(model: TARFlow, cache: ForwardCache, positions: Sequence[Pos
 # --------------------------------------------------------------------------------------------
 
 
-def naive_reverse(model: TARFlow, cache: ForwardCache, positions: Sequence[Position]) -> ReverseResult:
+def naive_reverse(model: TARFlow, cache: FlowOutput, positions: Sequence[Position]) -> ReverseResult:
     """Exact autoregressive reverse of blocks T..t_min from z = stop_gradient(z), autograd through every
     sequential step (FlowBlock.reverse; its KV cache concatenates under autograd). The reference."""
 
@@ -170,14 +117,14 @@ def naive_reverse(model: TARFlow, cache: ForwardCache, positions: Sequence[Posit
     return _reverse_chain(model, cache, positions, step)
 
 
-def pseudo_reverse(model: TARFlow, cache: ForwardCache, positions: Sequence[Position]) -> ReverseResult:
+def pseudo_reverse(model: TARFlow, cache: FlowOutput, positions: Sequence[Position]) -> ReverseResult:
     """The paper's pseudo-reverse: one parallel pass per block on the detached cached input gives
     (mu, alpha); x_rec^(s-1) = x_rec^(s) * exp(alpha) + mu; aligned features from a second pass of block t
     on x_rec^(t-1). Equal to jacobi_reverse with one step."""
     return _reverse_chain(model, cache, positions, _jacobi_step(1))
 
 
-def jacobi_reverse(model: TARFlow, cache: ForwardCache, positions: Sequence[Position],
+def jacobi_reverse(model: TARFlow, cache: FlowOutput, positions: Sequence[Position],
                    steps: int | None = None) -> ReverseResult:
     """K = steps Jacobi refinements x <- x_rec^(s) * exp(alpha(x)) + mu(x) per block, started at the
     detached cached input and all kept in the graph. Values equal the cache; the gradient is
@@ -195,15 +142,14 @@ def jacobi_reverse(model: TARFlow, cache: ForwardCache, positions: Sequence[Posi
 
 def aligned_features(model: TARFlow, x: Tensor, y: Tensor | None, positions: Sequence[Position],
                      strategy: str = "reverse", reverse: str = "pseudo", jacobi_steps: int | None = None,
-                     forward_out: object | None = None, drop: Tensor | None = None) -> dict[Position, Tensor]:
+                     forward_out: FlowOutput | None = None, drop: Tensor | None = None) -> dict[Position, Tensor]:
     """h(t, l) (B, N, width), raster order, for each 1-indexed position, computed by `strategy`.
 
     x (B, C, H, W) clean (i.e. the training input), y labels as in TARFlow.forward.
     strategy: forward | detach | reverse; reverse: pseudo | naive | jacobi (jacobi_steps K, default N).
     forward_out: the training forward's output, reused when it carries what the strategy needs:
-      a ForwardCache (from forward_with_cache), or any object with an `inputs` field (T + 1 block inputs,
-      and `drop` when label dropout was used). Without block inputs (a plain FlowOutput, or None) the
-      detach and reverse strategies re-run the forward under no_grad (one extra forward of all T blocks).
+      a FlowOutput of TARFlow.forward on (x, y). Without one the detach and reverse strategies re-run the
+      forward under no_grad (one extra forward of all T blocks).
     drop: (B,) bool label-dropout mask of the training forward (rows with the null label); taken from
       forward_out.drop when None. The reverse must use the forward's embeddings to reconstruct its values.
     """
@@ -230,18 +176,18 @@ def aligned_features(model: TARFlow, x: Tensor, y: Tensor | None, positions: Seq
 # --------------------------------------------------------------------------------------------
 
 
-def _as_cache(model: TARFlow, x: Tensor, y: Tensor | None, forward_out: object | None,
-              drop: Tensor | None) -> ForwardCache:
-    inputs = getattr(forward_out, "inputs", None)
-    drop = getattr(forward_out, "drop", None) if drop is None else drop
-    if inputs:
-        if len(inputs) != len(model.blocks) + 1:
+def _as_cache(model: TARFlow, x: Tensor, y: Tensor | None, forward_out: FlowOutput | None,
+              drop: Tensor | None) -> FlowOutput:
+    """The forward output with block inputs to reconstruct from: forward_out, or a no-grad re-run."""
+    if forward_out is not None and forward_out.inputs:
+        if len(forward_out.inputs) != len(model.blocks) + 1:
             raise ValueError(f"forward_out.inputs must hold T + 1 = {len(model.blocks) + 1} block inputs, "
-                             f"got {len(inputs)}")
-        return ForwardCache(forward_out.z, forward_out.logdet, dict(getattr(forward_out, "hidden", None) or {}),
-                            list(inputs), y, drop)
+                             f"got {len(forward_out.inputs)}")
+        if drop is not None and forward_out.drop is None:
+            forward_out = replace(forward_out, drop=drop)
+        return forward_out
     with torch.no_grad():
-        return forward_with_cache(model, x, y, drop=drop)
+        return model(x, y, drop=drop)
 
 
 def _jacobi_step(steps: int) -> Callable[[FlowBlock, Tensor, Tensor, Tensor | None], Tensor]:
@@ -256,7 +202,7 @@ def _jacobi_step(steps: int) -> Callable[[FlowBlock, Tensor, Tensor, Tensor | No
     return step
 
 
-def _reverse_chain(model: TARFlow, cache: ForwardCache, positions: Sequence[Position],
+def _reverse_chain(model: TARFlow, cache: FlowOutput, positions: Sequence[Position],
                    step: Callable[[FlowBlock, Tensor, Tensor, Tensor | None], Tensor]) -> ReverseResult:
     """Blocks T..t_min inverted by `step`, features from a pass of each aligned block on its reconstruction."""
     positions = _as_positions(positions)
@@ -267,7 +213,7 @@ def _reverse_chain(model: TARFlow, cache: ForwardCache, positions: Sequence[Posi
     x = cache.inputs[T].detach()  # z = stop_gradient(f(x))
     recon = {T: x}
     feats: dict[Position, Tensor] = {}
-    es = cache.embeddings(model)
+    es = model.embeddings(cache.y, cache.drop)
     for s in range(T, min(groups) - 1, -1):
         block, e = model.blocks[s - 1], es[s - 1]
         x = step(block, x, cache.inputs[s - 1], e)

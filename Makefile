@@ -1,0 +1,36 @@
+# Everything sets itself up on a fresh machine: `make demo` trains the default job, `make test` runs the checks.
+# Override the torch install for your cluster, e.g. make test TORCH="torch==2.5.1 --index-url ..."
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench data clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# Fashion-MNIST from Debian's package when possible; otherwise rrepa downloads it on first use.
+data:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; fi
+
+demo: $(STAMP) data
+	$(VENV)/bin/rrepa train
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: $(STAMP) lint
+	HF_HUB_OFFLINE=1 RREPA_OFFLINE=1 $(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_flow.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
