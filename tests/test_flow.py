@@ -427,6 +427,10 @@ def test_bad_inputs_raise_clear_errors():
         model(x, torch.tensor([0, 4]))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
         model(x, torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match=r"class weights must have shape \(2, 4\)"):
+        model(x, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="class weights contain NaN"):
+        model(x, torch.full((2, 4), math.nan))
     with pytest.raises(ValueError, match=r"labels must have shape \(2,\)"):
         model(x, torch.tensor([0]))
     with pytest.raises(ValueError, match="unconditional model"):

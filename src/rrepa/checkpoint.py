@@ -78,19 +78,21 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     return model.to(device)
 
 
-def load_state_checked(model: nn.Module, state: Mapping[str, Tensor], source: str = "state dict") -> None:
-    """load_state_dict with a one-line error naming the first missing, unexpected or mis-shaped key."""
+def load_state_checked(model: nn.Module, state: Mapping[str, Tensor], source: str = "state dict",
+                       hint: str = "build the model with the checkpoint's config") -> None:
+    """load_state_dict with a one-line error naming the first missing, unexpected or mis-shaped key,
+    ending with `hint` (how to fix it)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise ValueError(f"{source} does not match this model: missing keys {missing[:3]}"
                          f"{'...' if len(missing) > 3 else ''}, unexpected keys {unexpected[:3]}"
-                         f"{'...' if len(unexpected) > 3 else ''}")
+                         f"{'...' if len(unexpected) > 3 else ''}; {hint}")
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise ValueError(f"{source} does not match this model: {k} has shape {tuple(state[k].shape)}, "
-                             f"expected {tuple(v.shape)}; build the model with the checkpoint's config")
+                             f"expected {tuple(v.shape)}; {hint}")
     model.load_state_dict(state)
 
 

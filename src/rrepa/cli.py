@@ -37,6 +37,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from rrepa.config import RunConfig, load_yaml, merge, parse_overrides, resolve
 
     if args.resume:
+        if args.init_from:
+            raise ValueError("--init-from starts a new run from given weights; --resume continues a run with its own")
         if args.preset or args.config:
             raise ValueError("--resume continues the run's own config.yaml; drop --preset/--config "
                              "(--set still applies, e.g. --set train.steps=20000)")
@@ -64,23 +66,26 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from rrepa.checkpoint import load_flow
     from rrepa.sample import generate, save_grid, save_npz
 
-    d = distributed.setup(args.device)
-    try:
+    formats = set(args.format.split(","))
+    if not formats <= {"png", "npz"}:
+        raise ValueError(f"--format takes png, npz or png,npz, got {args.format!r}")
+    with distributed.process_group(args.device) as d:
         model, info = load_flow(args.ckpt, args.weights, d.device)
         K = model.cfg.num_classes
         if args.class_label is not None and not 0 <= args.class_label < max(K, 1):
             raise ValueError(f"--class must lie in [0, {K}) for this model" if K else
                              "--class was given but the model is unconditional")
-        if args.n < 1 or args.batch_size < 1:
-            raise ValueError("--n and --batch-size must be >= 1")
+        if args.num_samples < 1 or args.batch_size < 1:
+            raise ValueError("--num-samples and --batch-size must be >= 1")
         if K == 0:
             labels = None
         elif args.class_label is not None:
-            labels = torch.full((args.n,), args.class_label, dtype=torch.int64)
+            labels = torch.full((args.num_samples,), args.class_label, dtype=torch.int64)
         else:
-            labels = torch.arange(args.n) % K  # one column per class in the grid
-        mine = generate(model, labels, args.n, args.batch_size, args.seed, d, guidance=args.guidance,
-                        anneal=args.anneal, attn_temp=args.attn_temp, denoise=not args.no_denoise)
+            labels = torch.arange(args.num_samples) % K  # one column per class in the grid
+        mine = generate(model, labels, args.num_samples, args.batch_size, args.seed, d, guidance=args.guidance,
+                        anneal=args.anneal, attn_temp=args.attn_temp, temperature=args.temperature,
+                        denoise=not args.no_denoise)
         parts: dict = {}
         for shard in distributed.gather_objects(mine, d):
             parts.update(shard)
@@ -89,31 +94,27 @@ def cmd_sample(args: argparse.Namespace) -> None:
         x = torch.cat([parts[j] for j in sorted(parts)])
         ckpt = Path(args.ckpt)
         out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / f"samples-seed{args.seed}"
-        formats = set(args.format.split(","))
-        if not formats <= {"png", "npz"}:
-            raise ValueError(f"--format takes png, npz or png,npz, got {args.format!r}")
         if "npz" in formats:
             save_npz(out.with_suffix(".npz"), x, labels)
-            print(f"wrote {out.with_suffix('.npz')}: {args.n} samples (arr_0 {tuple(x.shape[i] for i in (0, 2, 3, 1))}"
-                  f" uint8{', labels' if labels is not None else ''})")
+            N, C, H, W = x.shape
+            print(f"wrote {out.with_suffix('.npz')}: arr_0 ({N}, {H}, {W}, {C}) uint8"
+                  f"{', labels' if labels is not None else ''}")
         if "png" in formats:
             save_grid(x, out.with_suffix(".png"), K if K and args.class_label is None else 10)
             print(f"wrote {out.with_suffix('.png')}")
-    finally:
-        distributed.teardown()
 
 
 def cmd_bpd(args: argparse.Namespace) -> None:
     """Bits/dim of a dataset split with uniform dequantization."""
     import json
+    from pathlib import Path
 
     from rrepa import distributed
     from rrepa.checkpoint import load_flow
     from rrepa.data import DataConfig, build_dataset
     from rrepa.sample import evaluate_bpd
 
-    d = distributed.setup(args.device)
-    try:
+    with distributed.process_group(args.device) as d:
         model, info = load_flow(args.ckpt, args.weights, d.device)
         data = DataConfig(**info["config"].get("data", {}))
         if args.data_path:
@@ -128,9 +129,7 @@ def cmd_bpd(args: argparse.Namespace) -> None:
             if args.json:
                 from rrepa.checkpoint import atomic_write
 
-                atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(result, indent=2) + "\n"))
-    finally:
-        distributed.teardown()
+                atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,13 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="draw samples from a checkpoint (PNG grid and/or ADM npz)")
     p.add_argument("--ckpt", required=True, help="run folder, ckpt-*.pt or .safetensors")
-    p.add_argument("--n", type=int, default=100, help="number of samples")
+    # Not --n: torchrun would take that for an abbreviation of its own --nnodes / --nproc-per-node.
+    p.add_argument("--num-samples", type=int, default=100, help="number of samples")
     p.add_argument("--batch-size", type=int, default=100, help="samples per batch")
     p.add_argument("--seed", type=int, default=0, help="same seed, same samples (whatever the process count)")
     p.add_argument("--class", dest="class_label", type=int, help="draw only this class (default: cycle through all)")
     p.add_argument("--guidance", type=float, default=0.0, help="guidance weight w (0 = none)")
     p.add_argument("--anneal", action="store_true", help="ramp the guidance linearly along the token index")
     p.add_argument("--attn-temp", type=float, default=1.0, help="attention temperature of the unconditional branch")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="std of the prior noise z (1 = the model's distribution; 0.8: cleaner, less varied images)")
     p.add_argument("--no-denoise", action="store_true", help="skip the one-step (Tweedie) denoising")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which weights of a checkpoint")
     p.add_argument("--format", default="png,npz", help="png, npz or png,npz")
@@ -193,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result to this JSON file")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.set_defaults(func=cmd_bpd)
+
+    # Sub-commands whose arguments live beside their code: classify, probe, evaluate, evaluator, encoder.
+    from rrepa import classify, encoders, metrics, probe
+
+    for module in (classify, probe, metrics, encoders):
+        module.add_cli(sub)
     return parser
 
 

@@ -1,9 +1,10 @@
-"""The configuration of a training run: model, data, optimiser and loop, resolved in three layers.
+"""The configuration of a training run: model, data, optimiser, loop and alignment, resolved in three layers.
 
     preset (--preset fmnist)  ->  YAML file (--config f.yaml)  ->  --set key=value (repeatable)
 
-Each layer only names what it changes. Keys are dotted paths into the four sections (`model.width`,
-`optim.lr`, `train.steps`, `data.path`); a misspelt key is an error that lists the closest valid ones.
+Each layer only names what it changes. Keys are dotted paths into the five sections (`model.width`,
+`optim.lr`, `train.steps`, `data.path`, `align.strategy`); list values are YAML (`--set
+'align.positions=[[4, 2]]'`); a misspelt key is an error that lists the closest valid ones.
 The resolved config is written as `config.yaml` into the run folder and stored in every checkpoint,
 so `RunConfig.from_dict(yaml.safe_load(...))` rebuilds the run exactly.
 """
@@ -20,8 +21,11 @@ from typing import Any
 
 import yaml
 
+from rrepa.align import AlignConfig
 from rrepa.data import DataConfig
 from rrepa.flow import PRESETS, FlowConfig
+
+EVAL_FEATURES = ("fmnist", "inception")
 
 
 @dataclass
@@ -44,7 +48,7 @@ class TrainConfig:
 
     steps: int = 100_000  # optimiser steps
     label_drop: float = 0.1  # probability of training a label as the null label (for guidance)
-    ema_decay: float = 0.9999  # EMA of the weights, used for samples and evaluation
+    ema_decay: float = 0.9999  # EMA of the weights (used for samples and evaluation); warmed up as (1+s)/(10+s)
     bf16: bool = True  # bfloat16 autocast on CUDA; CPU always trains in float32
     compile: bool = False  # torch.compile the flow
     seed: int = 0  # seeds the model init, the data order and (plus the rank) the noise
@@ -53,10 +57,34 @@ class TrainConfig:
     sample_every: int = 5000  # steps between sample grids (EMA weights, fixed noise); 0 = only at the end
     sample_rows: int = 10  # rows of the grid; one column per class (8 columns if unconditional)
     sample_guidance: float = 0.0  # guidance w of the grid samples
+    sample_temperature: float = 1.0  # std of the grid's prior noise; < 1 trades diversity for cleaner images
     ckpt_every: int = 5000  # steps between checkpoints; one is always written at the end
     keep_last: int = 3  # checkpoints kept on disk (older ones are deleted); 0 = keep all
     eval_bpd: bool = True  # compute the test-split bits/dim with the EMA weights at the end
-    eval_batch_size: int = 500  # batch of that evaluation
+    eval_batch_size: int = 500  # batch of that evaluation (and of the samples of eval_every)
+    # Sample quality during training: every eval_every steps (0 = off) FID, IS, precision / recall (and the
+    # class accuracy with the fmnist evaluator) of eval_samples EMA samples (fixed noise, labels cycling
+    # through the classes) against the training split's reference statistics (computed once, cached).
+    eval_every: int = 0
+    eval_samples: int = 1000
+    eval_features: str = "fmnist"  # fmnist (the embedded Fashion-MNIST CNN) | inception (FID-Inception)
+    eval_ref: str | None = None  # reference: None = the training split (fmnist:train, or data.path for npz)
+    eval_guidance: float = 0.0  # guidance w of those samples
+
+
+@dataclass
+class RunAlignConfig(AlignConfig):
+    """Representation alignment during training (DESIGN.md section 2): loss = NLL + weight * align loss.
+    The fields above `enabled` are rrepa.align.AlignConfig's (positions, strategy, reverse, jacobi_steps,
+    encoder, weight, projector_hidden, grid_mode)."""
+
+    enabled: bool = False  # off: no encoder is built and a step costs what it costs without alignment
+    encoder_weights: str | None = None  # local weights file of the encoder (DINOv2 .pth / timm file; fmnist-ssl)
+    encoder_image_size: int | None = None  # side the encoder resizes its input to (DINOv2: multiple of 14)
+    # Precompute the targets of every training image (and its mirror with data.hflip) once into a disk cache
+    # (rrepa.features); off: the frozen encoder runs on every batch. Only for datasets whose cache fits on disk.
+    feature_cache: bool = False
+    feature_cache_dir: str | None = None  # default <cache>/features (<cache>: $RREPA_CACHE_DIR or ~/.cache/rrepa)
 
 
 @dataclass
@@ -65,10 +93,12 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    align: RunAlignConfig = field(default_factory=RunAlignConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         d = asdict(self)
         d["optim"]["betas"] = list(d["optim"]["betas"])  # plain YAML, no python/tuple tag
+        d["align"]["positions"] = [list(p) for p in d["align"]["positions"]]
         return d
 
     def to_yaml(self) -> str:
@@ -95,6 +125,23 @@ class RunConfig:
         if t.sample_every < 0 or t.keep_last < 0 or t.num_workers < 0 or t.sample_rows < 1:
             raise ValueError("train.sample_every, train.keep_last and train.num_workers must be >= 0, "
                              "train.sample_rows >= 1")
+        if t.sample_guidance < 0 or t.sample_temperature <= 0:
+            raise ValueError(f"need train.sample_guidance >= 0 and train.sample_temperature > 0, got "
+                             f"{t.sample_guidance}, {t.sample_temperature}")
+        if t.eval_every < 0 or t.eval_samples < 2 or t.eval_guidance < 0:
+            raise ValueError(f"need train.eval_every >= 0, train.eval_samples >= 2 and train.eval_guidance >= 0, "
+                             f"got {t.eval_every}, {t.eval_samples}, {t.eval_guidance}")
+        if t.eval_features not in EVAL_FEATURES:
+            raise ValueError(f"train.eval_features must be one of {', '.join(EVAL_FEATURES)}, got {t.eval_features!r}")
+        a, m = self.align, self.model
+        if a.enabled:
+            bad = [p for p in a.positions if p[0] > m.num_blocks or p[1] > m.layers_per_block]
+            if bad:
+                raise ValueError(f"align.positions {bad} lie outside this model's blocks 1..{m.num_blocks} and "
+                                 f"layers 1..{m.layers_per_block} (1-indexed (block, layer)); set e.g. "
+                                 f"--set 'align.positions=[[{m.num_blocks}, {m.layers_per_block}]]'")
+            if a.encoder_image_size is not None and a.encoder_image_size < 1:
+                raise ValueError(f"align.encoder_image_size must be >= 1, got {a.encoder_image_size}")
 
     def micro_batch(self, world_size: int) -> int:
         """Images per process per forward pass: batch_size / (world_size * grad_accum), which must divide."""
@@ -113,14 +160,29 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
     # The default job: Fashion-MNIST on 2 CPU cores in at most 15 minutes, end-of-run evaluation included.
     "fmnist": {
         "data.name": "fmnist",
-        "optim.lr": 2e-3, "optim.warmup_steps": 100, "optim.batch_size": 128, "optim.min_lr_ratio": 0.05,
-        "train.steps": 1800, "train.ema_decay": 0.995, "train.num_workers": 0,
-        "train.log_every": 20, "train.sample_every": 300, "train.ckpt_every": 300, "train.sample_guidance": 1.0,
+        "optim.lr": 1e-3, "optim.warmup_steps": 100, "optim.batch_size": 128, "optim.min_lr_ratio": 0.05,
+        "train.steps": 1200, "train.ema_decay": 0.995, "train.num_workers": 0,
+        "train.log_every": 20, "train.sample_every": 300, "train.ckpt_every": 300, "train.sample_guidance": 2.0,
+        "train.sample_temperature": 0.8, "train.eval_features": "fmnist",
+        # Alignment (off unless align.enabled=true): the embedded self-supervised encoder (7 x 7 x 128 tokens,
+        # the same grid as the 7 x 7 patch-4 flow tokens) with a cached target per training image (0.75 GB).
+        # Position: the paper aligns layer 6 (of 8) of blocks 7 and 8 (of 8), i.e. the deep end of the last
+        # blocks, the first ones on the generative path, where the reverse gradient reaches the fewest blocks
+        # (blocks t..T) and the features are most semantic. For a 4 x 2 model the analogue is the deepest layer
+        # of the last block: (4, 2) (one position, since the model has half the blocks and a quarter of the
+        # layers). The projector is narrowed to 512 (REPA's 2048 would outweigh the 0.8 M parameter flow).
+        "align.encoder": "fmnist-ssl", "align.positions": [[4, 2]], "align.strategy": "reverse",
+        "align.reverse": "pseudo", "align.projector_hidden": 512, "align.feature_cache": True,
     },
-    # The paper's ImageNet models (DESIGN.md section 1): batch 256, 1M steps, lr 1e-4 (the defaults).
-    "imagenet64": {"data.name": "npz", "data.image_size": 64, "train.steps": 1_000_000},
-    "imagenet256-latent": {"data.name": "npz", "data.image_size": 32, "train.steps": 1_000_000},
-    "imagenet256-latent-p1": {"data.name": "npz", "data.image_size": 32, "train.steps": 1_000_000},
+    # The paper's ImageNet 64 model (DESIGN.md section 1): batch 256, lr 1e-4 (the defaults), 1M steps, on the
+    # downsampled-ImageNet npz files (pass data.path). The latent presets need latent data, not yet supported.
+    # Alignment as the paper: DINOv2-B/14 patch tokens (16 x 16 at 224 px, pooled onto the 32 x 32 flow grid), layer
+    # 6 of blocks 7 and 8, R-REPA with the pseudo-reverse; targets computed online (a cache of ImageNet would need
+    # ~0.5 TB). Give the DINOv2 weights file with align.encoder_weights when offline.
+    "imagenet64": {"data.name": "npz", "data.image_size": 64, "train.steps": 1_000_000,
+                   "train.eval_features": "inception",
+                   "align.encoder": "dinov2_vitb14", "align.positions": [[7, 6], [8, 6]], "align.strategy": "reverse",
+                   "align.reverse": "pseudo", "align.feature_cache": False},
 }
 
 
@@ -148,7 +210,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if d is None:
         return {}
     if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a mapping of sections (model:, data:, optim:, train:), "
+        raise ValueError(f"{path} must hold a mapping of sections (model:, data:, optim:, train:, align:), "
                          f"got a {type(d).__name__}")
     return d
 
@@ -200,7 +262,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """value (from YAML or a --set string) as type tp: int, float, bool, str, X | None or tuple[float, ...]."""
+    """value (from YAML or a --set string) as type tp: int, float, bool, str, X | None, tuple[...] or list[X]."""
     if isinstance(value, str) and tp is not str:
         value = yaml.safe_load(value) if value.strip() else None
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -213,6 +275,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ValueError(f"{where}: expected a list of {len(args)} numbers like [0.9, 0.95], got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list like [[4, 2]], got {value!r}")
+        return [_coerce(v, args[0], where) for v in value]
     try:
         if tp is bool:
             if not isinstance(value, bool):

@@ -420,13 +420,18 @@ def _has_fashion_mnist(folder: Path) -> bool:
     return all(_idx_path(folder, s) is not None for pair in FASHION_MNIST_FILES.values() for s in pair)
 
 
-def fashion_mnist_cache_dir() -> Path:
-    """$RREPA_CACHE_DIR, else $XDG_CACHE_HOME/rrepa, else ~/.cache/rrepa; plus /fashion-mnist."""
+def cache_dir() -> Path:
+    """Where rrepa keeps what it downloads or trains once (datasets, the embedded encoder and evaluator,
+    feature caches, reference statistics): $RREPA_CACHE_DIR, else $XDG_CACHE_HOME/rrepa, else ~/.cache/rrepa."""
     base = os.environ.get(CACHE_ENV)
     if not base:
         xdg = os.environ.get("XDG_CACHE_HOME")
         base = os.path.join(xdg, "rrepa") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "rrepa")
-    return Path(base) / "fashion-mnist"
+    return Path(base)
+
+
+def fashion_mnist_cache_dir() -> Path:
+    return cache_dir() / "fashion-mnist"
 
 
 def is_offline() -> bool:

@@ -6,6 +6,7 @@ without it the run is a single process and nothing here touches torch.distribute
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,10 +45,25 @@ def setup(device: str = "auto") -> Dist:
     return Dist(rank, local_rank, world, dev)
 
 
-def teardown() -> None:
+def teardown(wait: bool = True) -> None:
+    """End the process group; wait=True first lets every process finish (a normal exit)."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[Dist]:
+    """setup(); on a normal exit wait for every process, on an error leave at once (the other processes
+    may never reach the barrier)."""
+    d = setup(device)
+    try:
+        yield d
+    except BaseException:
+        teardown(wait=False)
+        raise
+    teardown()
 
 
 def all_reduce_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:

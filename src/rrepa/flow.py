@@ -378,6 +378,8 @@ class TARFlow(nn.Module):
         if y.is_floating_point():
             if y.shape != (batch, K):
                 raise ValueError(f"class weights must have shape ({batch}, {K}), got {tuple(y.shape)}")
+            if self.validate_inputs and not bool(torch.isfinite(y).all()):
+                raise ValueError("class weights contain NaN or infinite values")
             return
         if y.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},), got {tuple(y.shape)}")

@@ -52,14 +52,18 @@ def grid_labels(model: TARFlow, rows: int) -> tuple[Tensor | None, int]:
 
 @torch.no_grad()
 def generate(model: TARFlow, labels: Tensor | None, n: int, batch_size: int, seed: int, d: Dist,
-             guidance: float = 0.0, anneal: bool = False, attn_temp: float = 1.0, denoise: bool = True,
-             progress: bool = True) -> dict[int, Tensor]:
+             guidance: float = 0.0, anneal: bool = False, attn_temp: float = 1.0, temperature: float = 1.0,
+             denoise: bool = True, progress: bool = True) -> dict[int, Tensor]:
     """This process's share of n samples: {batch index j: images (b, C, H, W) in [-1, 1] on the CPU}.
 
     labels: (n,) int labels or None. Batch j holds samples [j * batch_size, (j + 1) * batch_size) and
     is drawn by process j % world_size with torch.Generator seeded (seed, j).
+    temperature: std of the prior noise z (1 = the model's distribution).
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     device = next(model.parameters()).device
+    cfg = model.cfg
     num_batches = math.ceil(n / batch_size)
     mine = range(d.rank, num_batches, d.world_size)
     out = {}
@@ -67,10 +71,17 @@ def generate(model: TARFlow, labels: Tensor | None, n: int, batch_size: int, see
         lo, hi = j * batch_size, min(n, (j + 1) * batch_size)
         g = torch.Generator(device).manual_seed(seed * 1_000_003 + j)
         y = None if labels is None else labels[lo:hi].to(device)
-        x = model.sample(hi - lo, y, guidance=guidance, anneal=anneal, attn_temp=attn_temp, denoise=denoise,
-                         generator=g)
-        out[j] = x.cpu()
+        z = torch.randn((hi - lo, cfg.in_channels, cfg.image_height, cfg.image_width), generator=g, device=device)
+        out[j] = draw(model, z * temperature, y, guidance, anneal, attn_temp, denoise).cpu()
     return out
+
+
+def draw(model: TARFlow, z: Tensor, y: Tensor | None, guidance: float = 0.0, anneal: bool = False,
+         attn_temp: float = 1.0, denoise: bool = True) -> Tensor:
+    """Images (B, C, H, W) from prior noise z (B, C, H, W): the reverse flow, then (when the model was
+    trained on noisy images and denoise is True) one score step to remove that noise."""
+    x = model.reverse(z, y, guidance=guidance, anneal=anneal, attn_temp=attn_temp)
+    return model.denoise(x, y) if denoise and model.cfg.sigma > 0 else x
 
 
 def save_npz(path: str | Path, images: Tensor, labels: Tensor | None) -> None:

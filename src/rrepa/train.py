@@ -6,11 +6,20 @@ checkpoint. The same code runs as one process or under `torchrun --nproc_per_nod
 A run folder holds:
 
     config.yaml            the resolved RunConfig
-    metrics.jsonl          one line per log_every steps (step, loss, nll, bpd, lr, grad_norm, skipped, ...)
+    metrics.jsonl          one line per log_every steps (step, loss, nll, bpd, lr, grad_norm, skipped, ...; with
+                           alignment also align_loss and align_t{t}_l{l}); with train.eval_every, one line per
+                           evaluation (step, eval_fid, eval_is, eval_precision, eval_recall, ...)
     tb/                    TensorBoard events of the same numbers and the sample grids
     samples/step-*.png     EMA samples from fixed noise, one column per class
-    ckpt-*.pt, last        checkpoints (the newest keep_last) and the name of the newest one
-    ema.safetensors, model.safetensors, loss.png, bpd.json      written at the end
+    ckpt-*.pt, last        checkpoints (the newest keep_last; with alignment they hold the projectors, under
+                           "align_head") and the name of the newest one
+    ema.safetensors, model.safetensors, loss.png, bpd.json      written at the end (flow weights only)
+
+Representation alignment (align.enabled, DESIGN.md section 2): the loss is NLL + align.weight * the alignment
+loss of the flow's hidden states against a frozen encoder's patch tokens of the CLEAN image (the flow sees
+x + sigma * eps). The Objective module owns the projectors (so DDP and the optimiser see them) and calls the
+flow once per micro-batch; the alignment reuses that forward's FlowOutput. Targets come from a feature cache
+(align.feature_cache: the loader then yields dataset indices and flip flags) or from the encoder, online.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from rrepa import distributed
+from rrepa.align import AlignHead, position_key
 from rrepa.checkpoint import (
     LAST_POINTER,
     atomic_write,
@@ -48,7 +58,7 @@ from rrepa.config import RunConfig
 from rrepa.data import build_dataset
 from rrepa.distributed import Dist, GlobalBatchSampler
 from rrepa.flow import TARFlow
-from rrepa.sample import evaluate_bpd, grid_labels, save_grid
+from rrepa.sample import draw, evaluate_bpd, grid_labels, save_grid
 
 # What a run writes into its folder; --overwrite removes exactly these.
 RUN_FILES = ("config.yaml", "metrics.jsonl", LAST_POINTER, "ema.safetensors", "model.safetensors", "loss.png",
@@ -58,14 +68,77 @@ RUN_DIRS = ("samples", "tb")
 
 class Objective(nn.Module):
     """The training loss as a module's forward, so that DDP (which hooks forward) and torch.compile
-    wrap it: x (B, C, H, W) noisy images, y (B,) labels or None -> NLL per dimension (B,) in nats."""
+    wrap it: x (B, C, H, W) noisy images, y (B,) labels or None -> NLL per dimension (B,) in nats.
 
-    def __init__(self, flow: TARFlow):
+    With an AlignHead (`align`, whose projectors thereby sit in DDP and in the optimiser) it also takes the
+    encoder's tokens of the clean images, enc_tokens (B, n, d) on the grid enc_hw, and returns
+    (nll (B,), weighted alignment loss (), per-position unweighted losses (P,) detached); the flow runs
+    once and the alignment reuses that forward's output (its hidden states for the forward strategy, its
+    block inputs for the detach and reverse ones)."""
+
+    def __init__(self, flow: TARFlow, align: AlignHead | None = None):
         super().__init__()
         self.flow = flow
+        self.align = align
 
-    def forward(self, x: Tensor, y: Tensor | None, label_drop: float) -> Tensor:
-        return self.flow.nll(x, y, label_drop=label_drop)
+    def forward(self, x: Tensor, y: Tensor | None, label_drop: float, enc_tokens: Tensor | None = None,
+                enc_hw: tuple[int, int] | None = None):
+        if self.align is None:
+            return self.flow.nll(x, y, label_drop=label_drop)
+        a = self.align.cfg
+        out = self.flow(x, y, hidden=a.positions if a.strategy == "forward" else (), label_drop=label_drop)
+        z = out.z.flatten(1)  # TARFlow.log_prob / nll, on the output we keep
+        log_prob = -0.5 * (z.pow(2).sum(1) + z.shape[1] * math.log(2 * math.pi)) + out.logdet
+        nll = -log_prob / self.flow.cfg.num_dims
+        al = self.align(self.flow, x, y, enc_tokens, enc_hw, forward_out=out)
+        return nll, al.loss, torch.stack([al.per_position[p] for p in a.positions])
+
+
+class Targets:
+    """Encoder targets of the clean training images: from the feature cache (batches carry dataset indices
+    and flip flags) or from the frozen encoder, online. Builds nothing when alignment is off."""
+
+    def __init__(self, cfg: RunConfig, dataset, d: Dist, say):
+        from rrepa.encoders import build_encoder
+
+        a = cfg.align
+        self.encoder = build_encoder(a.encoder, a.encoder_weights, a.encoder_image_size, d.device)
+        self.dim = self.encoder.dim
+        self.hw = tuple(self.encoder.grid((cfg.model.image_height, cfg.model.image_width)))
+        self.cache = None
+        self.device = d.device
+        if a.feature_cache:
+            from rrepa.encoders import cache_dir
+            from rrepa.features import FeatureCache
+
+            root = Path(a.feature_cache_dir) if a.feature_cache_dir else cache_dir() / "features"
+            self.cache = FeatureCache.build_or_load(self.encoder, dataset, root, hflip=cfg.data.hflip,
+                                                    log=say, progress=d.is_main)
+            self.hw = tuple(self.cache.grid)
+            self.encoder = None  # not needed any more: free its memory
+        say(f"alignment: {a.strategy}{'-' + a.reverse if a.strategy == 'reverse' else ''} at positions "
+            f"{a.positions}, weight {a.weight}, encoder {a.encoder} ({self.dim}-d tokens on a {self.hw[0]} x "
+            f"{self.hw[1]} grid), targets {'from ' + str(self.cache.path) if self.cache else 'computed online'}")
+
+    def wrap(self, dataset, hflip: bool):
+        """The training dataset as the loader should see it: with indices and flip flags for the cache."""
+        if self.cache is None:
+            return dataset
+        from rrepa.features import IndexedFlipDataset
+
+        return IndexedFlipDataset(dataset, hflip)
+
+    def split(self, batch) -> tuple[Tensor, Tensor, Tensor]:
+        """A loader batch -> (x clean on the device, y on the device, targets (B, n, d) on the device)."""
+        if self.cache is not None:
+            x, y, index, flipped = batch
+            tokens = self.cache.lookup(index, flipped, self.device)
+        else:
+            x, y = batch
+        x = x.to(self.device, non_blocking=True)
+        if self.cache is None:
+            tokens = self.encoder(x)  # no_grad, eval, float32
+        return x, y.to(self.device, non_blocking=True), tokens
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -79,11 +152,8 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
           init_from: str | None = None, device: str = "auto") -> dict:
     """Train (or, with resume, continue) the run in run_dir. Returns a summary dict (rank 0 has bpd)."""
-    d = distributed.setup(device)
-    try:
+    with distributed.process_group(device) as d:
         return _train(cfg, run_dir, resume, overwrite, init_from, d)
-    finally:
-        distributed.teardown()
 
 
 def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: str | None, d: Dist) -> dict:
@@ -96,30 +166,40 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
     say = tqdm.write if d.is_main else (lambda msg: None)
 
     # ---- data -----------------------------------------------------------------------------
-    torch.manual_seed(t.seed)  # the same initial weights on every process
     dataset = build_dataset(cfg.data, "train")
     check_data_matches_model(dataset, cfg)
+    targets = Targets(cfg, dataset, d, say) if cfg.align.enabled else None
     sampler = GlobalBatchSampler(len(dataset), o.batch_size, t.seed, d, o.grad_accum)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=t.num_workers, pin_memory=d.device.type == "cuda",
+        targets.wrap(dataset, cfg.data.hflip) if targets is not None else dataset,
+        batch_sampler=sampler, num_workers=t.num_workers, pin_memory=d.device.type == "cuda",
         persistent_workers=t.num_workers > 0,
         generator=torch.Generator().manual_seed(t.seed + d.rank))  # keeps the global RNG untouched
 
     # ---- model, EMA, optimiser ------------------------------------------------------------
+    # model.validate_inputs stays on: its finiteness check takes < 1 ms against ~0.5 s per CPU step, and on
+    # a GPU the label range check syncs anyway.
+    # Seeded here, after the encoder (whose construction draws random initial weights before loading its own):
+    # the same initial weights on every process, with or without alignment.
+    torch.manual_seed(t.seed)
     model = TARFlow(cfg.model).to(d.device)
     if init_from is not None:
         init_weights(model, init_from, say)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    objective: nn.Module = Objective(model)
+    # The projectors are built after the flow (and its EMA copy), so the flow's initial weights do not depend
+    # on whether alignment is on.
+    head = AlignHead(cfg.align, cfg.model.width, targets.dim).to(d.device) if targets is not None else None
+    objective: nn.Module = Objective(model, head)
     if d.world_size > 1:
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[d.local_rank] if d.device.type == "cuda"
                                                         else None)
     if t.compile:
         objective = torch.compile(objective)
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings
-    no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
+    trainable = [*model.parameters(), *(head.parameters() if head is not None else ())]
+    matrices = [p for p in trainable if p.dim() >= 2]  # weights and embeddings: decayed
+    vectors = [p for p in trainable if p.dim() < 2]  # biases and LayerNorm gains: not decayed
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": o.weight_decay},
+                                   {"params": vectors, "weight_decay": 0.0}],
                                   lr=o.lr, betas=o.betas, fused=d.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup=o.warmup_steps, total=t.steps, min_ratio=o.min_lr_ratio))
@@ -130,6 +210,11 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
         path, state = load_latest_checkpoint(run_dir, warn=say)
         load_state_checked(model, state["model"], source=str(path))
         load_state_checked(ema, state["ema"], source=str(path))
+        if head is not None:
+            if "align_head" not in state:
+                raise ValueError(f"{path} was written without alignment (no projectors) but align.enabled is true; "
+                                 f"start a new run from its weights with --init-from instead")
+            load_state_checked(head, state["align_head"], source=f"{path} (align_head)")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, skipped = int(state["step"]), int(state.get("skipped", 0))
@@ -139,7 +224,8 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
         seed_everything(t.seed + d.rank)  # different noise and label drops on every process
     if d.is_main:
         atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(cfg.to_yaml()))
-        say(f"run folder {run_dir}: {model.num_params() / 1e6:.2f} M parameters, {len(dataset)} training images, "
+        proj = f" + {sum(p.numel() for p in head.parameters()) / 1e6:.2f} M projector" if head is not None else ""
+        say(f"run folder {run_dir}: {model.num_params() / 1e6:.2f} M parameters{proj}, {len(dataset)} training images, "
             f"{d.world_size} process(es) x {o.grad_accum} x {micro} images per step on {d.device}")
 
     # ---- what a run shows ---------------------------------------------------------------------
@@ -147,8 +233,9 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
     grid_y, grid_cols = grid_labels(model, t.sample_rows)
     grid_z = torch.randn((len(grid_y) if grid_y is not None else t.sample_rows * grid_cols, cfg.model.in_channels,
                           cfg.model.image_height, cfg.model.image_width),
-                         generator=torch.Generator().manual_seed(t.seed))  # fixed noise: grids are comparable
-    window = Window(d.device)
+                         generator=torch.Generator().manual_seed(t.seed)) * t.sample_temperature  # fixed noise
+    window = Window(d.device, [position_key(p) for p in cfg.align.positions] if head is not None else None)
+    evaluation = InTrainingEval(cfg, d, say) if t.eval_every and d.is_main else None
 
     # ---- the loop -----------------------------------------------------------------------------
     sigma = cfg.model.sigma
@@ -158,26 +245,42 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
     while step < t.steps:
         t0 = time.time()
         loss = torch.zeros((), device=d.device)
+        parts = None  # with alignment: (nll, unweighted align loss, per-position losses) of the step
         for a in range(o.grad_accum):
-            x, y = next(batches)
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            if targets is None:
+                x, y = next(batches)
+                x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            else:
+                x, y, tokens = targets.split(next(batches))  # tokens of the clean images
             x = x + sigma * torch.randn_like(x)  # noise augmentation: train on x + sigma * eps
             # Only the last micro-batch all-reduces its gradients.
             sync = a == o.grad_accum - 1 or d.world_size == 1
-            with (contextlib.nullcontext() if sync else objective.no_sync()), autocast:
-                micro_loss = objective(x, y if conditional else None, t.label_drop).mean()
+            with contextlib.nullcontext() if sync else objective.no_sync():
+                with autocast:
+                    if targets is None:
+                        micro_loss = objective(x, y if conditional else None, t.label_drop).mean()
+                    else:
+                        nll, align_loss, per = objective(x, y if conditional else None, t.label_drop, tokens,
+                                                         targets.hw)
+                        nll = nll.mean()
+                        micro_loss = nll + align_loss
+                        part = torch.cat([nll.detach().float()[None], per.float().mean()[None], per.float()])
+                        parts = part / o.grad_accum if parts is None else parts + part / o.grad_accum
                 (micro_loss / o.grad_accum).backward()
             loss += micro_loss.detach() / o.grad_accum
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf)
+        grad_norm = nn.utils.clip_grad_norm_(trainable, o.grad_clip if o.grad_clip > 0 else math.inf)
         # A non-finite loss or gradient on any process skips the step on all of them.
         if distributed.any_true(not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)), d):
             skipped += 1
         else:
             optimizer.step()
+            # Warm-up of the EMA decay: otherwise the initial (identity) weights linger in the average
+            # for ~1 / (1 - decay) steps, and early sample grids show a much worse model than the real one.
+            ema_decay = min(t.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
                 for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - t.ema_decay)
-            window.add(loss, grad_norm)
+                    p_ema.lerp_(p, 1 - ema_decay)
+            window.add(loss, grad_norm, parts)
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -190,11 +293,14 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
             if log is not None:
                 row.update(step=step, lr=lr, skipped=skipped, epoch=step / sampler.batches_per_epoch)
                 log.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", skipped=skipped)
+                extra = {"nll": f"{row['nll']:.4f}", "align": f"{row['align_loss']:.4f}"} if head is not None else {}
+                bar.set_postfix(loss=f"{row['loss']:.4f}", **extra, skipped=skipped)
         if d.is_main and t.sample_every and step % t.sample_every == 0 and step < t.steps:
             log.grid(ema, grid_z, grid_y, grid_cols, t.sample_guidance, step)
+        if evaluation is not None and step % t.eval_every == 0:
+            log.write_eval(step, evaluation(ema, step))
         if step % t.ckpt_every == 0 or step == t.steps:
-            checkpoint(run_dir, model, ema, optimizer, scheduler, step, skipped, sampler, cfg, d)
+            checkpoint(run_dir, model, ema, optimizer, scheduler, step, skipped, sampler, cfg, d, head)
     bar.close()
 
     # ---- the end: weights, samples, loss curve, test bits/dim ---------------------------------
@@ -235,15 +341,21 @@ def micro_batches(loader: torch.utils.data.DataLoader, sampler: GlobalBatchSampl
 
 
 class Window:
-    """Loss, grad norm and throughput since the last log line."""
+    """Loss, grad norm and throughput since the last log line; with alignment (align_keys: the positions'
+    names) also the NLL, the unweighted alignment loss and each position's."""
 
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # (loss, grad_norm, finite steps)
+    def __init__(self, device: torch.device, align_keys: list[str] | None = None):
+        self.align_keys = align_keys
+        # (loss, grad_norm, finite steps[, nll, align_loss, per position...])
+        self.sums = torch.zeros(3 + (2 + len(align_keys) if align_keys else 0), dtype=torch.float64, device=device)
         self.seconds, self.images = 0.0, 0
 
-    def add(self, loss: Tensor, grad_norm: Tensor) -> None:
-        self.sums += torch.stack([loss.double(), grad_norm.double(), torch.ones((), device=loss.device,
-                                                                               dtype=torch.float64)])
+    def add(self, loss: Tensor, grad_norm: Tensor, parts: Tensor | None = None) -> None:
+        values = [loss.double()[None], grad_norm.double()[None], torch.ones(1, device=loss.device,
+                                                                           dtype=torch.float64)]
+        if self.align_keys:
+            values.append(parts.double())
+        self.sums += torch.cat(values)
 
     def tick(self, seconds: float, images: int) -> None:
         self.seconds += seconds
@@ -252,13 +364,18 @@ class Window:
     def flush(self, d: Dist) -> dict:
         sums = distributed.all_reduce_mean(self.sums, d).tolist()
         n = max(sums[2], 1e-12)
-        nll = sums[0] / n if sums[2] else float("nan")
-        row = {"loss": nll, "nll": nll,
+        loss = sums[0] / n if sums[2] else float("nan")
+        nll = (sums[3] / n if sums[2] else float("nan")) if self.align_keys else loss
+        row = {"loss": loss, "nll": nll,
                # bits/dim of the noisy training images (nats -> bits, plus log2(128) for the 8-bit scale):
                # a running proxy; bpd.json holds the dequantized test figure.
                "bpd": nll / math.log(2) + 7.0,
                "grad_norm": sums[1] / n if sums[2] else float("nan"),
                "images_per_s": self.images / max(self.seconds, 1e-9)}
+        if self.align_keys:  # unweighted negative cosine similarities, in [-1, 1]
+            row["align_loss"] = sums[4] / n if sums[2] else float("nan")
+            for i, key in enumerate(self.align_keys):
+                row[f"align_{key}"] = sums[5 + i] / n if sums[2] else float("nan")
         self.sums.zero_()
         self.seconds, self.images = 0.0, 0
         return row
@@ -281,21 +398,29 @@ class RunLog:
             tqdm.write("warning: tensorboard is not installed; writing metrics.jsonl only (pip install tensorboard)")
             self.tb = None
 
-    def write(self, row: dict) -> None:
+    def write(self, row: dict, prefix: str = "train") -> None:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for k, v in row.items():
-                if k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, row["step"])
+
+    def write_eval(self, step: int, res: dict) -> None:
+        """One metrics.jsonl line {step, eval_fid, eval_is, ...} and TensorBoard scalars eval/fid, ..."""
+        row = {"step": step, **{f"eval_{k}": v for k, v in res.items()
+                                if v is None or isinstance(v, (int, float, str))}}
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in res.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"eval/{k}", v, step)
 
     def grid(self, ema: TARFlow, z: Tensor, y: Tensor | None, cols: int, guidance: float, step: int) -> None:
         """Samples of the EMA weights from the fixed noise z (rows x cols, one column per class)."""
         device = next(ema.parameters()).device
-        with torch.no_grad():
-            x = ema.reverse(z.to(device), None if y is None else y.to(device), guidance=guidance)
-        if ema.cfg.sigma > 0:
-            x = ema.denoise(x, None if y is None else y.to(device))
+        x = draw(ema, z.to(device), None if y is None else y.to(device), guidance)
         path = self.run_dir / "samples" / f"step-{step:07d}.png"
         save_grid(x, path, cols)
         if self.tb is not None:
@@ -308,7 +433,7 @@ class RunLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [json.loads(r) for r in self.metrics.read_text().splitlines() if r]
+        rows = [r for r in (json.loads(r) for r in self.metrics.read_text().splitlines() if r) if "bpd" in r]
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["step"] for r in rows], [r["bpd"] for r in rows])
         ax.set_xlabel("step")
@@ -323,6 +448,58 @@ class RunLog:
             self.tb.close()
 
 
+class InTrainingEval:
+    """train.eval_every (rank 0): FID, IS, precision / recall and (fmnist evaluator, conditional model) class
+    accuracy of train.eval_samples samples of the EMA weights. The samples use fixed noise (seeded by
+    train.seed, never the global RNG, so evaluating does not change the training run) and labels cycling
+    through the classes; the reference statistics are computed once here (and cached by
+    rrepa.metrics.reference_stats)."""
+
+    def __init__(self, cfg: RunConfig, d: Dist, say):
+        from rrepa.metrics import build_feature_network, reference_stats
+
+        t = cfg.train
+        self.net = build_feature_network(t.eval_features, device=d.device, log=say)
+        ref = t.eval_ref or default_eval_ref(cfg)
+        self.ref = reference_stats(ref, self.net, data_dir=cfg.data.path if cfg.data.name == "fmnist" else None,
+                                   progress=True)
+        self.cfg = cfg
+        say(f"evaluation every {t.eval_every} steps: {t.eval_samples} EMA samples vs {ref} "
+            f"({self.ref.num_images} images) with {self.net.name}")
+
+    def __call__(self, ema: TARFlow, step: int) -> dict:
+        from rrepa.metrics import evaluate_in_training
+
+        m, t = self.cfg.model, self.cfg.train
+        device = next(ema.parameters()).device
+        drawn = [0]
+
+        def sampler(b: int):
+            lo = drawn[0]
+            drawn[0] += b
+            g = torch.Generator(device).manual_seed(t.seed * 1_000_003 + lo)
+            z = torch.randn((b, m.in_channels, m.image_height, m.image_width), generator=g, device=device)
+            y = torch.arange(lo, lo + b, device=device) % m.num_classes if m.num_classes else None
+            return draw(ema, z, y, t.eval_guidance), None if y is None else y.cpu()
+
+        res = evaluate_in_training(sampler, self.net, self.ref, t.eval_samples, batch_size=t.eval_batch_size)
+        tqdm.write(f"step {step}: FID {res['fid']:.3f} ({res['num_samples']} samples, {self.net.name}), IS "
+                   f"{res['is']:.3f}" + (f", class accuracy {res['class_accuracy']:.3f}"
+                                         if res.get("class_accuracy") is not None else "")
+                   + f" [{res['eval_seconds']:.0f} s]")
+        return res
+
+
+def default_eval_ref(cfg: RunConfig) -> str:
+    """The training split as the reference of train.eval_every: fmnist:train, or the npz file of data.path."""
+    if cfg.data.name == "fmnist":
+        return "fmnist:train"
+    if cfg.data.name == "npz" and cfg.data.path and Path(cfg.data.path).is_file():
+        return cfg.data.path
+    raise ValueError(f"train.eval_every needs reference images or statistics for {cfg.data.name} data: set "
+                     f"train.eval_ref to an npz of images (arr_0) or of statistics (mu, sigma)")
+
+
 def _read_png(path: Path):
     from PIL import Image
 
@@ -331,7 +508,7 @@ def _read_png(path: Path):
 
 
 def checkpoint(run_dir: Path, model: TARFlow, ema: TARFlow, optimizer, scheduler, step: int, skipped: int,
-               sampler: GlobalBatchSampler, cfg: RunConfig, d: Dist) -> None:
+               sampler: GlobalBatchSampler, cfg: RunConfig, d: Dist, head: AlignHead | None = None) -> None:
     """Everything needed to continue exactly: weights, optimiser, schedule, data position, RNG of every process."""
     rng = distributed.gather_objects(rng_state(), d)  # collective
     if d.is_main:
@@ -341,6 +518,7 @@ def checkpoint(run_dir: Path, model: TARFlow, ema: TARFlow, optimizer, scheduler
             "scheduler": scheduler.state_dict(), "step": step, "skipped": skipped,
             "epoch": epoch, "batch_in_epoch": batch, "world_size": d.world_size, "rng": rng,
             "config": cfg.to_dict(),
+            **({"align_head": head.state_dict()} if head is not None else {}),
         }, keep_last=cfg.train.keep_last)
 
 

@@ -1,0 +1,416 @@
+"""Cost and gradient fidelity of the R-REPA reverse paths (naive, pseudo, jacobi-K) on a 256-token TARFlow.
+
+Model: 32 x 32 x 3 images, patch 2 (N = 256 tokens of D = 12), T = 8 blocks of L = 2 layers, width 128,
+head_dim 64, 10 classes; aligned at (block 7, layer 2) and (block 8, layer 2), i.e. the last layer of the last
+two blocks (see ../shared/DESIGN.md section 2). Default batch 8. Everything is measured in ONE run on this
+machine, so the ratios are comparable; absolute times depend on the machine and its load (printed).
+
+Tables
+  1. One alignment step: the alignment loss (features by the reverse path, read from the training forward's
+     FlowOutput, which is computed with gradients and kept alive outside the measured region, as in training)
+     plus its backward, for naive, pseudo and jacobi-K (K = 1, 2, 4). Time: median of --repeats calls after a
+     warm-up; naive is timed ONCE (it is the slow one; at batch 8 and N = 256 it takes seconds, so no
+     reduction of the model was needed). Time and memory are printed as ratios to naive, next to the paper's
+     pseudo-reverse figures (~50x faster than naive, ~50 % of its memory).
+  2. Cosine similarity of the flow's gradient (all flow parameters; block 7 only; block 8 only) of pseudo,
+     jacobi-K, detach (D-REPA, for contrast) and, with --exact-check (always with --quick), jacobi-N (exact: a
+     check of the naive reference; 2N block passes, minutes at N = 256 on 2 cores) against naive, on a TRAINED
+     model: --ckpt (run folder, .pt training checkpoint or .safetensors, loaded with
+     rrepa.checkpoint.load_flow; aligned at the last layer of its last two blocks), otherwise the benchmark's
+     own model after a short NLL training inside this script (--train-steps 100 AdamW steps at lr 1e-3, batch
+     --train-batch 4: a step of this model takes about a second on 2 shared cores, so this is a couple of
+     minutes) on synthetic structured images (oriented coloured gratings, one orientation/frequency/colour per
+     class, plus a random Gaussian blob; sigma = 0.05 noise), so that proj_out is far from its zero
+     initialisation (at zero proj_out every path gives the same gradient).
+     The projector (fixed random init) and the target tokens (fixed standard normal, on the flow's 16 x 16 grid)
+     are constants: the encoder is irrelevant for gradient agreement. The projector's own gradient is left out
+     of the cosine: the feature VALUES are the same on every path, so it is identical by construction.
+  3. An R-REPA training step (forward, NLL + 0.5 x pseudo alignment with cached target tokens, i.e. no encoder
+     call, backward, grad clipping, AdamW on flow + projector) against a baseline NLL-only step (AdamW on the
+     flow): time ratio and memory ratio.
+
+Peak memory (CPU): torch's allocator events. Each measured call runs once more under
+`torch.profiler.profile(profile_memory=True)`, which records every tensor allocation and free of the CPU
+allocator with its size and timestamp (the raw kineto "[memory]" events); their running sum, in time order,
+peaks at the largest number of tensor bytes the call held at once ABOVE what was live when it started (the CPU
+analogue of torch.cuda.max_memory_allocated, counted from the start of the call; it includes the gradient
+buffers the backward allocates). It is exact and deterministic, unlike the process RSS, which glibc's heap
+reuse, fragmentation and the first-touch of freed pages make coarse and history-dependent. It counts tensor
+bytes only (no allocator overhead or Python objects). The profiled run is separate from the timed runs, so
+profiling overhead does not enter the times. Table 3 adds the tensors live at the start of a step (parameters,
+AdamW state, the batch and cached targets) to give the total.
+
+Projector: REPA's 3-layer MLP with hidden width --projector-hidden (default 512: REPA's 2048 is for a width
+1152 flow; 2048 on a width 128 flow would make the projector, not the reverse path, dominate the step) and
+output 768 (DINOv2-B's width).
+
+    python benchmarks/bench_align.py [--batch 8] [--threads 2] [--repeats 5] [--ckpt RUN] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from rrepa.align import AlignConfig, AlignHead
+from rrepa.flow import FlowConfig, FlowOutput, Position, TARFlow
+from rrepa.reverse import detach_features, jacobi_reverse, naive_reverse, pseudo_reverse
+
+CFG = FlowConfig(in_channels=3, image_height=32, image_width=32, patch_size=2, width=128, num_blocks=8,
+                 layers_per_block=2, head_dim=64, num_classes=10)
+QUICK_CFG = replace(CFG, image_height=16, image_width=16, width=64, head_dim=32, num_blocks=4)
+ENC_DIM = 768  # DINOv2-B patch-token width
+PAPER_SPEEDUP, PAPER_MEMORY = 50.0, 0.5  # the paper's pseudo-reverse vs naive: ~50x faster, ~50 % memory
+JACOBI_KS = (1, 2, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], object], repeats: int, before: Callable[[], None] = lambda: None) -> float:
+    """Median wall time of fn() in seconds over `repeats` calls; before() runs untimed ahead of each."""
+    times = []
+    for _ in range(repeats):
+        before()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_bytes(fn: Callable[[], object], before: Callable[[], None] = lambda: None) -> int:
+    """Peak tensor bytes held by fn() above the level at its start (CPU allocator events, see the docstring)."""
+    before()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    level = peak = 0
+    for _, n in sorted(events, key=lambda e: e[0]):
+        level += n
+        peak = max(peak, level)
+    return peak
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of distinct storages among tensors."""
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+# --------------------------------------------------------------------------------------------
+# Data, model, training
+# --------------------------------------------------------------------------------------------
+
+
+def synthetic_batch(cfg: FlowConfig, n: int, g: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    """Structured images in [-1, 1]: a coloured grating whose orientation, frequency and colour depend on the
+    class, with a random phase, plus a Gaussian blob of random position, size and colour."""
+    K = max(cfg.num_classes, 1)
+    y = torch.randint(0, K, (n,), generator=g)
+    palette = torch.Generator().manual_seed(1234)
+    colours = torch.rand(K, cfg.in_channels, generator=palette) * 2 - 1
+    H, W = cfg.image_height, cfg.image_width
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
+    theta = (math.pi * y / K)[:, None, None]
+    freq = (1.5 + (y % 3))[:, None, None].float()
+    phase = (torch.rand(n, generator=g) * 2 * math.pi)[:, None, None]
+    grating = torch.sin(freq * math.pi * (xx * torch.cos(theta) + yy * torch.sin(theta)) + phase)
+    centre = torch.rand(n, 2, generator=g) * 1.4 - 0.7
+    radius = torch.rand(n, generator=g) * 0.3 + 0.15
+    d2 = (xx - centre[:, 0, None, None]) ** 2 + (yy - centre[:, 1, None, None]) ** 2
+    blob = torch.exp(-d2 / (2 * radius[:, None, None] ** 2))
+    blob_colour = torch.rand(n, cfg.in_channels, generator=g) * 2 - 1
+    x = 0.6 * grating[:, None] * colours[y][:, :, None, None] + 0.5 * blob[:, None] * blob_colour[:, :, None, None]
+    return x.clamp(-1, 1), (y if cfg.num_classes else None)
+
+
+def train_briefly(model: TARFlow, steps: int, batch: int, seed: int = 0) -> tuple[float, float, float]:
+    """NLL training on synthetic_batch data (+ sigma noise). Returns (first NLL, last NLL) in bits/dim
+    (per-dim NLL / ln 2, dequantisation term left out) and the wall time."""
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=1e-4)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    losses = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        x, y = synthetic_batch(cfg, batch, g)
+        x = x + cfg.sigma * torch.randn(x.shape, generator=g)
+        loss = model.nll(x, y, label_drop=0.1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item() / math.log(2))
+    k = max(1, steps // 10)
+    return statistics.mean(losses[:k]), statistics.mean(losses[-k:]), time.perf_counter() - t0
+
+
+def proj_out_rms(model: TARFlow, blocks: list[int]) -> str:
+    return ", ".join(f"block {t}: {model.blocks[t - 1].proj_out.weight.pow(2).mean().sqrt().item():.3g}"
+                     for t in blocks)
+
+
+def make_head(model: TARFlow, positions: list[Position], hidden: int, seed: int = 1) -> AlignHead:
+    torch.manual_seed(seed)
+    return AlignHead(AlignConfig(positions=positions, projector_hidden=hidden, weight=0.5), model.cfg.width, ENC_DIM)
+
+
+def last_positions(cfg: FlowConfig) -> list[Position]:
+    """The last layer of the last two blocks (1-indexed)."""
+    T, L = cfg.num_blocks, cfg.layers_per_block
+    return [(t, L) for t in range(max(1, T - 1), T + 1)]
+
+
+# --------------------------------------------------------------------------------------------
+# The alignment paths
+# --------------------------------------------------------------------------------------------
+
+
+def features(method: str, model: TARFlow, out: FlowOutput, positions: list[Position]) -> dict[Position, Tensor]:
+    if method == "naive":
+        return naive_reverse(model, out, positions).features
+    if method == "pseudo":
+        return pseudo_reverse(model, out, positions).features
+    if method == "detach":
+        return detach_features(model, out, positions)
+    if method.startswith("jacobi-"):
+        return jacobi_reverse(model, out, positions, int(method.split("-")[1])).features
+    raise ValueError(method)
+
+
+def align_step(method: str, model: TARFlow, head: AlignHead, out: FlowOutput, target: Tensor,
+               positions: list[Position]) -> None:
+    feats = features(method, model, out, positions)
+    head.loss_from_features(feats, target, model.cfg.grid).loss.backward()
+
+
+def flow_grads(model: TARFlow) -> dict[str, Tensor]:
+    """Flattened float64 gradient of every flow parameter (zeros where the path gives none)."""
+    return {n: p.grad.detach().flatten().double() if p.grad is not None else torch.zeros(p.numel(), dtype=torch.float64)
+            for n, p in model.named_parameters()}
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    na, nb = a.norm().item(), b.norm().item()
+    if na == 0 or nb == 0:
+        return float("nan")
+    return float((a @ b).item() / (na * nb))
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+def table_cost(model: TARFlow, positions: list[Position], batch: int, repeats: int, hidden: int) -> dict:
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(10)
+    x, y = synthetic_batch(cfg, batch, g)
+    target = torch.randn(batch, cfg.num_tokens, ENC_DIM, generator=g)
+    head = make_head(model, positions, hidden)
+    out = model(x, y)  # the training forward: its graph stays alive, as during a training step
+    params = list(model.parameters()) + list(head.parameters())
+
+    def zero() -> None:
+        for p in params:
+            p.grad = None
+
+    methods = ["naive", "pseudo", *[f"jacobi-{k}" for k in JACOBI_KS]]
+    rows = {}
+    zero()
+    align_step("pseudo", model, head, out, target, positions)  # warm-up
+    for m in methods:
+        fn = lambda m=m: align_step(m, model, head, out, target, positions)  # noqa: E731
+        reps = 1 if m == "naive" else repeats
+        if m != "naive":
+            zero()
+            fn()  # warm-up
+        t = timed(fn, reps, zero)
+        mem = peak_bytes(fn, zero)
+        rows[m] = (t, mem, reps)
+    t0, m0 = rows["naive"][:2]
+    print(f"### 1. One alignment step (loss + backward), batch {batch}, positions {positions}\n")
+    print("| reverse path | time (s) | time / naive | speed-up vs naive | peak memory (MiB) | memory / naive "
+          "| timed calls |")
+    print("|---|---|---|---|---|---|---|")
+    for m, (t, mem, reps) in rows.items():
+        print(f"| {m} | {t:.3f} | {t / t0:.4f} | {t0 / t:.1f}x | {mib(mem)} | {mem / m0:.3f} | {reps} |")
+    tp, mp = rows["pseudo"][:2]
+    print(f"\n| pseudo vs naive | speed-up | memory |\n|---|---|---|\n"
+          f"| paper (its ImageNet setting) | ~{PAPER_SPEEDUP:.0f}x | ~{PAPER_MEMORY:.0%} |\n"
+          f"| this run (N = {cfg.num_tokens}, batch {batch}) | {t0 / tp:.1f}x | {mp / m0:.1%} |\n", flush=True)
+    return rows
+
+
+def table_grads(model: TARFlow, positions: list[Position], batch: int, hidden: int, source: str,
+                exact_check: bool) -> None:
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(20)
+    x, y = synthetic_batch(cfg, batch, g)
+    target = torch.randn(batch, cfg.num_tokens, ENC_DIM, generator=g)
+    head = make_head(model, positions, hidden)
+    out = model(x, y)
+    blocks = sorted({t for t, _ in positions})
+    exact = [f"jacobi-{cfg.num_tokens}"] if exact_check else []
+    methods = ["naive", "pseudo", *[f"jacobi-{k}" for k in JACOBI_KS], *exact, "detach"]
+    grads = {}
+    for m in methods:
+        model.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
+        align_step(m, model, head, out, target, positions)
+        grads[m] = flow_grads(model)
+    names = list(grads["naive"])
+
+    def flat(m: str, prefix: str = "") -> Tensor:
+        return torch.cat([grads[m][n] for n in names if n.startswith(prefix)])
+
+    print(f"### 2. Gradient agreement with naive, {source}\n")
+    print(f"Batch {batch}, positions {positions}; proj_out weight RMS: {proj_out_rms(model, blocks)}; "
+          f"fixed random projector and targets; flow parameters only.\n")
+    cols = " | ".join(f"cos, block {t}" for t in blocks)
+    print(f"| reverse path | cos, all flow params | {cols} | rel. error ||g - g_naive|| / ||g_naive|| |")
+    print("|---|---|" + "---|" * len(blocks) + "---|")
+    ref = flat("naive")
+    for m in methods[1:]:
+        per = " | ".join(f"{cosine(flat(m, f'blocks.{t - 1}.'), flat('naive', f'blocks.{t - 1}.')):.6f}"
+                         for t in blocks)
+        rel = (flat(m) - ref).norm().item() / ref.norm().item()
+        label = f"{m} (exact, K = N)" if m == f"jacobi-{cfg.num_tokens}" else m
+        print(f"| {label} | {cosine(flat(m), ref):.6f} | {per} | {rel:.3g} |")
+    print(flush=True)
+
+
+def table_train_step(model: TARFlow, positions: list[Position], batch: int, repeats: int, hidden: int) -> None:
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(30)
+    x, y = synthetic_batch(cfg, batch, g)
+    target = torch.randn(batch, cfg.num_tokens, ENC_DIM, generator=g)  # cached encoder tokens
+    head = make_head(model, positions, hidden)
+
+    def adamw(params: list) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.95), weight_decay=1e-4)
+
+    opt_base = adamw(list(model.parameters()))
+    opt_repa = adamw(list(model.parameters()) + list(head.parameters()))
+    drop = torch.rand(batch, generator=g) < 0.1
+
+    def step(align: bool) -> None:
+        opt = opt_repa if align else opt_base
+        opt.zero_grad(set_to_none=True)
+        out = model(x, y, drop=drop)
+        z = out.z.flatten(1)
+        log_prob = -0.5 * (z.pow(2).sum(1) + z.shape[1] * math.log(2 * math.pi)) + out.logdet
+        loss = (-log_prob / cfg.num_dims).mean()
+        if align:
+            feats = pseudo_reverse(model, out, positions).features
+            loss = loss + head.loss_from_features(feats, target, cfg.grid).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
+        opt.step()
+
+    res = {}
+    for name, align in (("NLL only", False), ("NLL + R-REPA (pseudo)", True)):
+        opt = opt_repa if align else opt_base
+        step(align)  # warm-up; creates the AdamW state
+        t = timed(lambda align=align: step(align), repeats)
+        opt.zero_grad(set_to_none=True)
+        live = tensor_bytes([*opt.param_groups[0]["params"], *(v for s in opt.state.values() for v in s.values()),
+                             x, target])
+        peak = peak_bytes(lambda align=align: step(align))
+        res[name] = (t, peak, live)
+    (t0, p0, l0) = res["NLL only"]
+    print(f"### 3. Training step: NLL + pseudo R-REPA (cached targets) vs NLL only, batch {batch}\n")
+    print("| step | time (s) | time ratio | activations + grads peak (MiB) | ratio | total peak incl. params, "
+          "AdamW state (MiB) | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (t, p, live) in res.items():
+        print(f"| {name} | {t:.3f} | {t / t0:.2f} | {mib(p)} | {p / p0:.2f} | {mib(p + live)} | "
+              f"{(p + live) / (p0 + l0):.2f} |")
+    print(flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls of every path but naive (timed once)")
+    ap.add_argument("--ckpt", default=None, help="trained run folder / .pt / .safetensors for table 2")
+    ap.add_argument("--ckpt-weights", default="ema", choices=("ema", "raw"))
+    ap.add_argument("--train-steps", type=int, default=100, help="NLL steps of the in-script training (no --ckpt)")
+    ap.add_argument("--train-batch", type=int, default=4)
+    ap.add_argument("--projector-hidden", type=int, default=512)
+    ap.add_argument("--exact-check", action="store_true",
+                    help="also compare jacobi-N (exact) with naive in table 2 (2N block passes; on with --quick)")
+    ap.add_argument("--quick", action="store_true", help="tiny model and sizes, a smoke test (< 60 s)")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    cfg = QUICK_CFG if args.quick else CFG
+    batch = min(args.batch, 4) if args.quick else args.batch
+    repeats = 1 if args.quick else args.repeats
+    train_steps = 10 if args.quick else args.train_steps
+    hidden = 64 if args.quick else args.projector_hidden
+    positions = last_positions(cfg)
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average at start {load}"
+          f"{' (QUICK smoke test: tiny sizes)' if args.quick else ''}\n")
+    print(f"Model: {cfg.image_height}x{cfg.image_width}x{cfg.in_channels}, patch {cfg.patch_size}, "
+          f"N = {cfg.num_tokens} tokens, {cfg.num_blocks} blocks x {cfg.layers_per_block} layers, width {cfg.width}, "
+          f"{cfg.num_classes} classes; projector {cfg.width}-{hidden}-{hidden}-{ENC_DIM}\n", flush=True)
+
+    torch.manual_seed(0)
+    model = TARFlow(cfg)
+    if args.ckpt is None:
+        first, last, secs = train_briefly(model, train_steps, args.train_batch)
+        source = (f"benchmark model trained IN THIS SCRIPT for {train_steps} NLL steps (batch {args.train_batch}, "
+                  f"{secs:.0f} s) on synthetic structured images: {first:.2f} -> {last:.2f} bits/dim "
+                  f"(continuous, without the 8-bit term)")
+        print(f"Trained: {source}; proj_out weight RMS {proj_out_rms(model, [t for t, _ in positions])}\n",
+              flush=True)
+        trained = model
+        grad_positions = positions
+    else:
+        from rrepa.checkpoint import load_flow
+
+        trained, info = load_flow(args.ckpt, args.ckpt_weights)
+        source = f"checkpoint {info['file']} (step {info['step']}, {args.ckpt_weights} weights)"
+        grad_positions = last_positions(trained.cfg)
+        with torch.no_grad():  # the timed model: values do not change the cost, a non-zero proj_out does no harm
+            for block in model.blocks:
+                block.proj_out.weight.normal_(0, 0.01)
+
+    table_cost(model, positions, batch, repeats, hidden)
+    table_grads(trained, grad_positions, batch, hidden, source, args.exact_check or args.quick)
+    table_train_step(model, positions, batch, repeats, hidden)
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"Load average at end {load}; whole run {time.perf_counter() - t_start:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Training throughput of a preset: one process vs N gloo processes (DDP) on this machine's CPU cores.
+
+    python benchmarks/bench_train.py                  # fmnist, 40 steps, 1 and 2 processes
+    python benchmarks/bench_train.py --steps 100 --procs 1 2 4
+
+Each configuration runs `rrepa train` for --steps steps on the same global batch (the preset's) and
+reports the images/s logged in metrics.jsonl after the first log window (start-up and warm-up excluded).
+One process uses all cores; N processes use cores / N threads each. Other load on the machine
+distorts the numbers: run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run(procs: int, args: argparse.Namespace, folder: Path) -> dict:
+    out = folder / f"procs{procs}"
+    train = ["-m", "rrepa.cli", "train", "--preset", args.preset, "--out", str(out), "--device", "cpu",
+             "--set", f"train.steps={args.steps}", "--set", f"train.log_every={args.log_every}",
+             "--set", "train.sample_every=0", "--set", "train.eval_bpd=false",
+             "--set", f"train.ckpt_every={args.steps}", *sum((["--set", s] for s in args.set), [])]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // procs))}
+    t0 = time.time()
+    done = subprocess.run([sys.executable, *launcher, *train], env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{procs} process(es) failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    if not rows:
+        sys.exit(f"need more than one log window: raise --steps above --log-every ({args.log_every})")
+    return {"procs": procs, "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows),
+            "wall_s": time.time() - t0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="fmnist")
+    parser.add_argument("--steps", type=int, default=40, help="steps per configuration")
+    parser.add_argument("--log-every", type=int, default=10, help="steps per measured window (the first is dropped)")
+    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts to compare")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed on to rrepa train")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        results = [run(p, args, Path(tmp)) for p in args.procs]
+    base = results[0]["images_per_s"]
+    print(f"\n{args.preset}: {args.steps} steps per configuration on {os.cpu_count()} cores (CPU, float32, gloo)\n")
+    print("| processes | threads each | images/s | vs first | wall s |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        threads = max(1, (os.cpu_count() or 1) // r["procs"])
+        print(f"| {r['procs']} | {threads} | {r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f}x | "
+              f"{r['wall_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""The embedded evaluator: a small Fashion-MNIST CNN classifier that rrepa trains itself.
+
+It is the offline default feature network of ``rrepa evaluate`` (``--features fmnist``): no pretrained
+weights can be downloaded here, and Inception-v3 features of 28 x 28 grey images say little anyway.
+It is a supervised classifier, separate from any alignment encoder.
+
+Network (``FMNISTCNN``): three 3 x 3 conv-BN-ReLU stages (32, 64, 128 channels; 2 x 2 max-pool after
+each: 28 -> 14 -> 7 -> 3), flatten (1152), ``fc1`` Linear 1152 -> 128 + ReLU, dropout, ``fc2`` Linear
+128 -> 10. The 128-d output of ``fc1`` (after the ReLU) is the penultimate feature used for FID,
+precision and recall; the softmax of ``fc2`` gives the Inception Score and the class accuracy of
+conditional samples (is a sample drawn for label k classified as k?).
+
+Inputs are uint8 images, (N, C, H, W) tensors or (N, H, W, C) arrays (ADM's layout; see
+``metrics.as_nchw_uint8``). RGB is converted to grey (ITU-R 601 luma), other sizes are resized to 28 x 28
+(bilinear, antialiased), then pixels are scaled to [0, 1] and standardised with the Fashion-MNIST
+training mean and std.
+
+Training (``train_evaluator``): Adam with a one-cycle learning rate, batch 128, 3 epochs of the 60k
+training images with random horizontal flips, seeded. The weights go to
+``$RREPA_CACHE_DIR/evaluator/fmnist-cnn.safetensors`` (else ``$XDG_CACHE_HOME/rrepa/...``, else
+``~/.cache/rrepa/...``), written atomically, with the test accuracy, training time and settings in the
+file's metadata. ``load_evaluator`` loads that file and trains it first when it is missing.
+
+The evaluator's name, ``fmnist-cnn@<hash>``, carries the first 10 hex digits of a SHA-256 over its
+weights (tensor names, shapes and bytes), so numbers and cached reference statistics from differently
+trained evaluators are never mixed up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rrepa.data import CACHE_ENV, cache_dir  # noqa: F401  (CACHE_ENV: the variable that moves the cache)
+
+logger = logging.getLogger(__name__)
+
+EVALUATOR_FILE = "fmnist-cnn.safetensors"
+ARCH = "fmnist-cnn-v1"
+FMNIST_MEAN = 0.2860
+FMNIST_STD = 0.3530
+NUM_CLASSES = 10
+FEATURE_DIM = 128
+
+
+
+
+def default_evaluator_path() -> Path:
+    return cache_dir() / "evaluator" / EVALUATOR_FILE
+
+
+# --------------------------------------------------------------------------------------------
+# Network
+# --------------------------------------------------------------------------------------------
+
+
+class FMNISTCNN(nn.Module):
+    """conv(32)-pool-conv(64)-pool-conv(128)-pool-fc(128)-fc(10); see the module docstring."""
+
+    def __init__(self, dropout: float = 0.3) -> None:
+        super().__init__()
+
+        def stage(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                                 nn.ReLU(inplace=True), nn.MaxPool2d(2))
+
+        self.body = nn.Sequential(stage(1, 32), stage(32, 64), stage(64, 128))
+        self.fc1 = nn.Linear(128 * 3 * 3, FEATURE_DIM)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(FEATURE_DIM, NUM_CLASSES)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Standardised (B, 1, 28, 28) float images -> (B, 128) penultimate features."""
+        return F.relu(self.fc1(self.body(x).flatten(1)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(self.features(x)))
+
+    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.features(x)
+        return h, self.fc2(h)
+
+
+def preprocess(images: Tensor) -> Tensor:
+    """uint8 (B, C, H, W) -> standardised float32 (B, 1, 28, 28): RGB to grey, resize, scale."""
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 images (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    x = images.to(torch.float32) / 255.0
+    if x.shape[1] == 3:
+        x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    elif x.shape[1] != 1:
+        raise ValueError(f"images must have 1 or 3 channels, got {x.shape[1]}")
+    if x.shape[-2:] != (28, 28):
+        x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False, antialias=True)
+    return (x - FMNIST_MEAN) / FMNIST_STD
+
+
+def weights_hash(state: dict[str, Tensor]) -> str:
+    """First 10 hex digits of SHA-256 over the tensors (sorted names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:10]
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluator object used by metrics
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FMNISTEvaluator:
+    """A trained FMNISTCNN as a feature network: ``extract(images)`` -> pool (N, 128), probs (N, 10)."""
+
+    model: FMNISTCNN
+    info: dict = field(default_factory=dict)
+    device: torch.device | str = "cpu"
+    batch_size: int = 500
+
+    has_spatial = False
+    num_classes = NUM_CLASSES
+    feature_dim = FEATURE_DIM
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
+        self.model = self.model.to(self.device).eval()
+        self.hash = weights_hash(self.model.state_dict())
+        self.name = f"fmnist-cnn@{self.hash}"
+
+    @property
+    def test_accuracy(self) -> float | None:
+        acc = self.info.get("test_accuracy")
+        return None if acc is None else float(acc)
+
+    @torch.no_grad()
+    def extract(self, images, batch_size: int | None = None,
+                progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+        """Features of uint8 images ((N, C, H, W) tensor or (N, H, W, C) array): {"pool": (N, 128)
+        float32, "probs": (N, 10) float64}."""
+        from rrepa.metrics import as_nchw_uint8
+
+        x = as_nchw_uint8(images)
+        bs = batch_size or self.batch_size
+        pools, probs = [], []
+        for lo in range(0, x.shape[0], bs):
+            xb = preprocess(x[lo:lo + bs]).to(self.device)
+            h, logits = self.model.features_and_logits(xb)
+            pools.append(h.float().cpu())
+            probs.append(torch.softmax(logits.double(), dim=1).cpu())
+            if progress is not None:
+                progress(xb.shape[0])
+        if not pools:
+            return {"pool": np.zeros((0, FEATURE_DIM), np.float32), "probs": np.zeros((0, NUM_CLASSES))}
+        return {"pool": torch.cat(pools).numpy(), "probs": torch.cat(probs).numpy()}
+
+    @torch.no_grad()
+    def predict(self, images, batch_size: int | None = None) -> np.ndarray:
+        """Predicted class (N,) int64 of uint8 images."""
+        return self.extract(images, batch_size)["probs"].argmax(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Training, saving, loading
+# --------------------------------------------------------------------------------------------
+
+
+def _load_split(split: str, data_dir: str | None) -> tuple[Tensor, Tensor]:
+    from rrepa.data import find_fashion_mnist, load_fashion_mnist
+
+    return load_fashion_mnist(find_fashion_mnist(data_dir), split)
+
+
+@torch.no_grad()
+def accuracy(model: FMNISTCNN, images: Tensor, labels: Tensor, batch_size: int = 1000,
+             device: torch.device | str = "cpu") -> float:
+    """Fraction of uint8 (N, 1, 28, 28) images classified as their label."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for lo in range(0, images.shape[0], batch_size):
+        logits = model(preprocess(images[lo:lo + batch_size]).to(device))
+        correct += int((logits.argmax(1).cpu() == labels[lo:lo + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(1, images.shape[0])
+
+
+def train_evaluator(epochs: int = 3, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
+                    max_train: int | None = None, max_test: int | None = None, data_dir: str | None = None,
+                    device: str | torch.device = "cpu",
+                    log: Callable[[str], None] | None = None) -> tuple[FMNISTCNN, dict]:
+    """Train FMNISTCNN on Fashion-MNIST (the first ``max_train`` training images, all by default) and
+    measure its accuracy on the test split (the first ``max_test`` images). Returns (model, info) with
+    info = {test_accuracy, train_seconds, epochs, train_images, test_images, ...}."""
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
+    log = log or logger.info
+    device = torch.device(device)
+    x_train, y_train = _load_split("train", data_dir)
+    x_test, y_test = _load_split("test", data_dir)
+    if max_train is not None:
+        x_train, y_train = x_train[:max_train], y_train[:max_train]
+    if max_test is not None:
+        x_test, y_test = x_test[:max_test], y_test[:max_test]
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = FMNISTCNN().to(device)
+    steps_per_epoch = math.ceil(x_train.shape[0] / batch_size)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
+                                                pct_start=0.2)
+    start = time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(x_train.shape[0], generator=g)
+        total, seen = 0.0, 0
+        for lo in range(0, x_train.shape[0], batch_size):
+            idx = perm[lo:lo + batch_size]
+            xb = preprocess(x_train[idx])
+            flip = torch.rand(xb.shape[0], generator=g) < 0.5
+            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb).to(device)
+            loss = F.cross_entropy(model(xb), y_train[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * idx.numel()
+            seen += idx.numel()
+        log(f"evaluator epoch {epoch + 1}/{epochs}: train loss {total / max(1, seen):.4f} "
+            f"({time.perf_counter() - start:.0f} s)")
+    train_seconds = time.perf_counter() - start
+    model.eval()
+    acc = accuracy(model, x_test, y_test, device=device)
+    info = {"arch": ARCH, "test_accuracy": acc, "train_seconds": round(train_seconds, 1), "epochs": epochs,
+            "batch_size": batch_size, "lr": lr, "seed": seed, "train_images": int(x_train.shape[0]),
+            "test_images": int(x_test.shape[0]), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    log(f"evaluator test accuracy {acc:.4f} on {x_test.shape[0]} images, trained in {train_seconds:.0f} s")
+    return model.cpu(), info
+
+
+def save_evaluator(model: FMNISTCNN, info: dict, path: str | os.PathLike) -> Path:
+    """Write the weights as safetensors (atomically), with ``info`` as JSON in the metadata."""
+    from safetensors.torch import save_file
+
+    from rrepa.checkpoint import atomic_write
+
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"rrepa_evaluator": json.dumps(info, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    return path
+
+
+def load_evaluator_file(path: str | os.PathLike, device: str | torch.device = "cpu",
+                        batch_size: int = 500) -> FMNISTEvaluator:
+    """Load weights written by save_evaluator."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluator weights {path} not found (train them with `rrepa evaluator train`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
+        raise ValueError(f"{path} is not a readable safetensors file: {type(e).__name__}: {e}") from e
+    info = json.loads(meta.get("rrepa_evaluator", "{}"))
+    if info.get("arch", ARCH) != ARCH:
+        raise ValueError(f"{path} holds a {info.get('arch')!r} evaluator; this rrepa expects {ARCH!r} "
+                         f"(retrain with `rrepa evaluator train --force`)")
+    model = FMNISTCNN()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not hold FMNISTCNN weights: {str(e).splitlines()[0]}") from e
+    info["path"] = str(path)
+    return FMNISTEvaluator(model, info, device=device, batch_size=batch_size)
+
+
+def load_evaluator(path: str | os.PathLike | None = None, *, train_if_missing: bool = True,
+                   device: str | torch.device = "cpu", batch_size: int = 500,
+                   log: Callable[[str], None] | None = None, **train_kwargs) -> FMNISTEvaluator:
+    """The embedded evaluator from ``path`` (default: the cache file). When the file is missing and
+    ``train_if_missing``, train one (a few minutes on 2 CPU cores; ``train_kwargs`` go to
+    train_evaluator) and save it there first."""
+    path = Path(path) if path is not None else default_evaluator_path()
+    if not path.is_file():
+        if not train_if_missing:
+            raise FileNotFoundError(f"evaluator weights {path} not found (train them with `rrepa evaluator train`)")
+        (log or logger.warning)(f"no evaluator weights at {path}: training the Fashion-MNIST CNN (a few minutes)")
+        model, info = train_evaluator(log=log, **train_kwargs)
+        save_evaluator(model, info, path)
+    return load_evaluator_file(path, device=device, batch_size=batch_size)

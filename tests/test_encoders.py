@@ -1,0 +1,284 @@
+"""Frozen encoders: DINOv2 loading (Meta's and timm's layouts), position-embedding resampling,
+preprocessing, error messages; the embedded self-supervised fmnist-ssl encoder."""
+
+import argparse
+import math
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from timm.layers import resample_abs_pos_embed  # noqa: E402
+from timm.models.vision_transformer import checkpoint_filter_fn  # noqa: E402
+
+from rrepa.data import TensorImageDataset  # noqa: E402
+from rrepa.encoders import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EmbeddedEncoder,
+    SSLBackbone,
+    SSLConfig,
+    SSLTrainConfig,
+    add_cli,
+    build_encoder,
+    linear_probe,
+    load_embedded,
+    save_embedded,
+    train_ssl_encoder,
+)
+
+torch.set_num_threads(1)
+TINY = {"depth": 2}  # ViT-S/14 width, 2 blocks: the real architecture, fast enough on a CPU
+
+
+def random_vit(reg: bool = False, seed: int = 0) -> torch.nn.Module:
+    """timm's DINOv2 ViT-S/14 (2 blocks) at its 37 x 37 pretraining grid with random weights everywhere
+    (layer scales too, so that every block matters)."""
+    torch.manual_seed(seed)
+    name = "vit_small_patch14_reg4_dinov2" if reg else "vit_small_patch14_dinov2"
+    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=518, **TINY)
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if k.endswith("gamma") or k in ("cls_token", "pos_embed", "reg_token"):
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def meta_layout(state: dict, reg: bool = False) -> dict:
+    """timm's state dict written in Meta's original layout (as in dinov2_vits14_pretrain.pth)."""
+    meta = {k: v.clone() for k, v in state.items()}
+    d = state["cls_token"].shape[-1]
+    meta["mask_token"] = torch.randn(1, d)
+    if reg:  # Meta: register_tokens, and pos_embed with a CLS entry; timm folds that entry into cls_token
+        pos0 = torch.randn(1, 1, d)
+        meta["register_tokens"] = meta.pop("reg_token")
+        meta["cls_token"] = state["cls_token"] - pos0
+        meta["pos_embed"] = torch.cat([pos0, state["pos_embed"]], 1)
+    return meta
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """The same random ViT saved as Meta's .pth and as timm's .safetensors."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("dinov2")
+    model = random_vit()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert state["pos_embed"].shape == (1, 1 + 37 * 37, 384)
+    torch.save(meta_layout(state), root / "dinov2_vits14_pretrain.pth")
+    save_file(state, str(root / "model.safetensors"))
+    return root
+
+
+def images(B=2, C=3, S=28, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, C, S, S, generator=g) * 2 - 1
+
+
+# --- DINOv2 -----------------------------------------------------------------------------------------------
+
+
+def test_meta_and_timm_layouts_give_identical_tokens(weights):
+    a = build_encoder("dinov2_vits14", weights / "dinov2_vits14_pretrain.pth", model_kwargs=TINY)
+    b = build_encoder("vit_small_patch14_dinov2.lvd142m", weights / "model.safetensors", model_kwargs=TINY)
+    x = images()
+    ta, tb = a(x), b(x)
+    assert ta.shape == (2, 256, 384) and a.grid((28, 28)) == (16, 16) and a.dim == 384
+    assert torch.equal(ta, tb)
+    assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 64
+    # a folder holding model.safetensors (timm's hub layout) works too
+    assert torch.equal(build_encoder("dinov2_vits14", weights, model_kwargs=TINY)(x), ta)
+
+
+def test_register_variant_meta_layout_matches_timm(tmp_path):
+    from safetensors.torch import save_file
+
+    model = random_vit(reg=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    torch.save(meta_layout(state, reg=True), tmp_path / "reg.pth")
+    save_file(state, str(tmp_path / "reg.safetensors"))
+    a = build_encoder("dinov2_vits14_reg", tmp_path / "reg.pth", image_size=56, model_kwargs=TINY)
+    b = build_encoder("dinov2_vits14_reg", tmp_path / "reg.safetensors", image_size=56, model_kwargs=TINY)
+    x = images(S=56)
+    assert torch.allclose(a(x), b(x), atol=1e-5)
+    assert a(x).shape == (2, 16, 384)  # registers and CLS dropped
+
+
+@pytest.mark.parametrize("size", [28, 56, 224])
+def test_position_embedding_resampled_as_timm_does(weights, size):
+    enc = build_encoder("dinov2_vits14", weights / "dinov2_vits14_pretrain.pth", image_size=size, model_kwargs=TINY)
+    g = size // 14
+    assert enc.grid((64, 64)) == (g, g)
+    # timm's own load-time resampling of the same weights into a fixed-size model
+    ref = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=size, **TINY)
+    state = torch.load(weights / "dinov2_vits14_pretrain.pth", weights_only=True)
+    ref.load_state_dict(checkpoint_filter_fn(dict(state), ref))
+    ref.eval()
+    assert ref.pos_embed.shape == (1, 1 + g * g, 384)
+    assert torch.allclose(resample_abs_pos_embed(enc.model.pos_embed, (g, g), num_prefix_tokens=1), ref.pos_embed)
+    x = images(S=size)
+    tokens = enc(x)
+    assert tokens.shape == (2, g * g, 384)
+    with torch.no_grad():
+        expected = ref.forward_features(enc.preprocess(x))[:, 1:]
+    assert torch.allclose(tokens, expected, atol=1e-5)
+
+
+def test_preprocessing_gray_to_rgb_and_imagenet_normalisation(weights):
+    enc = build_encoder("dinov2_vits14", weights / "dinov2_vits14_pretrain.pth", image_size=28, model_kwargs=TINY)
+    gray = images(C=1)
+    assert torch.equal(enc(gray), enc(gray.expand(-1, 3, -1, -1)))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(enc.preprocess(gray), ((gray + 1) / 2 - mean) / std)  # 28 px in, 28 px: no resize
+    flat = torch.full((1, 1, 56, 56), 0.2)  # constant image: the resize keeps the value
+    out = enc.preprocess(flat)
+    assert out.shape == (1, 3, 28, 28)
+    assert torch.allclose(out, ((torch.full((1, 3, 28, 28), 0.6) - mean) / std), atol=1e-5)
+    with pytest.raises(ValueError, match="1 \\(grayscale\\) or 3"):
+        enc(torch.zeros(1, 2, 28, 28))
+    with pytest.raises(ValueError, match="expected float images"):
+        enc(torch.zeros(3, 28, 28))
+
+
+def test_frozen_no_grad_eval(weights):
+    enc = build_encoder("dinov2_vits14", weights / "dinov2_vits14_pretrain.pth", image_size=28, model_kwargs=TINY)
+    enc.train()
+    assert not enc.training and not any(m.training for m in enc.modules())
+    assert not any(p.requires_grad for p in enc.parameters())
+    x = images().requires_grad_(True)
+    assert not enc(x).requires_grad
+    assert enc(x).dtype == torch.float32
+    fp = enc.fingerprint
+    other = build_encoder("dinov2_vits14", weights / "dinov2_vits14_pretrain.pth", image_size=56, model_kwargs=TINY)
+    assert other.fingerprint != fp  # preprocessing is part of the key
+
+
+def test_missing_weights_and_bad_input_errors(weights, tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        build_encoder("dinov2_vitb14", tmp_path / "dinov2_vitb14_pretrain.pth")
+    msg = str(e.value)
+    assert str(tmp_path / "dinov2_vitb14_pretrain.pth") in msg
+    assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth" in msg
+    assert "vit_base_patch14_dinov2.lvd142m" in msg and "--encoder-weights" in msg and "\n" not in msg
+    with pytest.raises(FileNotFoundError, match="hub is off"):  # conftest sets HF_HUB_OFFLINE=1
+        build_encoder("dinov2_vitl14")
+    with pytest.raises(ValueError, match="unknown encoder 'clip'"):
+        build_encoder("clip")
+    with pytest.raises(ValueError, match="multiple of 14"):
+        build_encoder("dinov2_vits14", weights / "model.safetensors", image_size=100)
+    # a ViT-S file named as ViT-B
+    with pytest.raises(ValueError, match="does not match this model.*check the encoder name"):
+        build_encoder("dinov2_vitb14", weights / "model.safetensors", model_kwargs=TINY)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read encoder weights"):
+        build_encoder("dinov2_vits14", tmp_path / "junk.pth")
+
+
+# --- the embedded encoder ---------------------------------------------------------------------------------
+
+
+class NoLabels(torch.utils.data.Dataset):
+    """Images only: any access to labels raises."""
+
+    def __init__(self, images):
+        self._images = images
+
+    def __len__(self):
+        return len(self._images)
+
+    def uint8(self, i):
+        return self._images[i]
+
+    def __getitem__(self, i):
+        raise AssertionError("the SSL trainer read an (image, label) pair")
+
+    def label(self, i):
+        raise AssertionError("the SSL trainer read a label")
+
+    @property
+    def targets(self):
+        raise AssertionError("the SSL trainer read the labels")
+
+
+SMALL = SSLConfig(widths=(8, 16), dim=16)
+
+
+def toy_images(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+
+
+def test_ssl_training_changes_weights_and_never_reads_labels():
+    cfg = SSLTrainConfig(steps=3, batch_size=16, max_images=48, seed=3)
+    torch.manual_seed(cfg.seed)
+    init = SSLBackbone(SMALL).state_dict()
+    backbone, info = train_ssl_encoder(NoLabels(toy_images()), cfg, SMALL, progress=False, log=lambda s: None)
+    trained = backbone.state_dict()
+    assert any(not torch.equal(init[k], trained[k]) for k in init if trained[k].is_floating_point())
+    assert info["steps"] == 3 and info["images"] == 48 and math.isfinite(info["final_loss"])
+    enc = EmbeddedEncoder(backbone)
+    x = torch.rand(5, 1, 28, 28) * 2 - 1
+    assert enc(x).shape == (5, 49, 16) and enc.grid((28, 28)) == (7, 7)
+    assert enc(torch.rand(2, 3, 56, 56) * 2 - 1).shape == (2, 49, 16)  # RGB -> gray, resized to 28
+
+
+def test_embedded_save_load_identity_and_cache(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    backbone = SSLBackbone(SMALL).eval()
+    with torch.no_grad():  # non-trivial BN statistics
+        for m in backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+    enc = EmbeddedEncoder(backbone, info={"probe_test_accuracy": 0.5})
+    monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path))
+    path = tmp_path / "encoders" / "fmnist-ssl.safetensors"
+    with pytest.raises(FileNotFoundError, match="rrepa encoder train"):
+        build_encoder("fmnist-ssl", train_if_missing=False)
+    save_embedded(path, backbone, enc.info)
+    loaded = build_encoder("fmnist-ssl")  # from the cache
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    assert torch.equal(loaded(x), enc(x))
+    assert loaded.fingerprint == enc.fingerprint and loaded.info == {"probe_test_accuracy": 0.5}
+    assert load_embedded(path).name == "fmnist-ssl"
+    with pytest.raises(ValueError, match="28 x 28"):
+        build_encoder("fmnist-ssl", image_size=224)
+
+
+def test_linear_probe_separates_easy_classes():
+    n = 40
+    y = torch.arange(n) % 2
+    imgs = torch.zeros(n, 1, 28, 28, dtype=torch.uint8)
+    imgs[y == 1, :, ::2, ::2] = 255  # class 1: a dotted pattern; class 0: black
+    imgs = (imgs.int() + torch.randint(0, 30, imgs.shape)).clamp(0, 255).to(torch.uint8)
+    train = TensorImageDataset(imgs[:30], y[:30], num_classes=2)
+    test = TensorImageDataset(imgs[30:], y[30:], num_classes=2)
+    torch.manual_seed(0)
+    result = linear_probe(EmbeddedEncoder(SSLBackbone(SMALL)), train, test)
+    assert result["probe_test_accuracy"] == 1.0 and result["probe_train_images"] == 30
+
+
+def _have_fashion_mnist() -> bool:
+    from rrepa.data import find_fashion_mnist
+
+    try:
+        find_fashion_mnist(None)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST is not installed")
+def test_cli_encoder_train(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    out = tmp_path / "enc.safetensors"
+    args = parser.parse_args(["encoder", "train", "--steps", "2", "--batch-size", "8", "--max-images", "32",
+                              "--no-probe", "--out", str(out), "--device", "cpu"])
+    args.func(args)
+    assert out.is_file() and "wrote" in capsys.readouterr().out
+    assert load_embedded(out).info["steps"] == 2
+    with pytest.raises(ValueError, match="--overwrite"):
+        args.func(args)

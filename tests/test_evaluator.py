@@ -1,0 +1,179 @@
+"""Tests for rrepa.evaluator (the embedded Fashion-MNIST CNN) and `rrepa evaluate` on top of it. CPU, offline;
+the classifier is trained on a small subset for one epoch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rrepa import evaluator as ev_mod
+from rrepa import metrics
+from rrepa.evaluator import (
+    FMNISTEvaluator,
+    default_evaluator_path,
+    load_evaluator,
+    load_evaluator_file,
+    save_evaluator,
+    train_evaluator,
+)
+
+torch.set_num_threads(1)
+SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(not SYSTEM_FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("RREPA_OFFLINE", "1")
+    monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(weights path, info): one epoch on 3000 training images, tested on 1000 test images."""
+    model, info = train_evaluator(epochs=1, batch_size=64, max_train=3000, max_test=1000, seed=0)
+    path = save_evaluator(model, info, tmp_path_factory.mktemp("ev") / "tiny.safetensors")
+    return path, info
+
+
+@pytest.fixture(scope="module")
+def fmnist_test():
+    from rrepa.data import find_fashion_mnist, load_fashion_mnist
+
+    x, y = load_fashion_mnist(find_fashion_mnist(None), "test")
+    return x[:400], y[:400]
+
+
+def test_tiny_training_learns(tiny):
+    _, info = tiny
+    assert info["test_accuracy"] > 0.5  # chance is 0.1
+    assert info["train_images"] == 3000 and info["test_images"] == 1000 and info["train_seconds"] > 0
+
+
+def test_features_shapes_and_name(tiny, fmnist_test):
+    ev = load_evaluator_file(tiny[0])
+    assert re.fullmatch(r"fmnist-cnn@[0-9a-f]{10}", ev.name)
+    assert ev.test_accuracy == pytest.approx(tiny[1]["test_accuracy"])
+    x, y = fmnist_test
+    feats = ev.extract(x[:50])
+    assert feats["pool"].shape == (50, 128) and feats["pool"].dtype == np.float32
+    assert feats["probs"].shape == (50, 10) and np.allclose(feats["probs"].sum(1), 1)
+    assert (feats["pool"] >= 0).all()  # after the ReLU
+    # ADM layout (N, H, W, C) gives the same; RGB copies and other sizes are accepted
+    nhwc = x[:50].permute(0, 2, 3, 1).numpy()
+    assert np.allclose(ev.extract(nhwc)["pool"], feats["pool"])
+    rgb = x[:5].repeat(1, 3, 1, 1)
+    assert np.allclose(ev.extract(rgb)["pool"], feats["pool"][:5], atol=1e-4)
+    big = torch.nn.functional.interpolate(x[:5].float(), size=56).round().to(torch.uint8)
+    assert ev.extract(big)["pool"].shape == (5, 128)
+    assert (ev.predict(x) == y.numpy()).mean() > 0.5
+    with pytest.raises(ValueError, match="uint8"):
+        ev.extract(x[:2].float())
+
+
+def test_save_load_same_hash_and_outputs(tiny, tmp_path, fmnist_test):
+    a = load_evaluator_file(tiny[0])
+    b = load_evaluator_file(save_evaluator(a.model, a.info, tmp_path / "copy.safetensors"))
+    assert a.name == b.name
+    x = fmnist_test[0][:20]
+    assert np.array_equal(a.extract(x)["pool"], b.extract(x)["pool"])
+    other = FMNISTEvaluator(ev_mod.FMNISTCNN())
+    assert other.name != a.name
+
+
+def test_load_evaluator_cache_reuse(tiny, monkeypatch, tmp_path):
+    path = default_evaluator_path()
+    assert path == tmp_path / "cache" / "evaluator" / "fmnist-cnn.safetensors"
+    with pytest.raises(FileNotFoundError, match="rrepa evaluator train"):
+        load_evaluator(train_if_missing=False)
+    trained = []
+
+    def fake_train(**kw):
+        trained.append(kw)
+        loaded = load_evaluator_file(tiny[0])
+        return loaded.model, dict(loaded.info)
+
+    monkeypatch.setattr(ev_mod, "train_evaluator", fake_train)
+    first = load_evaluator(log=lambda m: None)  # missing: trained once and cached
+    assert len(trained) == 1 and path.is_file()
+    second = load_evaluator()  # cached: no training
+    assert len(trained) == 1 and second.name == first.name
+
+
+def test_bad_weights_file(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_evaluator_file(tmp_path / "bad.safetensors")
+    with pytest.raises(FileNotFoundError):
+        load_evaluator_file(tmp_path / "none.safetensors")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="rrepa")
+    sub = parser.add_subparsers(dest="command", required=True)
+    metrics.add_cli(sub)
+    return parser
+
+
+def test_cli_evaluate_fmnist(tiny, fmnist_test, tmp_path, capsys):
+    x, y = fmnist_test
+    metrics.write_samples_npz(tmp_path / "samples.npz", x[:200], y[:200])
+    metrics.write_samples_npz(tmp_path / "ref.npz", x[200:400])
+    out = tmp_path / "res.json"
+    args = _parser().parse_args(["evaluate", "--samples", str(tmp_path / "samples.npz"), "--ref",
+                                 str(tmp_path / "ref.npz"), "--features", "fmnist", "--evaluator-weights",
+                                 str(tiny[0]), "--out", str(out), "--device", "cpu"])
+    args.func(args)
+    table = capsys.readouterr().out
+    assert "| FID |" in table and "| class accuracy |" in table and "| sFID | n/a |" in table
+    res = json.loads(out.read_text())
+    ev = load_evaluator_file(tiny[0])
+    assert res["feature_network"] == ev.name and res["sfid"] is None
+    assert res["fid"] > 0 and 0 < res["precision"] <= 1 and 0 < res["recall"] <= 1 and res["is"] > 1
+    assert res["class_accuracy"] == pytest.approx((ev.predict(x[:200]) == y[:200].numpy()).mean())
+    assert res["num_samples"] == 200 and res["num_ref"] == 200
+
+
+def test_fid_of_dataset_with_itself_is_zero(tiny, fmnist_test):
+    ev = load_evaluator_file(tiny[0])
+    x = fmnist_test[0][:300]
+    res = metrics.evaluate_samples(x, ev, metrics.ReferenceStats.from_features(ev.extract(x), ev.name))
+    assert abs(res["fid"]) < 1e-6 and res["precision"] == 1.0 and res["recall"] == 1.0
+
+
+def test_evaluate_in_training(tiny, fmnist_test):
+    ev = load_evaluator_file(tiny[0])
+    x, y = fmnist_test
+    ref = metrics.ReferenceStats.from_features(ev.extract(x[:300]), ev.name)
+    pos = [0]
+
+    def sampler(m):  # the flow's output: floats in [-1, 1], plus the labels they were drawn for
+        lo, pos[0] = pos[0], pos[0] + m
+        return x[lo:lo + m].float() / 127.5 - 1, y[lo:lo + m]
+
+    res = metrics.evaluate_in_training(sampler, ev, ref, 120, batch_size=50)
+    assert res["num_samples"] == 120 and res["feature_network"] == ev.name
+    assert np.isfinite(res["fid"]) and res["class_accuracy"] > 0.5 and res["eval_seconds"] >= 0
+
+
+def test_cli_errors(tiny, tmp_path):
+    parser = _parser()
+    args = parser.parse_args(["evaluate", "--ckpt", "run", "--ref", "fmnist:test"])
+    with pytest.raises(ValueError, match="needs --num-samples"):
+        args.func(args)
+    args = parser.parse_args(["evaluate", "--samples", str(tmp_path / "nope.npz"), "--ref", "fmnist:test",
+                              "--evaluator-weights", str(tiny[0])])
+    with pytest.raises(FileNotFoundError):
+        args.func(args)
+    args = parser.parse_args(["evaluator", "train", "--out", str(tiny[0])])
+    with pytest.raises(ValueError, match="--force"):
+        args.func(args)
+    with pytest.raises(NotImplementedError):
+        metrics.samples_from_checkpoint("run", 10)

@@ -1,0 +1,219 @@
+"""Training: outputs of a run, non-finite steps, refusing a used folder, exact resume after SIGKILL,
+and DDP on two gloo processes matching one process on the same global batch."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rrepa.checkpoint import load_checkpoint, save_checkpoint
+from rrepa.config import resolve
+from rrepa.distributed import Dist, GlobalBatchSampler
+from rrepa.flow import TARFlow
+from rrepa.train import lr_factor, train
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RREPA_OFFLINE": "1"}
+
+
+def write_fake_fmnist(folder: Path, n_train: int = 64, n_test: int = 32) -> Path:
+    """Fashion-MNIST-shaped IDX files with random images: a few KB instead of 30 MB."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        image_header = b"\0\0\x08\x03" + np.array([n, 28, 28], ">u4").tobytes()  # IDX: uint8, 3 dims
+        label_header = b"\0\0\x08\x01" + np.array([n], ">u4").tobytes()
+        (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(image_header + images.tobytes()))
+        (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(label_header + labels.tobytes()))
+    return folder
+
+
+def tiny(data: Path, *extra: str):
+    """A 2-block, 1-layer flow over 16 tokens of 7 x 7 pixels, batch 8: a step takes milliseconds."""
+    return resolve("fmnist", overrides=[
+        "model.patch_size=7", "model.width=32", "model.head_dim=16", "model.num_blocks=2", "model.layers_per_block=1",
+        "optim.batch_size=8", "optim.warmup_steps=2", "optim.lr=1e-3", "train.steps=6", "train.log_every=1",
+        "train.sample_every=3", "train.ckpt_every=3", "train.sample_rows=1", "train.num_workers=0",
+        "train.eval_batch_size=16", f"data.path={data}", *extra])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_fake_fmnist(tmp_path_factory.mktemp("fmnist"))
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_leaves_everything_it_promises(data, tmp_path):
+    run = tmp_path / "run"
+    summary = train(tiny(data, "train.keep_last=1"), run, device="cpu")
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "last", "ckpt-0000006.pt", "ema.safetensors", "model.safetensors",
+            "loss.png", "bpd.json", "samples", "tb"} <= names
+    assert "ckpt-0000003.pt" not in names  # keep_last=1
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
+    assert list((run / "tb").iterdir())
+    r = rows(run)
+    assert [x["step"] for x in r] == list(range(1, 7))
+    assert {"step", "loss", "nll", "bpd", "lr", "grad_norm", "skipped", "images_per_s"} <= set(r[0])
+    bpd = json.loads((run / "bpd.json").read_text())
+    assert bpd["images"] == 32 and bpd["split"] == "test" and 0 < bpd["bpd"] < 20 and summary["bpd"] == bpd["bpd"]
+    ckpt = load_checkpoint(run / "ckpt-0000006.pt")
+    assert ckpt["step"] == 6 and ckpt["config"]["model"]["patch_size"] == 7 and len(ckpt["rng"]) == 1
+    # --init-from takes the weights only: a new run at step 0 that starts from them.
+    train(tiny(data, "train.steps=1", "train.eval_bpd=false", "train.sample_every=0"), tmp_path / "init",
+          init_from=str(run), device="cpu")
+    assert load_checkpoint(tmp_path / "init" / "ckpt-0000001.pt")["step"] == 1
+
+
+def test_refuses_a_used_folder(data, tmp_path):
+    cfg = tiny(data, "train.steps=1", "train.eval_bpd=false", "train.sample_every=0")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already holds files.*--overwrite"):
+        train(cfg, tmp_path, device="cpu")
+    train(cfg, tmp_path, overwrite=True, device="cpu")
+    with pytest.raises(ValueError, match="already holds a training run.*--resume"):
+        train(cfg, tmp_path, device="cpu")
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # --overwrite removes only what a run writes
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        train(cfg, tmp_path / "nothing", resume=True, device="cpu")
+
+
+class NaNGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def test_non_finite_steps_are_skipped(data, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    nll = TARFlow.nll
+
+    def faulty_nll(self, x, y=None, label_drop=0.0):
+        out = nll(self, x, y, label_drop)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            return NaNGrad.apply(out)  # step 3: NaN gradient
+        if calls["n"] == 5:
+            return out * float("inf")  # step 5: infinite loss
+        return out
+
+    monkeypatch.setattr(TARFlow, "nll", faulty_nll)
+    train(tiny(data, "train.eval_bpd=false"), tmp_path, device="cpu")
+    assert [r["skipped"] for r in rows(tmp_path)] == [0, 0, 1, 1, 2, 2]
+    ckpt = load_checkpoint(tmp_path / "ckpt-0000006.pt")
+    assert ckpt["skipped"] == 2
+    assert all(torch.isfinite(v).all() for v in [*ckpt["model"].values(), *ckpt["ema"].values()])
+    assert int(ckpt["optimizer"]["state"][0]["step"]) == 4  # only the 4 finite steps reached AdamW
+
+
+def test_global_batch_sampler_shards_one_order():
+    one = GlobalBatchSampler(40, 8, seed=3, d=Dist())
+    halves = [GlobalBatchSampler(40, 8, seed=3, d=Dist(rank=r, world_size=2)) for r in (0, 1)]
+    batches = list(one)
+    assert len(batches) == 5 and sorted(sum(batches, [])) == list(range(40))
+    for b, (h0, h1) in enumerate(zip(*halves)):
+        assert h0 + h1 == batches[b]
+    one.set_epoch(1)
+    assert list(one) != batches
+    one.set_epoch(0, start=3)
+    assert list(one) == batches[3:]
+    accum = GlobalBatchSampler(40, 8, seed=3, d=Dist(), grad_accum=2)
+    assert [a + b for a, b in zip(*[iter(accum)] * 2)] == batches
+
+
+def test_lr_schedule():
+    f = [lr_factor(s, warmup=10, total=100, min_ratio=0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
+    assert f[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+KILLER = """
+import os, signal, sys
+from rrepa import cli
+from rrepa.flow import TARFlow
+nll, calls = TARFlow.nll, [0]
+def killing_nll(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(os.environ["KILL_AT_CALL"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return nll(self, *args, **kwargs)
+TARFlow.nll = killing_nll
+cli.main(sys.argv[1:])
+"""
+
+
+def rrepa(*args: str, env=None, script: str = "from rrepa import cli; cli.main()") -> subprocess.Popen:
+    """`rrepa ARGS` (or another script given ARGS) in a fresh process."""
+    return subprocess.Popen([sys.executable, "-c", script, *args], env=env or ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(p: subprocess.Popen, rc: int = 0) -> str:
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == rc, out[-3000:]
+    return out
+
+
+def test_resume_after_sigkill_is_bitwise_exact(data, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(tiny(data, "train.steps=10", "train.sample_every=0", "train.eval_bpd=false").to_yaml())
+    ref = rrepa("train", "--config", str(cfg), "--out", str(tmp_path / "ref"))
+    killed = rrepa("train", "--config", str(cfg), "--out", str(tmp_path / "run"), script=KILLER,
+                   env={**ENV, "KILL_AT_CALL": "8"})  # dies inside step 8, after the checkpoint at step 6
+    finish(killed, rc=-signal.SIGKILL)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("ckpt-*.pt")) == ["ckpt-0000003.pt", "ckpt-0000006.pt"]
+    # A crash while writing the next checkpoint would leave a truncated file; resume skips it.
+    save_checkpoint(run, load_checkpoint(run / "ckpt-0000006.pt") | {"step": 9})
+    (run / "ckpt-0000009.pt").write_bytes(b"PK\x03\x04 truncated")
+    out = finish(rrepa("train", "--resume", str(run)))
+    assert "ckpt-0000009.pt is corrupt" in out and "resumed" in out and "at step 6" in out
+    finish(ref)
+    a, b = load_checkpoint(run / "ckpt-0000010.pt"), load_checkpoint(tmp_path / "ref" / "ckpt-0000010.pt")
+    for key in ("model", "ema"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f"{key}.{name} differs after resume"
+    assert [r["step"] for r in rows(run)] == list(range(1, 11))  # the steps after the checkpoint, once
+    assert [r["loss"] for r in rows(run)] == [r["loss"] for r in rows(tmp_path / "ref")]
+
+
+def test_ddp_two_gloo_processes_match_one_process(data, tmp_path):
+    # Without noise and label drop the loss is deterministic, so the runs differ only in how the
+    # global batch of 8 is split (8 on one process vs 4 + 4) and in summation order.
+    cfg = tiny(data, "train.steps=3", "train.sample_every=0", "train.eval_bpd=false", "model.sigma=0",
+               "train.label_drop=0", "optim.lr=1e-2", "optim.warmup_steps=0")
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "rrepa.cli", "train", "--config", str(tmp_path / "cfg.yaml"), "--out",
+                            str(tmp_path / "ddp"), "--device", "cpu"],
+                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    train(cfg, tmp_path / "one", device="cpu")
+    assert "2 process(es) x 1 x 4 images per step" in finish(two)  # each process takes half the batch
+    a, b = load_checkpoint(tmp_path / "ddp" / "ckpt-0000003.pt"), load_checkpoint(tmp_path / "one" / "ckpt-0000003.pt")
+    assert a["world_size"] == 2 and len(a["rng"]) == 2
+    start = TARFlow(cfg.model).state_dict()
+    moved = 0.0
+    for name, value in b["model"].items():
+        torch.testing.assert_close(a["model"][name], value, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
+        moved = max(moved, float((value - start[name]).abs().max()) if name.endswith("proj_out.weight") else moved)
+    assert moved > 1e-3  # the weights did change, so the comparison means something
+    for r2, r1 in zip(rows(tmp_path / "ddp"), rows(tmp_path / "one")):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)  # gradients averaged, not summed

@@ -1,0 +1,219 @@
+"""Training with representation alignment (each strategy), its checkpoints and exported weights, exact
+resume, the feature cache, and in-training evaluation; on a tiny flow and a tiny random encoder/evaluator."""
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from rrepa import encoders
+from rrepa.checkpoint import load_checkpoint, load_flow, load_weights
+from rrepa.encoders import SSLBackbone, SSLConfig, save_embedded
+from rrepa.train import train
+from test_train import ENV, finish, rows, rrepa, tiny, write_fake_fmnist
+
+# A 4 x 4-token flow (patch 7) against a random 2-stage SSL CNN (7 x 7 x 16 tokens, pooled onto 4 x 4).
+ALIGN = ["align.enabled=true", "align.positions=[[2, 1]]", "align.projector_hidden=32", "align.weight=1.0",
+         "train.eval_bpd=false", "train.sample_every=0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_fake_fmnist(tmp_path_factory.mktemp("fmnist"))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """RREPA_CACHE_DIR with a random fmnist-ssl encoder (never trained) in it."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("RREPA_CACHE_DIR", str(root))
+    torch.manual_seed(123)
+    save_embedded(root / "encoders" / encoders.EMBEDDED_FILE, SSLBackbone(SSLConfig(widths=(8, 16), dim=16)))
+    return root
+
+
+@pytest.fixture
+def encoder_calls(monkeypatch) -> dict:
+    calls = {"images": 0, "batches": 0}
+    forward = encoders.FrozenEncoder.forward
+
+    def counting(self, x):
+        calls["images"] += x.shape[0]
+        calls["batches"] += 1
+        return forward(self, x)
+
+    monkeypatch.setattr(encoders.FrozenEncoder, "forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("strategy", ["forward", "detach", "reverse"])
+def test_each_strategy_logs_both_losses_and_trains_the_projector(data, cache, tmp_path, strategy, encoder_calls):
+    run = tmp_path / "run"
+    cfg = tiny(data, *ALIGN, f"align.strategy={strategy}", "align.reverse=pseudo", "align.feature_cache=false",
+               "train.steps=4", "train.ckpt_every=2")
+    train(cfg, run, device="cpu")
+    r = rows(run)
+    assert [x["step"] for x in r] == [1, 2, 3, 4]
+    for x in r:
+        assert {"loss", "nll", "align_loss", "align_t2_l1"} <= set(x)
+        assert -1 <= x["align_loss"] <= 1 and x["align_loss"] == pytest.approx(x["align_t2_l1"])
+        assert x["loss"] == pytest.approx(x["nll"] + 1.0 * x["align_loss"], rel=1e-5, abs=1e-6)
+    assert encoder_calls["images"] == 4 * 8  # online targets: one encoder call per micro-batch
+    # The projector is in the checkpoint and moved; the exported weights hold only the flow.
+    first, last = load_checkpoint(run / "ckpt-0000002.pt"), load_checkpoint(run / "ckpt-0000004.pt")
+    assert set(last["align_head"]) and all(k.startswith("projectors.t2_l1.") for k in last["align_head"])
+    assert any(not torch.equal(first["align_head"][k], last["align_head"][k]) for k in last["align_head"])
+    for name in ("ema.safetensors", "model.safetensors"):
+        model = load_weights(run / name)
+        assert not any("projector" in k for k in model.state_dict())
+    load_flow(run)  # the checkpoint's flow loads without the projector
+
+
+def test_alignment_gradient_reaches_the_projector_and_lowers_the_align_loss(data, cache, tmp_path):
+    # Only the alignment term moves the weights (NLL weight is 1, but a high lr on a fixed batch of 8): the
+    # alignment loss falls.
+    cfg = tiny(data, *ALIGN, "align.feature_cache=false", "align.weight=5.0", "train.steps=12",
+               "train.ckpt_every=12", "optim.batch_size=64", "optim.lr=3e-3", "optim.warmup_steps=0",
+               "train.label_drop=0")
+    train(cfg, tmp_path / "run", device="cpu")
+    r = rows(tmp_path / "run")
+    assert r[-1]["align_loss"] < r[0]["align_loss"] - 0.05
+
+
+def test_targets_come_from_the_cache(data, cache, tmp_path, encoder_calls):
+    cfg = tiny(data, *ALIGN, "align.feature_cache=true", "train.steps=3", "data.hflip=true")
+    train(cfg, tmp_path / "a", device="cpu")
+    built = list((cache / "features").iterdir())
+    assert any((p / "features.npy").is_file() for p in built)
+    # Building: 64 images and their mirrors, in one batch each; training added no encoder call.
+    assert encoder_calls == {"images": 128, "batches": 2}
+    train(cfg, tmp_path / "b", device="cpu")  # the cache is reused: no encoder call at all
+    assert encoder_calls == {"images": 128, "batches": 2}
+    assert "align_loss" in rows(tmp_path / "b")[0]
+    # Cached (float16) and online targets give the same alignment loss on the same batches.
+    train(tiny(data, *ALIGN, "align.feature_cache=false", "train.steps=3", "data.hflip=true"), tmp_path / "c",
+          device="cpu")
+    for a, c in zip(rows(tmp_path / "a"), rows(tmp_path / "c")):
+        assert a["align_loss"] == pytest.approx(c["align_loss"], abs=2e-3)
+
+
+def test_alignment_off_builds_no_encoder(data, cache, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("an encoder was built with alignment off")
+
+    build = encoders.build_encoder
+    monkeypatch.setattr(encoders, "build_encoder", refuse)
+    run = tmp_path / "run"
+    train(tiny(data, "train.steps=2", "train.eval_bpd=false", "train.sample_every=0"), run, device="cpu")
+    r = rows(run)
+    assert "align_loss" not in r[0] and r[0]["loss"] == r[0]["nll"]
+    assert "align_head" not in load_checkpoint(run / "ckpt-0000002.pt")
+    # Such a checkpoint cannot be resumed with alignment on (no projectors to restore): a clear error.
+    monkeypatch.setattr(encoders, "build_encoder", build)
+    with pytest.raises(ValueError, match="without alignment.*--init-from"):
+        train(tiny(data, *ALIGN, "align.feature_cache=false", "train.steps=4"), run, resume=True, device="cpu")
+
+
+# Kills the process inside the 8th flow forward (the alignment objective calls TARFlow.forward once per step).
+KILLER = """
+import os, signal, sys
+from rrepa import cli
+from rrepa.flow import TARFlow
+forward, calls = TARFlow.forward, [0]
+def killing_forward(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(os.environ["KILL_AT_CALL"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return forward(self, *args, **kwargs)
+TARFlow.forward = killing_forward
+cli.main(sys.argv[1:])
+"""
+
+
+def test_resume_with_alignment_after_sigkill_is_bitwise_exact(data, cache, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(tiny(data, *ALIGN, "align.feature_cache=true", "data.hflip=true", "train.steps=10").to_yaml())
+    env = {**ENV, "RREPA_CACHE_DIR": str(cache)}
+    train(tiny(data, *ALIGN, "align.feature_cache=true", "data.hflip=true", "train.steps=10"), tmp_path / "ref",
+          device="cpu")  # in this process (one thread, as the others): builds the cache
+    killed = rrepa("train", "--config", str(cfg), "--out", str(tmp_path / "run"), script=KILLER,
+                   env={**env, "KILL_AT_CALL": "8"})  # dies inside step 8, after the checkpoint at step 6
+    finish(killed, rc=-signal.SIGKILL)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("ckpt-*.pt")) == ["ckpt-0000003.pt", "ckpt-0000006.pt"]
+    out = finish(rrepa("train", "--resume", str(run), env=env))
+    assert "at step 6" in out
+    a, b = load_checkpoint(run / "ckpt-0000010.pt"), load_checkpoint(tmp_path / "ref" / "ckpt-0000010.pt")
+    for key in ("model", "ema", "align_head"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f"{key}.{name} differs after resume"
+    ra, rb = rows(run), rows(tmp_path / "ref")
+    assert [r["step"] for r in ra] == list(range(1, 11))
+    assert [(r["loss"], r["nll"], r["align_loss"]) for r in ra] == [(r["loss"], r["nll"], r["align_loss"])
+                                                                    for r in rb]
+
+
+def test_in_training_evaluation(data, tmp_path, monkeypatch):
+    from rrepa.evaluator import FMNISTCNN, default_evaluator_path, save_evaluator
+
+    monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    save_evaluator(FMNISTCNN(), {"test_accuracy": 0.1}, default_evaluator_path())  # random, untrained
+    run = tmp_path / "run"
+    train(tiny(data, "train.steps=4", "train.eval_every=2", "train.eval_samples=12", "train.eval_batch_size=5",
+               "train.eval_bpd=false", "train.sample_every=0"), run, device="cpu")
+    evals = [r for r in rows(run) if "eval_fid" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert r["eval_num_samples"] == 12 and r["eval_fid"] > 0 and r["eval_is"] >= 1
+        assert 0 <= r["eval_class_accuracy"] <= 1 and r["eval_feature_network"].startswith("fmnist-cnn@")
+    assert list((tmp_path / "cache" / "stats").glob("*.npz"))  # the training split's statistics, cached
+    assert (run / "loss.png").is_file()  # the loss curve skips the evaluation lines
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    # `rrepa evaluate --ckpt RUN --num-samples N` samples as `rrepa sample` does and evaluates them.
+    import numpy as np
+
+    from rrepa import cli
+    from rrepa.metrics import samples_from_checkpoint
+
+    cli.main(["sample", "--ckpt", str(run), "--num-samples", "6", "--batch-size", "4", "--seed", "3",
+              "--format", "npz", "--out", str(tmp_path / "s"), "--device", "cpu"])
+    images, labels = samples_from_checkpoint(str(run), 6, batch_size=4, seed=3)
+    with np.load(tmp_path / "s.npz") as f:
+        assert np.array_equal(f["arr_0"], images) and np.array_equal(f["labels"], labels)
+    assert images.shape == (6, 28, 28, 1) and images.dtype == np.uint8 and list(labels) == [0, 1, 2, 3, 4, 5]
+    cli.main(["evaluate", "--ckpt", str(run), "--num-samples", "10", "--ref", "fmnist:train", "--data-dir",
+              str(data), "--out", str(tmp_path / "eval.json"), "--device", "cpu"])
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["num_samples"] == 10 and res["fid"] > 0 and res["ckpt"] == str(run) and res["weights"] == "ema"
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--ckpt", str(run), "--ref", "fmnist:train"])  # no --num-samples: one-line error
+
+
+def test_ddp_with_alignment_matches_one_process(data, cache, tmp_path):
+    # Targets from the cache, so the loader yields indices (through the DDP-sharded GlobalBatchSampler); no noise
+    # and no label drop, so the two runs differ only in how the global batch is split. The projector is in DDP:
+    # its gradients are averaged like the flow's.
+    import subprocess
+    import sys
+
+    cfg = tiny(data, *ALIGN, "align.feature_cache=true", "train.steps=3", "model.sigma=0", "train.label_drop=0",
+               "optim.lr=1e-2", "optim.warmup_steps=0")
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+    train(cfg, tmp_path / "one", device="cpu")  # builds the cache first
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "rrepa.cli", "train", "--config", str(tmp_path / "cfg.yaml"), "--out",
+                          str(tmp_path / "ddp"), "--device", "cpu"],
+                         env={**ENV, "RREPA_CACHE_DIR": str(cache)}, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    a, b = load_checkpoint(tmp_path / "ddp" / "ckpt-0000003.pt"), load_checkpoint(tmp_path / "one" / "ckpt-0000003.pt")
+    # atol 1e-4 against steps of lr = 1e-2: the key biases get gradients that are zero in exact arithmetic (softmax
+    # ignores them), which AdamW turns from rounding noise into +-lr steps.
+    for key in ("model", "align_head"):
+        for name, value in b[key].items():
+            torch.testing.assert_close(a[key][name], value, rtol=1e-4, atol=1e-4, msg=f"{key}.{name} differs")
+    for r2, r1 in zip(rows(tmp_path / "ddp"), rows(tmp_path / "one")):
+        assert r2["align_loss"] == pytest.approx(r1["align_loss"], rel=1e-5)
+        assert r2["nll"] == pytest.approx(r1["nll"], rel=1e-5)
