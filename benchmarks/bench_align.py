@@ -8,17 +8,19 @@ machine, so the ratios are comparable; absolute times depend on the machine and 
 Tables
   1. One alignment step: the alignment loss (features by the reverse path, read from the training forward's
      FlowOutput, which is computed with gradients and kept alive outside the measured region, as in training)
-     plus its backward, for naive, pseudo and jacobi-K (K = 1, 2, 4). Time: median of --repeats calls after a
-     warm-up; naive is timed ONCE (it is the slow one; at batch 8 and N = 256 it takes seconds, so no
-     reduction of the model was needed). Time and memory are printed as ratios to naive, next to the paper's
-     pseudo-reverse figures (~50x faster than naive, ~50 % of its memory).
+     plus its backward, for naive, pseudo and jacobi-K (K = 1, 2, 4). Time: the MINIMUM over --repeats calls
+     after a warm-up, the paths interleaved round by round (pseudo, jacobi-1, jacobi-2, jacobi-4, pseudo, ...),
+     so that load from other processes on a shared machine hits every path alike and the minimum drops its
+     spikes; naive is timed ONCE (it is the slow one: ~40 s at batch 8 and N = 256 on 2 loaded cores, under the
+     ~3 minute budget, so no reduction of the model was needed). Time and memory are printed as ratios to
+     naive, next to the paper's pseudo-reverse figures (~50x faster than naive, ~50 % of its memory).
   2. Cosine similarity of the flow's gradient (all flow parameters; block 7 only; block 8 only) of pseudo,
      jacobi-K, detach (D-REPA, for contrast) and, with --exact-check (always with --quick), jacobi-N (exact: a
      check of the naive reference; 2N block passes, minutes at N = 256 on 2 cores) against naive, on a TRAINED
      model: --ckpt (run folder, .pt training checkpoint or .safetensors, loaded with
      rrepa.checkpoint.load_flow; aligned at the last layer of its last two blocks), otherwise the benchmark's
-     own model after a short NLL training inside this script (--train-steps 100 AdamW steps at lr 1e-3, batch
-     --train-batch 4: a step of this model takes about a second on 2 shared cores, so this is a couple of
+     own model after a short NLL training inside this script (--train-steps 60 AdamW steps at lr 1e-3, batch
+     --train-batch 4: a step of this model takes 1-2 s on 2 shared cores, so this is a couple of
      minutes) on synthetic structured images (oriented coloured gratings, one orientation/frequency/colour per
      class, plus a random Gaussian blob; sigma = 0.05 noise), so that proj_out is far from its zero
      initialisation (at zero proj_out every path gives the same gradient).
@@ -77,15 +79,18 @@ JACOBI_KS = (1, 2, 4)
 # --------------------------------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], object], repeats: int, before: Callable[[], None] = lambda: None) -> float:
-    """Median wall time of fn() in seconds over `repeats` calls; before() runs untimed ahead of each."""
-    times = []
+def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
+                      before: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Minimum wall time (s) of each fn over `repeats` rounds, one call of each fn per round (round-robin);
+    before() runs untimed ahead of each call."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        before()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            before()
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: min(v) for k, v in times.items()}
 
 
 def peak_bytes(fn: Callable[[], object], before: Callable[[], None] = lambda: None) -> int:
@@ -237,20 +242,16 @@ def table_cost(model: TARFlow, positions: list[Position], batch: int, repeats: i
             p.grad = None
 
     methods = ["naive", "pseudo", *[f"jacobi-{k}" for k in JACOBI_KS]]
-    rows = {}
-    zero()
-    align_step("pseudo", model, head, out, target, positions)  # warm-up
-    for m in methods:
-        fn = lambda m=m: align_step(m, model, head, out, target, positions)  # noqa: E731
-        reps = 1 if m == "naive" else repeats
-        if m != "naive":
-            zero()
-            fn()  # warm-up
-        t = timed(fn, reps, zero)
-        mem = peak_bytes(fn, zero)
-        rows[m] = (t, mem, reps)
+    fns = {m: (lambda m=m: align_step(m, model, head, out, target, positions)) for m in methods}
+    for m in methods[1:]:  # warm-up
+        zero()
+        fns[m]()
+    times = timed_interleaved({m: fns[m] for m in methods[1:]}, repeats, zero)
+    times.update(timed_interleaved({"naive": fns["naive"]}, 1, zero))
+    rows = {m: (times[m], peak_bytes(fns[m], zero), 1 if m == "naive" else repeats) for m in methods}
     t0, m0 = rows["naive"][:2]
-    print(f"### 1. One alignment step (loss + backward), batch {batch}, positions {positions}\n")
+    print(f"### 1. One alignment step (loss + backward), batch {batch}, positions {positions}; time: min of "
+          f"{repeats} interleaved calls (naive: 1 call)\n")
     print("| reverse path | time (s) | time / naive | speed-up vs naive | peak memory (MiB) | memory / naive "
           "| timed calls |")
     print("|---|---|---|---|---|---|---|")
@@ -329,18 +330,22 @@ def table_train_step(model: TARFlow, positions: list[Position], batch: int, repe
         torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
         opt.step()
 
-    res = {}
-    for name, align in (("NLL only", False), ("NLL + R-REPA (pseudo)", True)):
-        opt = opt_repa if align else opt_base
+    kinds = {"NLL only": False, "NLL + R-REPA (pseudo)": True}
+    for align in kinds.values():
         step(align)  # warm-up; creates the AdamW state
-        t = timed(lambda align=align: step(align), repeats)
+    times = timed_interleaved({name: (lambda align=align: step(align)) for name, align in kinds.items()}, repeats)
+    res = {}
+    for name, align in kinds.items():
+        opt = opt_repa if align else opt_base
+        t = times[name]
         opt.zero_grad(set_to_none=True)
         live = tensor_bytes([*opt.param_groups[0]["params"], *(v for s in opt.state.values() for v in s.values()),
                              x, target])
         peak = peak_bytes(lambda align=align: step(align))
         res[name] = (t, peak, live)
     (t0, p0, l0) = res["NLL only"]
-    print(f"### 3. Training step: NLL + pseudo R-REPA (cached targets) vs NLL only, batch {batch}\n")
+    print(f"### 3. Training step: NLL + pseudo R-REPA (cached targets) vs NLL only, batch {batch}, "
+          f"min of {repeats} interleaved calls\n")
     print("| step | time (s) | time ratio | activations + grads peak (MiB) | ratio | total peak incl. params, "
           "AdamW state (MiB) | ratio |")
     print("|---|---|---|---|---|---|---|")
@@ -362,7 +367,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed calls of every path but naive (timed once)")
     ap.add_argument("--ckpt", default=None, help="trained run folder / .pt / .safetensors for table 2")
     ap.add_argument("--ckpt-weights", default="ema", choices=("ema", "raw"))
-    ap.add_argument("--train-steps", type=int, default=100, help="NLL steps of the in-script training (no --ckpt)")
+    ap.add_argument("--train-steps", type=int, default=60, help="NLL steps of the in-script training (no --ckpt)")
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--projector-hidden", type=int, default=512)
     ap.add_argument("--exact-check", action="store_true",

@@ -175,5 +175,5 @@ def test_cli_errors(tiny, tmp_path):
     args = parser.parse_args(["evaluator", "train", "--out", str(tiny[0])])
     with pytest.raises(ValueError, match="--force"):
         args.func(args)
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(FileNotFoundError, match="checkpoint run does not exist"):
         metrics.samples_from_checkpoint("run", 10)

@@ -170,7 +170,7 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
         # blocks, the first ones on the generative path, where the reverse gradient reaches the fewest blocks
         # (blocks t..T) and the features are most semantic. For a 4 x 2 model the analogue is the deepest layer
         # of the last block: (4, 2) (one position, since the model has half the blocks and a quarter of the
-        # layers). The projector is narrowed to 512 (REPA's 2048 would outweigh the 0.8 M parameter flow).
+        # layers). The projector is narrowed to 512 (REPA's 2048 would outweigh the 1.6 M parameter flow).
         "align.encoder": "fmnist-ssl", "align.positions": [[4, 2]], "align.strategy": "reverse",
         "align.reverse": "pseudo", "align.projector_hidden": 512, "align.feature_cache": True,
     },

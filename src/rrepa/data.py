@@ -58,6 +58,7 @@ import re
 import urllib.request
 import zipfile
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,7 @@ class UnreadableImageError(OSError):
 # --------------------------------------------------------------------------------------------
 
 
-class ImageDataset(torch.utils.data.Dataset):
+class ImageDataset(torch.utils.data.Dataset, ABC):
     """Base class: ``(x, y)`` pairs with x in [-1, 1], (C, H, W) float32, y an int64 scalar.
 
     Subclasses implement ``_load(i) -> (uint8 (C, H, W) tensor, int label)`` and may raise on an
@@ -153,11 +154,13 @@ class ImageDataset(torch.utils.data.Dataset):
         self._bad: set[int] = set()
 
     # -- to implement ------------------------------------------------------------------------
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _load(self, i: int) -> tuple[Tensor, int]:
-        raise NotImplementedError
+        ...
 
     def _describe(self, i: int) -> str:
         return f"item {i}"

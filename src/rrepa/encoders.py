@@ -47,6 +47,7 @@ import json
 import math
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -114,7 +115,7 @@ def state_fingerprint(module: nn.Module, extra: str = "") -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class FrozenEncoder(nn.Module):
+class FrozenEncoder(nn.Module, ABC):
     """Base class: clean images (B, C, H, W) in [-1, 1] -> patch tokens (B, n, d) on grid(H, W), float32.
 
     Subclasses set name, dim, image_size and implement preprocess(x) and encode(x) (the latter on
@@ -138,17 +139,21 @@ class FrozenEncoder(nn.Module):
         p = next(self.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
+    @abstractmethod
     def grid(self, image_hw: tuple[int, int]) -> tuple[int, int]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def preprocessing_spec(self) -> str:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def preprocess(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def encode(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        ...
 
     @property
     def fingerprint(self) -> str:
