@@ -11,15 +11,16 @@ Tables
      plus its backward, for naive, pseudo and jacobi-K (K = 1, 2, 4). Time: the MINIMUM over --repeats calls
      after a warm-up, the paths interleaved round by round (pseudo, jacobi-1, jacobi-2, jacobi-4, pseudo, ...),
      so that load from other processes on a shared machine hits every path alike and the minimum drops its
-     spikes; naive is timed ONCE (it is the slow one: ~40 s at batch 8 and N = 256 on 2 loaded cores, under the
-     ~3 minute budget, so no reduction of the model was needed). Time and memory are printed as ratios to
-     naive, next to the paper's pseudo-reverse figures (~50x faster than naive, ~50 % of its memory).
+     spikes; naive is timed ONCE (it is the slow one, but at batch 8 and N = 256 it took 2.7 s with 1 thread and
+     39 s with 2 oversubscribed threads, under the ~3 minute budget, so no reduction of the model was needed).
+     Time and memory are printed as ratios to naive, next to the paper's pseudo-reverse figures (~50x faster
+     than naive, ~50 % of its memory).
   2. Cosine similarity of the flow's gradient (all flow parameters; block 7 only; block 8 only) of pseudo,
      jacobi-K, detach (D-REPA, for contrast) and, with --exact-check (always with --quick), jacobi-N (exact: a
      check of the naive reference; 2N block passes, minutes at N = 256 on 2 cores) against naive, on a TRAINED
      model: --ckpt (run folder, .pt training checkpoint or .safetensors, loaded with
      rrepa.checkpoint.load_flow; aligned at the last layer of its last two blocks), otherwise the benchmark's
-     own model after a short NLL training inside this script (--train-steps 60 AdamW steps at lr 1e-3, batch
+     own model after a short NLL training inside this script (--train-steps 200 AdamW steps at lr 1e-3, batch
      --train-batch 4: a step of this model takes 1-2 s on 2 shared cores, so this is a couple of
      minutes) on synthetic structured images (oriented coloured gratings, one orientation/frequency/colour per
      class, plus a random Gaussian blob; sigma = 0.05 noise), so that proj_out is far from its zero
@@ -46,7 +47,12 @@ Projector: REPA's 3-layer MLP with hidden width --projector-hidden (default 512:
 1152 flow; 2048 on a width 128 flow would make the projector, not the reverse path, dominate the step) and
 output 768 (DINOv2-B's width).
 
-    python benchmarks/bench_align.py [--batch 8] [--threads 2] [--repeats 5] [--ckpt RUN] [--quick]
+    python benchmarks/bench_align.py [--batch 8] [--threads 2] [--repeats 3] [--ckpt RUN] [--quick]
+
+Threads: when another process is busy on the same cores, use --threads 1. torch's OpenMP threads spin at
+their barriers and collapse when a core is taken away: on a 2-core machine shared with one other busy process,
+--quick took 130 s with 2 threads and 7 s with 1, and single paths were timed 3x apart between identical calls.
+--quick therefore defaults to 1 thread.
 """
 
 from __future__ import annotations
@@ -363,11 +369,11 @@ def table_train_step(model: TARFlow, positions: list[Position], batch: int, repe
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --quick)")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls of every path but naive (timed once)")
     ap.add_argument("--ckpt", default=None, help="trained run folder / .pt / .safetensors for table 2")
     ap.add_argument("--ckpt-weights", default="ema", choices=("ema", "raw"))
-    ap.add_argument("--train-steps", type=int, default=60, help="NLL steps of the in-script training (no --ckpt)")
+    ap.add_argument("--train-steps", type=int, default=200, help="NLL steps of the in-script training (no --ckpt)")
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--projector-hidden", type=int, default=512)
     ap.add_argument("--exact-check", action="store_true",
@@ -375,7 +381,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny model and sizes, a smoke test (< 60 s)")
     args = ap.parse_args()
     t_start = time.perf_counter()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or (1 if args.quick else 2))
     cfg = QUICK_CFG if args.quick else CFG
     batch = min(args.batch, 4) if args.quick else args.batch
     repeats = 1 if args.quick else args.repeats
