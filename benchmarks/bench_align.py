@@ -17,17 +17,19 @@ Tables
      than naive, ~50 % of its memory).
   2. Cosine similarity of the flow's gradient (all flow parameters; block 7 only; block 8 only) of pseudo,
      jacobi-K, detach (D-REPA, for contrast) and, with --exact-check (always with --quick), jacobi-N (exact: a
-     check of the naive reference; 2N block passes, minutes at N = 256 on 2 cores) against naive, on a TRAINED
-     model: --ckpt (run folder, .pt training checkpoint or .safetensors, loaded with
-     rrepa.checkpoint.load_flow; aligned at the last layer of its last two blocks), otherwise the benchmark's
-     own model after a short NLL training inside this script (--train-steps 200 AdamW steps at lr 1e-3, batch
-     --train-batch 4: a step of this model takes 1-2 s on 2 shared cores, so this is a couple of
-     minutes) on synthetic structured images (oriented coloured gratings, one orientation/frequency/colour per
+     check of the naive reference; 2N block passes kept in the graph: ~35 s and ~2 GiB per sample at N = 256,
+     so pair it with a small --batch) against naive, on a TRAINED model: --ckpt (run folder, .pt training
+     checkpoint or .safetensors, loaded with rrepa.checkpoint.load_flow; aligned at the last layer of its last
+     two blocks), otherwise the benchmark's own model after a short NLL training inside this script
+     (--train-steps 200 AdamW steps at lr 1e-3, batch --train-batch 4: ~75 s with 1 thread on a shared 2-core
+     machine) on synthetic structured images (oriented coloured gratings, one orientation/frequency/colour per
      class, plus a random Gaussian blob; sigma = 0.05 noise), so that proj_out is far from its zero
      initialisation (at zero proj_out every path gives the same gradient).
      The projector (fixed random init) and the target tokens (fixed standard normal, on the flow's 16 x 16 grid)
      are constants: the encoder is irrelevant for gradient agreement. The projector's own gradient is left out
      of the cosine: the feature VALUES are the same on every path, so it is identical by construction.
+     On a trained model the truncated Neumann series need not approach naive monotonically in K (J is
+     nilpotent but far from normal); only K = N is exact.
   3. An R-REPA training step (forward, NLL + 0.5 x pseudo alignment with cached target tokens, i.e. no encoder
      call, backward, grad clipping, AdamW on flow + projector) against a baseline NLL-only step (AdamW on the
      flow): time ratio and memory ratio.

@@ -18,11 +18,10 @@ methods on the same inputs and prints how often they agree.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from common import timed
 from rrepa.classify import class_log_likelihoods, dataset_for, evaluate, load_model, multi_step_logits, one_step_scores
 from rrepa.flow import FlowConfig, TARFlow, preset
 
@@ -34,17 +33,6 @@ CONFIGS = {
     "32x32x3 p4, K=1000": FlowConfig(**SMALL, num_classes=1000),
 }
 
-
-def timed(fn, repeats: int, warmup: bool = True) -> float:
-    """Median wall time of fn() in seconds, after one warm-up call (when warmup)."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def trained_like(cfg: FlowConfig) -> TARFlow:

@@ -15,11 +15,10 @@ depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from common import timed
 from rrepa.flow import FlowConfig, TARFlow, preset
 
 CONFIGS = {
@@ -30,17 +29,6 @@ CONFIGS = {
                              num_blocks=4, layers_per_block=2, num_classes=10),
 }
 
-
-def timed(fn, repeats: int, warmup: bool = True) -> float:
-    """Median wall time of fn() in seconds, after one warm-up call."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def trained_like(cfg: FlowConfig) -> TARFlow:
