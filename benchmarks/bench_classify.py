@@ -21,9 +21,9 @@ import argparse
 
 import torch
 
-from common import timed
+from common import timed, trained_like
 from rrepa.classify import class_log_likelihoods, dataset_for, evaluate, load_model, multi_step_logits, one_step_scores
-from rrepa.flow import FlowConfig, TARFlow, preset
+from rrepa.flow import FlowConfig, preset
 
 SMALL = dict(in_channels=3, image_height=32, image_width=32, patch_size=4, width=128, num_blocks=4,
              layers_per_block=2)
@@ -35,18 +35,9 @@ CONFIGS = {
 
 
 
-def trained_like(cfg: FlowConfig) -> TARFlow:
-    torch.manual_seed(0)
-    model = TARFlow(cfg)
-    with torch.no_grad():
-        for block in model.blocks:
-            block.proj_out.weight.normal_(0, 0.01)
-            block.class_embed.normal_(0, 0.5)
-    return model.eval()
-
 
 def bench(cfg: FlowConfig, batch: int, repeats: int, steps: int, bayes_rows: int) -> dict:
-    model = trained_like(cfg)
+    model = trained_like(cfg, class_embed_std=0.5)
     x = torch.rand(batch, cfg.in_channels, cfg.image_height, cfg.image_width) * 2 - 1
     one = timed(lambda: one_step_scores(model, x), repeats) / batch
     multi = timed(lambda: multi_step_logits(model, x, steps), max(1, repeats // 2)) / batch

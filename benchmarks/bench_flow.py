@@ -18,8 +18,8 @@ import argparse
 
 import torch
 
-from common import timed
-from rrepa.flow import FlowConfig, TARFlow, preset
+from common import timed, trained_like
+from rrepa.flow import FlowConfig, preset
 
 CONFIGS = {
     "fmnist": preset("fmnist"),
@@ -30,15 +30,6 @@ CONFIGS = {
 }
 
 
-
-def trained_like(cfg: FlowConfig) -> TARFlow:
-    """A model whose proj_out is not zero, so sampling does the arithmetic of a trained one."""
-    torch.manual_seed(0)
-    model = TARFlow(cfg)
-    with torch.no_grad():
-        for block in model.blocks:
-            block.proj_out.weight.normal_(0, 0.01)
-    return model
 
 
 def bench(name: str, cfg: FlowConfig, repeats: int, batch: int, n_samples: int, full: bool) -> dict:
