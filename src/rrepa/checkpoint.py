@@ -180,15 +180,44 @@ def resolve_checkpoint(path: str | os.PathLike, warn: Callable[[str], None] = pr
 def load_flow(path: str | os.PathLike, weights: str = "ema", device: str | torch.device = "cpu",
               warn: Callable[[str], None] = print) -> tuple[TARFlow, dict]:
     """A TARFlow from a run folder, a training checkpoint (.pt; weights "ema" or "raw") or exported
-    weights (.safetensors). Returns the model in eval mode and {"file", "step", "config"}, where config
-    is the run config as a dict (only {"model": ...} for a safetensors file, step None)."""
+    weights (.safetensors). A run folder gives its exported ema.safetensors / model.safetensors when they
+    are at least as new as its newest checkpoint (the same weights, a smaller file), else that checkpoint.
+    Returns the model in eval mode and {"file", "step", "config"}: config is the run config as a dict (for
+    a safetensors file, {"model": ...} plus the sections of a config.yaml beside it; step from its metadata)."""
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     path = Path(path)
+    if path.is_dir():
+        exported = path / ("ema.safetensors" if weights == "ema" else "model.safetensors")
+        ckpts = list_checkpoints(path)
+        newest = int(ckpts[-1].stem.split("-")[1]) if ckpts else None
+        if exported.is_file() and (newest is None or (weights_step(exported) or -1) >= newest):
+            path = exported
+        elif not ckpts:
+            raise FileNotFoundError(f"{path} holds neither {exported.name} nor {CKPT_GLOB} files; "
+                                    f"is it a run folder of `rrepa train`?")
     if path.suffix == ".safetensors":
         model = load_weights(path, device)
-        return model.eval(), {"file": str(path), "step": None, "config": {"model": asdict(model.cfg)}}
+        config = {"model": asdict(model.cfg)}
+        if (path.parent / "config.yaml").is_file():
+            import yaml
+
+            stored = yaml.safe_load((path.parent / "config.yaml").read_text()) or {}
+            config = {**stored, **config}
+        return model.eval(), {"file": str(path), "step": weights_step(path), "config": config}
     file, state = resolve_checkpoint(path, warn)
     model = TARFlow(config_from_dict(state["config"]["model"]))
     load_state_checked(model, state["ema" if weights == "ema" else "model"], source=str(file))
     return model.to(device).eval(), {"file": str(file), "step": int(state["step"]), "config": state["config"]}
+
+
+def weights_step(path: str | os.PathLike) -> int | None:
+    """The training step stored in an exported safetensors file's metadata (None when absent or unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            step = (f.metadata() or {}).get("step")
+        return int(step) if step is not None else None
+    except Exception:  # noqa: BLE001 - unreadable metadata: load_weights reports it properly
+        return None

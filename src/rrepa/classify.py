@@ -45,7 +45,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -275,81 +274,22 @@ def evaluate(model: TARFlow, dataset, methods: Sequence[str] = ("one-step",), no
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 
-_CKPT_RE = re.compile(r"ckpt-(\d+)\.pt$")
-
-
-def _newest_checkpoint_step(run_dir: Path) -> int | None:
-    steps = [int(m.group(1)) for p in run_dir.glob("ckpt-*.pt") if (m := _CKPT_RE.search(p.name))]
-    return max(steps) if steps else None
-
-
-def _safetensors_step(path: Path) -> int | None:
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            step = (f.metadata() or {}).get("step")
-        return int(step) if step is not None else None
-    except Exception:  # noqa: BLE001 - unreadable metadata: load_weights reports it properly
-        return None
-
-
-def _run_data_config(folder: Path) -> dict | None:
-    cfg = folder / "config.yaml"
-    if not cfg.is_file():
-        return None
-    from rrepa.config import load_yaml
-
-    data = load_yaml(cfg).get("data")
-    return dict(data) if isinstance(data, dict) else None
-
-
 def load_model(ckpt: str | os.PathLike, weights: str = "ema",
                device: str | torch.device = "cpu") -> tuple[TARFlow, dict]:
-    """A TARFlow in eval mode and {"file", "step", "weights", "data"} from
-      - a .safetensors file (save_weights; `weights` does not apply),
-      - a run folder: its ema.safetensors (weights "ema") or model.safetensors ("raw"), unless its newest
-        ckpt-*.pt has a later step than the export (then that checkpoint, via checkpoint.load_flow),
-      - a ckpt-*.pt file (checkpoint.load_flow).
-    "data" is the run's data config (dict) from a config.yaml beside the weights, or None."""
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    from rrepa.checkpoint import load_weights
+    """A TARFlow in eval mode and {"file", "step", "weights", "data"} from a .safetensors file, a run folder
+    or a ckpt-*.pt file (see checkpoint.load_flow). "data" is the run's data config (dict), or None."""
+    from rrepa.checkpoint import load_flow
 
     path = Path(ckpt)
     if not path.exists():
         raise FileNotFoundError(f"--ckpt {path} does not exist (give a .safetensors file, a run folder or a "
                                 f"ckpt-*.pt file)")
-    if path.is_dir():
-        exported = path / ("ema.safetensors" if weights == "ema" else "model.safetensors")
-        newest = _newest_checkpoint_step(path)
-        if exported.is_file():
-            step = _safetensors_step(exported)
-            if newest is None or step is None or step >= newest:
-                model = load_weights(exported, device).eval()
-                return model, {"file": str(exported), "step": step, "weights": weights,
-                               "data": _run_data_config(path)}
-        if newest is not None:
-            from rrepa.checkpoint import load_flow
-
-            model, info = load_flow(path, weights, device, warn=lambda msg: tqdm.write(msg))
-            return model, {"file": info["file"], "step": info["step"], "weights": weights,
-                           "data": info["config"].get("data")}
-        other = "model.safetensors" if weights == "ema" else "ema.safetensors"
-        hint = f" (it has {other}: use --weights {'raw' if weights == 'ema' else 'ema'})" \
-            if (path / other).is_file() else ""
-        raise FileNotFoundError(f"{path} holds neither {exported.name} nor ckpt-*.pt files{hint}")
-    if path.suffix == ".safetensors":
-        model = load_weights(path, device).eval()
-        return model, {"file": str(path), "step": _safetensors_step(path), "weights": "as stored",
-                       "data": _run_data_config(path.parent)}
-    if path.suffix == ".pt":
-        from rrepa.checkpoint import load_flow
-
-        model, info = load_flow(path, weights, device)
-        return model, {"file": info["file"], "step": info["step"], "weights": weights,
-                       "data": info["config"].get("data")}
-    raise ValueError(f"--ckpt {path} is neither a .safetensors file, a ckpt-*.pt file nor a run folder")
+    if path.is_file() and path.suffix not in (".safetensors", ".pt"):
+        raise ValueError(f"--ckpt {path} is neither a .safetensors file, a ckpt-*.pt file nor a run folder")
+    model, info = load_flow(path, weights, device, warn=lambda msg: tqdm.write(msg))
+    data = info["config"].get("data")
+    return model, {"file": info["file"], "step": info["step"], "weights": weights,
+                   "data": dict(data) if isinstance(data, dict) else None}
 
 
 def resolve_device(device: str) -> torch.device:
