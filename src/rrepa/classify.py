@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from rrepa.distributed import resolve_device
 from rrepa.flow import TARFlow
 
 METHODS = ("one-step", "multi-step", "bayes")
@@ -290,16 +291,6 @@ def load_model(ckpt: str | os.PathLike, weights: str = "ema",
     data = info["config"].get("data")
     return model, {"file": info["file"], "step": info["step"], "weights": weights,
                    "data": dict(data) if isinstance(data, dict) else None}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available")
-    return torch.device(device)
 
 
 def dataset_for(model: TARFlow, info: dict, split: str, data_dir: str | None, dataset_name: str | None):

@@ -28,6 +28,17 @@ class Dist:
         return self.rank == 0
 
 
+def resolve_device(device: str) -> torch.device:
+    """A single-process device from a --device flag: auto (CUDA when available), cpu, cuda or cuda:N."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available")
+    return torch.device(device)
+
+
 def setup(device: str = "auto") -> Dist:
     """Start the process group when launched by torchrun (NCCL on GPU, gloo on CPU) and pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

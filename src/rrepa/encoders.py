@@ -686,9 +686,9 @@ def cmd_encoder_train(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else embedded_encoder_path()
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to retrain it (or --out elsewhere)")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from rrepa.distributed import resolve_device
+
+    device = resolve_device(args.device)
     cfg = SSLTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          max_images=args.max_images)
     train_set = build_dataset(DataConfig(name="fmnist", path=args.data_path), "train")

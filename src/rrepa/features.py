@@ -51,8 +51,9 @@ def _clean_uint8(dataset, i: int) -> Tensor:
     if getattr(dataset, "hflip", False):
         raise ValueError(f"{type(dataset).__name__} flips at random and has no uint8(i); pass an rrepa "
                          f"ImageDataset or a dataset built with hflip off")
-    x = dataset[i][0]
-    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    from rrepa.sample import to_uint8
+
+    return to_uint8(dataset[i][0])
 
 
 def dataset_tag(dataset) -> str:

@@ -146,7 +146,9 @@ def float_to_uint8(x: Tensor) -> Tensor:
         return x
     if not torch.isfinite(x).all():
         raise ValueError("sampled images contain NaN or inf")
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    from rrepa.sample import to_uint8
+
+    return to_uint8(x)
 
 
 def _open_npz(path: str | os.PathLike):
@@ -856,14 +858,6 @@ def format_markdown(res: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available")
-    return torch.device(name)
-
-
 def build_feature_network(kind: str, *, inception_weights: str | None = None, evaluator_weights: str | None = None,
                           device: str | torch.device = "cpu", batch_size: int | None = None,
                           log: Callable[[str], None] | None = None):
@@ -885,7 +879,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise ValueError("give exactly one of --samples S.npz and --ckpt")
     if args.splits < 1 or args.k < 1:
         raise ValueError("--splits and --k must be >= 1")
-    device = _device(args.device)
+    from rrepa.distributed import resolve_device
+
+    device = resolve_device(args.device)
     if args.ckpt is not None:
         if args.num_samples is None or args.num_samples < 2:
             raise ValueError("--ckpt needs --num-samples N (N >= 2; FID is biased upwards for small N: "

@@ -47,8 +47,8 @@ from rrepa.classify import (
     default_out_dir,
     load_model,
     noise_generator,
-    resolve_device,
 )
+from rrepa.distributed import resolve_device
 from rrepa.flow import Position, TARFlow
 
 POOLS = ("mean", "max", "flatten-small")
