@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flow_helpers import random_flow
 from rrepa.checkpoint import load_weights, save_weights
 from rrepa.flow import PRESETS, FlowConfig, KVCache, Layer, TARFlow, preset
 
@@ -17,19 +18,6 @@ from rrepa.flow import PRESETS, FlowConfig, KVCache, Layer, TARFlow, preset
 def tiny(C=1, H=4, W=4, p=2, T=3, L=2, K=5, width=64, head_dim=32, sigma=0.05) -> FlowConfig:
     return FlowConfig(in_channels=C, image_height=H, image_width=W, patch_size=p, width=width, num_blocks=T,
                       layers_per_block=L, head_dim=head_dim, mlp_ratio=2, num_classes=K, sigma=sigma)
-
-
-def randomised(cfg: FlowConfig, seed: int = 0, scale: float = 0.3) -> TARFlow:
-    """A float64 model whose blocks are far from the identity (proj_out weights and biases random)."""
-    torch.manual_seed(seed)
-    model = TARFlow(cfg).double()
-    with torch.no_grad():
-        for block in model.blocks:
-            block.proj_out.weight.normal_(0, scale / math.sqrt(cfg.width))
-            block.proj_out.bias.normal_(0, 0.1)
-            if block.class_embed is not None:
-                block.class_embed.normal_(0, 1.0)
-    return model
 
 
 def images(cfg: FlowConfig, B: int = 3, seed: int = 1) -> torch.Tensor:
@@ -73,7 +61,7 @@ def test_patchify_roundtrip_and_layout(C, H, W, p, T):
 @pytest.mark.parametrize("kv_cache", [True, False])
 def test_reverse_inverts_forward(C, H, W, p, T, K, kv_cache):
     cfg = tiny(C, H, W, p, T, K=K)
-    model = randomised(cfg)
+    model = random_flow(cfg)
     x, y = images(cfg), labels(cfg)
     out = model(x, y)
     assert not torch.allclose(out.z, x)  # the model is not the identity
@@ -85,7 +73,7 @@ def test_reverse_inverts_forward(C, H, W, p, T, K, kv_cache):
 def test_kv_cache_reverse_equals_prefix_recompute(guidance, anneal, attn_temp):
     # (Strong guidance on a random model overflows exp(alpha); these weights keep values finite.)
     cfg = tiny(3, 4, 6, 2, 3)
-    model = randomised(cfg)
+    model = random_flow(cfg)
     z, y = images(cfg), labels(cfg)
     a = model.reverse(z, y, guidance, anneal, attn_temp, kv_cache=True)
     assert torch.isfinite(a).all()
@@ -96,7 +84,7 @@ def test_kv_cache_reverse_equals_prefix_recompute(guidance, anneal, attn_temp):
 def test_reverse_with_grad_matches_no_grad_reverse():
     """Under autograd the KV cache grows by concatenation instead of in-place writes; same values."""
     cfg = tiny(1, 4, 4, 1, 2)
-    model = randomised(cfg)
+    model = random_flow(cfg)
     z, y = images(cfg), labels(cfg)
     x = model.reverse_with_grad(z, y)
     assert x.requires_grad
@@ -122,7 +110,7 @@ def test_kv_cache_preallocates_and_appends():
 @pytest.mark.parametrize("K", [0, 3])
 def test_logdet_equals_slogdet_of_autograd_jacobian(C, H, W, p, T, K):
     cfg = tiny(C, H, W, p, T, K=K)
-    model = randomised(cfg)
+    model = random_flow(cfg)
     x = images(cfg, B=2)
     y = labels(cfg, B=2)
     out = model(x, y)
@@ -145,7 +133,7 @@ def test_logdet_equals_slogdet_of_autograd_jacobian(C, H, W, p, T, K):
 def test_block_is_causal(flip, k):
     """Changing token k (in the block's order) changes no (mu, alpha) of tokens <= k."""
     cfg = tiny(1, 4, 8, 2, 2, K=3)
-    model = randomised(cfg)
+    model = random_flow(cfg)
     block = model.blocks[int(flip)]
     assert block.flip == flip
     e = block.embedding(torch.tensor([0, 2]))
@@ -162,7 +150,7 @@ def test_block_is_causal(flip, k):
 def test_hidden_states_are_in_raster_order():
     """Block 2 flips: its hidden state at raster position j depends only on raster tokens >= j."""
     cfg = tiny(1, 4, 8, 2, 2, K=0)
-    model = randomised(cfg)
+    model = random_flow(cfg)
     x = images(cfg, B=1)
     k = 3  # raster token index
     # Block 2's input is block 1's output: perturb raster token k there.
@@ -210,7 +198,7 @@ def test_layer_matches_explicit_attention(temp):
 
 def test_guidance_zero_equals_unguided():
     cfg = tiny(3, 4, 4, 2, 2)
-    model = randomised(cfg)
+    model = random_flow(cfg)
     z, y = images(cfg), labels(cfg)
     torch.testing.assert_close(model.reverse(z, y, guidance=0.0, attn_temp=0.5), model.reverse(z, y), atol=0, rtol=0)
 
@@ -221,7 +209,7 @@ def test_guided_block_reverse_matches_formula(K, w, anneal, attn_temp):
     """Guided inversion of one block: the forward of the result under the guided (mu, alpha),
     (1 + w_i) cond - w_i uncond from two independent parallel passes, gives back z."""
     cfg = tiny(1, 4, 6, 2, 2, K=K)
-    model = randomised(cfg)
+    model = random_flow(cfg)
     z = model.patchify(images(cfg))
     y = labels(cfg)
     for block in model.blocks:
@@ -264,7 +252,7 @@ def test_bits_per_dim_analytic():
 
 def test_nll_is_per_dimension_and_differentiable():
     cfg = tiny(3, 4, 4, 2, 2)
-    model = randomised(cfg)
+    model = random_flow(cfg)
     x, y = images(cfg), labels(cfg)
     nll = model.nll(x, y)
     torch.testing.assert_close(nll, -model.log_prob(x, y) / (3 * 4 * 4))
@@ -279,7 +267,7 @@ def test_nll_is_per_dimension_and_differentiable():
 @pytest.mark.parametrize("K", [0, 3])
 def test_denoise_equals_finite_difference_score(K):
     cfg = tiny(1, 4, 4, 2, 2, K=K, sigma=0.1)
-    model = randomised(cfg)
+    model = random_flow(cfg)
     y_img = images(cfg, B=2)
     y = labels(cfg, B=2)
     x_hat = model.denoise(y_img, y)
@@ -299,7 +287,7 @@ def test_denoise_equals_finite_difference_score(K):
 
 def test_sample_shapes_and_reproducibility():
     cfg = tiny(3, 4, 4, 2, 2, K=4)
-    model = randomised(cfg)
+    model = random_flow(cfg)
     y = torch.tensor([0, 3])
     a = model.sample(2, y, guidance=1.0, generator=torch.Generator().manual_seed(7))
     b = model.sample(2, y, guidance=1.0, generator=torch.Generator().manual_seed(7))
@@ -317,7 +305,7 @@ def test_sample_shapes_and_reproducibility():
 
 def test_null_label_is_mean_embedding():
     cfg = tiny(1, 4, 4, 2, 3, K=5)
-    model = randomised(cfg)
+    model = random_flow(cfg)
     x = images(cfg)
     for block, e in zip(model.blocks, model.embeddings(None)):
         torch.testing.assert_close(e, block.class_embed.mean(0))
@@ -329,7 +317,7 @@ def test_null_label_is_mean_embedding():
 
 def test_class_weights_interpolate_embeddings():
     cfg = tiny(1, 4, 4, 2, 2, K=3)
-    model = randomised(cfg)
+    model = random_flow(cfg)
     x = images(cfg, B=2)
     one_hot = F.one_hot(torch.tensor([2, 0]), 3).double()
     torch.testing.assert_close(model(x, one_hot).z, model(x, torch.tensor([2, 0])).z)
@@ -337,7 +325,7 @@ def test_class_weights_interpolate_embeddings():
 
 def test_different_labels_give_different_outputs():
     cfg = tiny(1, 4, 4, 2, 2, K=3)
-    model = randomised(cfg)
+    model = random_flow(cfg)
     x = images(cfg, B=1)
     zs = [model(x, torch.tensor([k])).z for k in range(3)]
     assert not torch.allclose(zs[0], zs[1]) and not torch.allclose(zs[1], zs[2])
@@ -350,7 +338,7 @@ def test_different_labels_give_different_outputs():
 
 def test_float32_forward_reverse():
     cfg = tiny(3, 8, 8, 2, 2)
-    model = randomised(cfg).float()
+    model = random_flow(cfg).float()
     x = images(cfg).float()
     out = model(x, labels(cfg))
     assert out.z.dtype == torch.float32
@@ -360,7 +348,7 @@ def test_float32_forward_reverse():
 def test_bf16_autocast_keeps_the_affine_transform_in_float32():
     """Under autocast the transformer runs in bf16 but z, logdet and the NLL stay float32."""
     cfg = tiny(3, 8, 8, 2, 2)
-    model = randomised(cfg).float()
+    model = random_flow(cfg).float()
     x = images(cfg).float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, labels(cfg))
@@ -375,7 +363,7 @@ def test_bf16_autocast_keeps_the_affine_transform_in_float32():
 
 def test_save_load_roundtrip(tmp_path):
     cfg = tiny(3, 4, 4, 2, 3, K=4)
-    model = randomised(cfg).float()
+    model = random_flow(cfg).float()
     save_weights(tmp_path / "w.safetensors", model)
     loaded = load_weights(tmp_path / "w.safetensors")
     assert loaded.cfg == cfg

@@ -4,11 +4,11 @@ float64, a tiny TARFlow (1 x 4 x 4 image, patch 1: N = 16 tokens of dimension 1)
 randomised: at zero-initialised proj_out every block is the identity and the strategies coincide.
 """
 
-import math
 
 import pytest
 import torch
 
+from flow_helpers import random_flow
 from rrepa.flow import FlowConfig, FlowOutput, TARFlow
 from rrepa.reverse import (
     aligned_features,
@@ -30,16 +30,7 @@ def tiny(T=T, L=L) -> FlowConfig:
 
 
 def randomised(cfg: FlowConfig | None = None, seed: int = 0, scale: float = 0.5) -> TARFlow:
-    """float64 model far from the identity: proj_out weights and biases and class embeddings random."""
-    cfg = cfg or tiny()
-    torch.manual_seed(seed)
-    model = TARFlow(cfg).double()
-    with torch.no_grad():
-        for block in model.blocks:
-            block.proj_out.weight.normal_(0, scale / math.sqrt(cfg.width))
-            block.proj_out.bias.normal_(0, 0.1)
-            block.class_embed.normal_(0, 1.0)
-    return model
+    return random_flow(cfg or tiny(), seed, scale)
 
 
 def data(cfg: FlowConfig, B: int = 3):
