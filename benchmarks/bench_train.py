@@ -1,7 +1,9 @@
-"""Training throughput of a preset: one process vs N gloo processes (DDP) on this machine's CPU cores.
+"""Training throughput of a preset: one process vs N gloo processes (DDP) on this machine's CPU cores, or one
+process on a GPU (--device cuda, bf16 autocast as train.bf16 sets it).
 
     python benchmarks/bench_train.py                  # fmnist, 40 steps, 1 and 2 processes
     python benchmarks/bench_train.py --steps 100 --procs 1 2 4
+    python benchmarks/bench_train.py --device cuda --steps 400 --log-every 100
 
 Each configuration runs `rrepa train` for --steps steps on the same global batch (the preset's) and
 reports the images/s logged in metrics.jsonl after the first log window (start-up and warm-up excluded).
@@ -23,7 +25,7 @@ from pathlib import Path
 
 def run(procs: int, args: argparse.Namespace, folder: Path) -> dict:
     out = folder / f"procs{procs}"
-    train = ["-m", "rrepa.cli", "train", "--preset", args.preset, "--out", str(out), "--device", "cpu",
+    train = ["-m", "rrepa.cli", "train", "--preset", args.preset, "--out", str(out), "--device", args.device,
              "--set", f"train.steps={args.steps}", "--set", f"train.log_every={args.log_every}",
              "--set", "train.sample_every=0", "--set", "train.eval_bpd=false",
              "--set", f"train.ckpt_every={args.steps}", *sum((["--set", s] for s in args.set), [])]
@@ -46,12 +48,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="steps per configuration")
     parser.add_argument("--log-every", type=int, default=10, help="steps per measured window (the first is dropped)")
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts to compare")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: one process on one GPU")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed on to rrepa train")
     args = parser.parse_args()
+    if args.device == "cuda" and args.procs != [1]:
+        args.procs = [1]  # one GPU here: DDP over several processes would share it
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         results = [run(p, args, Path(tmp)) for p in args.procs]
     base = results[0]["images_per_s"]
-    print(f"\n{args.preset}: {args.steps} steps per configuration on {os.cpu_count()} cores (CPU, float32, gloo)\n")
+    where = (f"{os.cpu_count()} cores (CPU, float32, gloo)" if args.device == "cpu" else
+             "one GPU (CUDA; bf16 autocast unless --set train.bf16=false)")
+    print(f"\n{args.preset}: {args.steps} steps per configuration on {where}\n")
     print("| processes | threads each | images/s | vs first | wall s |")
     print("|---|---|---|---|---|")
     for r in results:

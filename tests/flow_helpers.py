@@ -2,9 +2,13 @@
 
 import math
 
+import pytest
 import torch
 
 from rrepa.flow import FlowConfig, TARFlow
+
+# The GPU variant of a device-parametrised test is marked `cuda` and skipped without a GPU (conftest.py).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def random_flow(cfg: FlowConfig, seed: int = 0, scale: float = 0.3) -> TARFlow:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flow_helpers import random_flow
+from flow_helpers import DEVICES, random_flow
 from rrepa.checkpoint import load_weights, save_weights
 from rrepa.flow import PRESETS, FlowConfig, KVCache, Layer, TARFlow, preset
 
@@ -345,19 +345,6 @@ def test_float32_forward_reverse():
     torch.testing.assert_close(model.reverse(out.z, labels(cfg)), x, atol=1e-4, rtol=0)
 
 
-def test_bf16_autocast_keeps_the_affine_transform_in_float32():
-    """Under autocast the transformer runs in bf16 but z, logdet and the NLL stay float32."""
-    cfg = tiny(3, 8, 8, 2, 2)
-    model = random_flow(cfg).float()
-    x = images(cfg).float()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x, labels(cfg))
-        nll = model.nll(x, labels(cfg))
-    assert out.z.dtype == torch.float32 and out.logdet.dtype == torch.float32 and nll.dtype == torch.float32
-    ref = model(x, labels(cfg))
-    torch.testing.assert_close(out.z, ref.z, atol=0.1, rtol=0.05)
-
-
 # --- save / load -------------------------------------------------------------------------------
 
 
@@ -461,3 +448,42 @@ def test_presets():
     model = TARFlow(PRESETS["fmnist"])
     x = torch.rand(2, 1, 28, 28) * 2 - 1
     assert model(x, torch.tensor([0, 9])).z.shape == (2, 1, 28, 28)
+
+
+
+# --- float32 / bf16 on each device ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_matches_the_float64_model(device):
+    """The same weights in float32 (CPU, GPU) give the float64 model's z, logdet, exact reverse (KV cache)
+    and guided reverse, up to float32 rounding."""
+    cfg = tiny(3, 8, 8, 2, 3, K=5)
+    ref = random_flow(cfg, scale=0.1)  # (at 0.3, guidance 2 on this random model overflows exp(alpha))
+    model = random_flow(cfg, scale=0.1).float().to(device)
+    x, y = images(cfg), labels(cfg)
+    out_ref, out = ref(x, y), model(x.float().to(device), y.to(device))
+    torch.testing.assert_close(out.z.double().cpu(), out_ref.z, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.logdet.double().cpu(), out_ref.logdet, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(model.reverse(out.z, y.to(device)).double().cpu(), x, atol=1e-4, rtol=0)
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    torch.testing.assert_close(model.reverse(z.float().to(device), y.to(device), guidance=2.0).double().cpu(),
+                               ref.reverse(z, y, guidance=2.0), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_keeps_the_affine_transform_in_float32(device):
+    """Under bf16 autocast (train.bf16 on CUDA) the transformer runs in bf16, z, logdet and the NLL stay
+    float32, and the reverse still inverts the forward up to bf16 rounding."""
+    cfg = tiny(3, 8, 8, 2, 2)
+    model = random_flow(cfg).float().to(device)
+    x, y = images(cfg).float().to(device), labels(cfg).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = model(x, y)
+        nll = model.nll(x, y)
+        x_rec = model.reverse(out.z, y)
+    assert out.z.dtype == out.logdet.dtype == nll.dtype == x_rec.dtype == torch.float32
+    ref = model(x, y)
+    torch.testing.assert_close(out.z, ref.z, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(nll, model.nll(x, y), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(x_rec, x, atol=0.05, rtol=0)

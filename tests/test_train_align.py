@@ -217,3 +217,19 @@ def test_ddp_with_alignment_matches_one_process(data, cache, tmp_path):
     for r2, r1 in zip(rows(tmp_path / "ddp"), rows(tmp_path / "one")):
         assert r2["align_loss"] == pytest.approx(r1["align_loss"], rel=1e-5)
         assert r2["nll"] == pytest.approx(r1["nll"], rel=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_training_with_reverse_alignment(data, cache, tmp_path):
+    """R-REPA (pseudo) trains on the GPU under bf16 autocast: finite losses that add up, and the checkpoint
+    and exported weights load on the CPU."""
+    run = tmp_path / "run"
+    cfg = tiny(data, *ALIGN, "align.strategy=reverse", "align.reverse=pseudo", "train.bf16=true",
+               "train.steps=4", "train.ckpt_every=2")
+    train(cfg, run, device="cuda")
+    for x in rows(run):
+        assert all(torch.isfinite(torch.tensor(x[k])) for k in ("loss", "nll", "align_loss"))
+        assert x["loss"] == pytest.approx(x["nll"] + x["align_loss"], rel=1e-4, abs=1e-5)
+    model, _ = load_flow(run)
+    assert next(model.parameters()).device.type == "cpu"
+    assert torch.isfinite(model(torch.zeros(2, 1, 28, 28), torch.tensor([0, 1])).z).all()

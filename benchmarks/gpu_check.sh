@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The checks a CPU machine cannot make, in one run on one CUDA GPU (each step has a time limit; together
+# they stay under 9 minutes, one call of a 10-minute device slot):
+#   1. the CUDA tests (`pytest -m cuda`): float32 on the GPU against the float64 model, bf16 autocast of the flow
+#      and of every reverse path, and a bf16 training run with R-REPA whose checkpoint loads on the CPU;
+#   2. bench_align.py on the GPU at the benchmark size (float32, all three tables, the exact-gradient check) and
+#      at the paper's transformer size (bf16, tables 1 and 3): the pseudo-reverse's speed-up and memory against
+#      the naive reverse, where sequential steps are latency-bound (the paper's ~50x, ~50 % setting);
+#   3. bench_train.py: the default fmnist job's training throughput on the GPU (bf16), eager and with
+#      torch.compile (train.compile=true), on random Fashion-MNIST-shaped data (throughput does not depend on
+#      pixel values; no dataset needed).
+# Each step's output goes to OUT_DIR (default gpu-check/) as Markdown; a failed step does not stop the others,
+# and the exit status is non-zero when any failed.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]
+#
+# Needs the package's dependencies importable by $PYTHON (default python3) and src/ (put on PYTHONPATH here, so
+# no install is needed); torch-fidelity is not used.
+set -uo pipefail
+out=${1:-gpu-check}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 RREPA_OFFLINE=1 PYTHONUNBUFFERED=1
+status=0
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to the screen and OUT_DIR/NAME
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit} s): $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | grep -v "^USDT:" | tee "$out/$name" || { status=1; echo "=== $name FAILED"; }
+    echo "=== $name: $((SECONDS - t0)) s"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  $py -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.is_available())"
+} | tee "$out/gpu.txt"
+
+step pytest-cuda.txt 90 $py -m pytest -q -m cuda -p no:cacheprovider tests/test_flow.py tests/test_reverse.py \
+    tests/test_train_align.py
+step bench_align_bench.md 150 $py benchmarks/bench_align.py --device cuda --batch 8 64 --exact-check
+step bench_align_paper_bf16.md 150 $py benchmarks/bench_align.py --device cuda --bf16 --scale paper --batch 8 32 \
+    --tables 1 3
+data=$(mktemp -d)
+$py -c "import sys; from pathlib import Path; from test_train import write_fake_fmnist; \
+write_fake_fmnist(Path(sys.argv[1]), 8192, 256)" "$data"
+step bench_train_fmnist.md 60 $py benchmarks/bench_train.py --device cuda --steps 400 --log-every 100 \
+    --set "data.path=$data"
+step bench_train_fmnist_compile.md 90 $py benchmarks/bench_train.py --device cuda --steps 400 --log-every 100 \
+    --set "data.path=$data" --set train.compile=true
+rm -rf "$data"
+exit $status
