@@ -4,7 +4,8 @@ Model (--scale bench, default): 32 x 32 x 3 images, patch 2 (N = 256 tokens of D
 layers, width 128, head_dim 64, 10 classes; aligned at (block 7, layer 2) and (block 8, layer 2), the last layer of
 the last two blocks (see ../shared/DESIGN.md section 2). --scale paper keeps the 256 tokens but takes the paper's
 transformer (width 768, L = 8 layers per block, as the imagenet64 preset) aligned where the imagenet64 run preset
-aligns (layer 6 of blocks 7 and 8): a GPU size (naive takes minutes on a CPU). Default batch 8. Everything is
+aligns (layer 6 of blocks 7 and 8): a GPU size, refused on a CPU (there one naive call took 67 s at batch 1, and
+the CPU memory profiler's event log outgrew 24 GiB). Default batch 8. Everything is
 measured in ONE run on one device (--device, CUDA when available), so the ratios are comparable; absolute times
 depend on the machine and its load (printed).
 
@@ -63,7 +64,7 @@ is for a width 1152 flow; 2048 on a width 128 flow would make the projector, not
 step; 2048 at --scale paper) and output 768 (DINOv2-B's width).
 
     python benchmarks/bench_align.py [--batch 8 [4 ...]] [--threads 2] [--repeats 3] [--ckpt RUN] [--quick]
-    python benchmarks/bench_align.py --device cuda --bf16 --scale paper --tables 1 3 --batch 8 32
+    python benchmarks/bench_align.py --device cuda --bf16 --scale paper --tables 1 3 --batch 8 16
 
 Threads (CPU): when another process is busy on the same cores, use --threads 1. torch's OpenMP threads spin at
 their barriers and collapse when a core is taken away: on a 2-core machine shared with one other busy process,
@@ -502,6 +503,11 @@ def main() -> None:
     args = ap.parse_args()
     t_start = time.perf_counter()
     device = resolve_device(args.device)
+    if args.scale == "paper" and device.type == "cpu" and not args.quick:
+        # Measured on the 2-core machine: one naive call took 67 s at batch 1, and the CPU memory profiler's
+        # event log grew the process past its 24 GiB.
+        ap.error("--scale paper is a GPU size: on a CPU the naive reverse takes minutes and the memory profiler "
+                 "needs more than 24 GiB; run it with --device cuda, or use --scale bench on a CPU")
     torch.set_num_threads(args.threads or (1 if args.quick else 2))
     cfg = QUICK_CFG if args.quick else PAPER_CFG if args.scale == "paper" else CFG
     batches = [min(b, 4) for b in args.batch] if args.quick else args.batch
