@@ -109,3 +109,8 @@ def test_align_section_presets_lists_and_checks(capsys):
               "--set", "align.positions=[[4,2]]"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["align"]["enabled"] is True and printed["align"]["positions"] == [[4, 2]]
+    # --encoder-weights and --data-dir (the flags the missing-file errors name) are align.encoder_weights, data.path
+    cli.main(["train", "--print-config", "--preset", "imagenet64", "--encoder-weights", "/w/dinov2_vitb14.pth",
+              "--data-dir", "/d/imagenet64.npz"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["align"]["encoder_weights"] == "/w/dinov2_vitb14.pth" and printed["data"]["path"] == "/d/imagenet64.npz"

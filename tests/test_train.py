@@ -89,6 +89,20 @@ def test_refuses_a_used_folder(data, tmp_path):
         train(cfg, tmp_path / "nothing", resume=True, device="cpu")
 
 
+def test_a_run_that_cannot_start_leaves_nothing_behind(data, tmp_path):
+    """A bad dataset fails before the run folder exists, and --overwrite has then removed nothing."""
+    bad = tiny(data, "data.name=npz", "data.path=" + str(tmp_path / "no-such.npz"))
+    with pytest.raises(FileNotFoundError):
+        train(bad, tmp_path / "new", device="cpu")
+    assert not (tmp_path / "new").exists()
+    run = tmp_path / "run"
+    train(tiny(data, "train.steps=1", "train.eval_bpd=false", "train.sample_every=0"), run, device="cpu")
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(FileNotFoundError):
+        train(bad, run, overwrite=True, device="cpu")
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 class NaNGrad(torch.autograd.Function):
     """Identity forward, NaN backward: a finite loss with a non-finite gradient."""
 

@@ -36,6 +36,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from rrepa.config import RunConfig, load_yaml, merge, parse_overrides, resolve
 
+    # Shorthands for two keys, applied after the other overrides.
+    if args.data_dir:
+        args.set = [*args.set, f"data.path={args.data_dir}"]
+    if args.encoder_weights:
+        args.set = [*args.set, f"align.encoder_weights={args.encoder_weights}"]
     if args.resume:
         if args.init_from:
             raise ValueError("--init-from starts a new run from given weights; --resume continues a run with its own")
@@ -161,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--init-from", help="start from these weights (run folder, ckpt-*.pt or .safetensors); "
                                        "optimiser and step start afresh")
+    p.add_argument("--data-dir", metavar="PATH", help="the dataset (Fashion-MNIST folder, image folder or .npz); "
+                                                      "the same as --set data.path=PATH")
+    p.add_argument("--encoder-weights", metavar="PATH",
+                   help="local weights of the alignment encoder (DINOv2: Meta's .pth or timm's .safetensors); "
+                        "the same as --set align.encoder_weights=PATH")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
     p.set_defaults(func=cmd_train)
 

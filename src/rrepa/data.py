@@ -615,7 +615,9 @@ def _read_npz(path: Path) -> tuple[Tensor, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("data", "labels") if k not in z.files]
             if missing:
-                raise ValueError(f"{path}: missing array(s) {', '.join(missing)} (found {', '.join(z.files)})")
+                raise ValueError(f"{path}: missing array(s) {', '.join(missing)} (found {', '.join(z.files)}); "
+                                 f"expected Downsampled ImageNet's layout: data (N, 3*S*S) uint8 rows in CHW order "
+                                 f"and labels (N,) 1-based")
             data, labels = z["data"], np.asarray(z["labels"])
     except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: cannot read npz file ({type(e).__name__}: {e})") from e

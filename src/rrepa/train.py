@@ -162,7 +162,7 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
     o, t = cfg.optim, cfg.train
     micro = cfg.micro_batch(d.world_size)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(d)
-    prepare_run_dir(run_dir, resume, overwrite, d)
+    check_run_dir(run_dir, resume, overwrite)
     say = tqdm.write if d.is_main else (lambda msg: None)
 
     # ---- data -----------------------------------------------------------------------------
@@ -222,6 +222,9 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
         say(f"resumed {path} at step {step}")
     else:
         seed_everything(t.seed + d.rank)  # different noise and label drops on every process
+    # Only now, with data, encoder, model and checkpoint loaded, is the folder touched: a run that cannot start
+    # leaves nothing behind (and --overwrite has removed nothing).
+    make_run_dir(run_dir, resume, overwrite, d)
     if d.is_main:
         atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(cfg.to_yaml()))
         proj = f" + {sum(p.numel() for p in head.parameters()) / 1e6:.2f} M projector" if head is not None else ""
@@ -535,26 +538,30 @@ def default_run_dir(d: Dist) -> Path:
     return Path(name[0])
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, d: Dist) -> None:
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to mix two runs in one folder: a non-empty folder needs --resume or --overwrite."""
     if resume:
         if not list_checkpoints(run_dir):
             raise FileNotFoundError(f"--resume {run_dir}: no checkpoints (ckpt-*.pt) there to continue from")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            what = "a training run" if (run_dir / "config.yaml").exists() else "files"
-            raise ValueError(f"output folder {run_dir} already holds {what}; continue it with --resume {run_dir}, "
-                             f"replace it with --overwrite, or choose another --out")
-        if d.is_main:
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        what = "a training run" if (run_dir / "config.yaml").exists() else "files"
+        raise ValueError(f"output folder {run_dir} already holds {what}; continue it with --resume {run_dir}, "
+                         f"replace it with --overwrite, or choose another --out")
+
+
+def make_run_dir(run_dir: Path, resume: bool, overwrite: bool, d: Dist) -> None:
+    """Create the checked folder; with overwrite, first remove what an earlier run wrote there (only that)."""
+    if d.world_size > 1:
+        dist.barrier()  # every process checked the folder before rank 0 changes it
+    if d.is_main:
+        if overwrite and not resume and run_dir.exists():
             for name in RUN_FILES:
                 (run_dir / name).unlink(missing_ok=True)
             for path in list_checkpoints(run_dir):
                 path.unlink()
             for name in RUN_DIRS:
                 shutil.rmtree(run_dir / name, ignore_errors=True)
-    if d.world_size > 1:
-        dist.barrier()  # every process checked the folder before rank 0 writes into it
-    run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def check_data_matches_model(dataset, cfg: RunConfig) -> None:
