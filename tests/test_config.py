@@ -113,4 +113,5 @@ def test_align_section_presets_lists_and_checks(capsys):
     cli.main(["train", "--print-config", "--preset", "imagenet64", "--encoder-weights", "/w/dinov2_vitb14.pth",
               "--data-dir", "/d/imagenet64.npz"])
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["align"]["encoder_weights"] == "/w/dinov2_vitb14.pth" and printed["data"]["path"] == "/d/imagenet64.npz"
+    assert printed["align"]["encoder_weights"] == "/w/dinov2_vitb14.pth"
+    assert printed["data"]["path"] == "/d/imagenet64.npz"
