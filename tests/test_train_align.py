@@ -82,6 +82,26 @@ def test_alignment_gradient_reaches_the_projector_and_lowers_the_align_loss(data
     assert r[-1]["align_loss"] < r[0]["align_loss"] - 0.05
 
 
+def test_every_reverse_method_trains_on_the_same_values_with_its_own_gradient(data, cache, tmp_path):
+    """naive, pseudo and jacobi-K reconstruct the same features, so while the weights agree the alignment loss
+    agrees. Step 1 starts at a zero proj_out, where every path has the same gradient, so step 2 agrees too; from
+    then on pseudo's gradient is approximate: its weights part from naive's, and jacobi-N's (exact) do not."""
+    finals = {}
+    for method, extra in {"naive": [], "pseudo": [], "jacobi-N": ["align.jacobi_steps=16"]}.items():
+        run = tmp_path / method
+        cfg = tiny(data, *ALIGN, "align.strategy=reverse", f"align.reverse={method.split('-')[0]}", *extra,
+                   "align.feature_cache=false", "train.steps=4", "train.ckpt_every=4")
+        train(cfg, run, device="cpu")
+        finals[method] = (rows(run), load_checkpoint(run / "ckpt-0000004.pt")["model"])
+    (naive_rows, naive_w), (pseudo_rows, pseudo_w), (exact_rows, exact_w) = finals.values()
+    for r in (pseudo_rows, exact_rows):
+        for step in (0, 1):
+            assert r[step]["align_loss"] == pytest.approx(naive_rows[step]["align_loss"], abs=1e-6)
+    gap = max(float((pseudo_w[k] - naive_w[k]).abs().max()) for k in naive_w)
+    exact_gap = max(float((exact_w[k] - naive_w[k]).abs().max()) for k in naive_w)
+    assert gap > 1e-5 and exact_gap < gap / 100
+
+
 def test_targets_come_from_the_cache(data, cache, tmp_path, encoder_calls):
     cfg = tiny(data, *ALIGN, "align.feature_cache=true", "train.steps=3", "data.hflip=true")
     train(cfg, tmp_path / "a", device="cpu")
