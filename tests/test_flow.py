@@ -450,7 +450,6 @@ def test_presets():
     assert model(x, torch.tensor([0, 9])).z.shape == (2, 1, 28, 28)
 
 
-
 # --- float32 / bf16 on each device ------------------------------------------------------------
 
 

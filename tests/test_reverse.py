@@ -321,8 +321,8 @@ def test_under_bf16_autocast_pseudo_reproduces_the_cache_and_naive_drifts(device
     """Under bf16 autocast (train.bf16) pseudo and jacobi-K rerun the forward's own bf16 passes, so they
     reconstruct the cache and its features to float32 rounding; naive's one-token products round differently
     and its sequential inverse drifts (measured up to 0.04 on the CPU). The exact (jacobi-N) bf16 gradient stays
-    within bf16 rounding of the float32 one (measured 0.02-0.08 max relative difference on the CPU; the detached
-    path's is ~0.7)."""
+    within bf16 rounding of the float32 one (measured 0.02-0.08 max relative difference on the CPU, where the
+    approximate pseudo gradient's is ~0.7)."""
     model = randomised().float().to(device)
     x, y = data(model.cfg)
     x, y = x.float().to(device), y.to(device)
