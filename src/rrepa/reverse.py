@@ -27,6 +27,9 @@ Three ways to compute the reverse path (all reconstruct the cached forward value
             never change, the gradient is the truncated Neumann series sum_{k<K} J^k, exact at K = N
             (J is nilpotent). K = 1 is the pseudo-reverse.
 
+Under bf16 autocast pseudo and jacobi rerun the forward's own bf16 passes and reconstruct the cache exactly;
+naive's one-token products round differently, so its sequential inverse drifts from the cache (by ~1e-2).
+
 The reverse paths need the block inputs of the forward pass, which `TARFlow.forward` returns in
 `FlowOutput.inputs` (no extra memory: autograd keeps these tensors anyway), with the labels and the
 label-dropout mask it used; `aligned_features` reuses the training forward's output and falls back to a
