@@ -102,6 +102,28 @@ def test_every_reverse_method_trains_on_the_same_values_with_its_own_gradient(da
     assert gap > 1e-5 and exact_gap < gap / 100
 
 
+def test_compiled_training_matches_eager_without_graph_breaks(data, cache, tmp_path, monkeypatch):
+    """train.compile=true with R-REPA (pseudo): the same losses as eager, and the objective (flow forward,
+    reverse path, projector, loss) captured without a graph break. The "aot_eager" backend (dynamo and AOT
+    autograd, no code generation) stands in for inductor, whose C++ build takes over a minute here."""
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compile_(module, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    losses = {}
+    for compiled in (False, True):
+        run = tmp_path / str(compiled)
+        train(tiny(data, *ALIGN, "align.feature_cache=false", f"train.compile={compiled}", "train.steps=3",
+                   "train.ckpt_every=3"), run, device="cpu")
+        losses[compiled] = [r[k] for r in rows(run) for k in ("loss", "align_loss")]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
+    assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
+
+
 def test_targets_come_from_the_cache(data, cache, tmp_path, encoder_calls):
     cfg = tiny(data, *ALIGN, "align.feature_cache=true", "train.steps=3", "data.hflip=true")
     train(cfg, tmp_path / "a", device="cpu")

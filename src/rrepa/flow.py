@@ -333,7 +333,8 @@ class TARFlow(nn.Module):
         self.cfg = cfg
         # Block t (1-indexed) flips when t is even: the first block reads raster order.
         self.blocks = nn.ModuleList(FlowBlock(cfg, flip=bool(t % 2)) for t in range(cfg.num_blocks))
-        # The finiteness check of the input costs a device sync; a training loop may switch it off.
+        # The value checks of the inputs (finite images and class weights, labels in range) each cost a device
+        # sync and break torch.compile's graph; a training loop whose data were validated on loading turns them off.
         self.validate_inputs = True
 
     # --- tokens ------------------------------------------------------------------------------
@@ -383,7 +384,7 @@ class TARFlow(nn.Module):
             return
         if y.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},), got {tuple(y.shape)}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= K):
+        if self.validate_inputs and y.numel() and (int(y.min()) < 0 or int(y.max()) >= K):
             raise ValueError(f"labels must lie in [0, {K}), got values in "
                              f"[{int(y.min())}, {int(y.max())}]")
 
