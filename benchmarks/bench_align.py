@@ -158,6 +158,21 @@ def flops(fn: Callable[[], object], before: Callable[[], None] = lambda: None) -
     return counter.get_total_flops()
 
 
+def measure(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+            zero: Callable[[], None]) -> dict[str, tuple[float, int, int]]:
+    """{name: (time s, peak bytes, FLOPs)} of each fn, zero() run ahead of every call. "naive", the slow one, is
+    timed once; the others after a warm-up, as the minimum of `repeats` interleaved rounds."""
+    fast = {m: fn for m, fn in fns.items() if m != "naive"}
+    for fn in fast.values():  # warm-up
+        zero()
+        fn()
+    times = timed_interleaved(fast, repeats, device, zero)
+    times.update(timed_interleaved({"naive": fns["naive"]}, 1, device, zero))
+    rows = {m: (times[m], peak_bytes(fns[m], device, zero), flops(fns[m], zero)) for m in fns}
+    zero()
+    return rows
+
+
 def tensor_bytes(tensors) -> int:
     """Bytes of distinct storages among tensors."""
     seen, total = set(), 0
@@ -319,43 +334,31 @@ def table_cost(model: TARFlow, positions: list[Position], batch: int, repeats: i
             p.grad = None
 
     methods = ["naive", "pseudo", *[f"jacobi-{k}" for k in JACOBI_KS]]
-    fns = {m: (lambda m=m: align_step(m, model, head, out, target, positions, bf16)) for m in methods}
-    for m in methods[1:]:  # warm-up
-        zero()
-        fns[m]()
-    times = timed_interleaved({m: fns[m] for m in methods[1:]}, repeats, device, zero)
-    times.update(timed_interleaved({"naive": fns["naive"]}, 1, device, zero))
-    rows = {m: (times[m], peak_bytes(fns[m], device, zero), flops(fns[m], zero), 1 if m == "naive" else repeats)
-            for m in methods}
-    zero()
-    t0, m0, f0 = rows["naive"][:3]
+    rows = measure({m: (lambda m=m: align_step(m, model, head, out, target, positions, bf16)) for m in methods},
+                   repeats, device, zero)
+    t0, m0, f0 = rows["naive"]
     steps = sequential_steps(cfg, positions)
     print(f"### 1. One alignment step (loss + backward), batch {batch}, positions {positions}"
           f"{', bf16 autocast' if bf16 else ''}; time: min of {repeats} interleaved calls (naive: 1 call)\n")
     print("| reverse path | time (s) | time / naive | speed-up vs naive | peak memory (MiB) | memory / naive "
           "| GFLOP | GFLOP / naive | GFLOP/s | timed calls |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for m, (t, mem, fl, reps) in rows.items():
+    for m, (t, mem, fl) in rows.items():
         print(f"| {m} | {t:.3f} | {t / t0:.4f} | {t0 / t:.1f}x | {mib(mem)} | {mem / m0:.3f} | {fl / 1e9:.1f} | "
-              f"{fl / f0:.3f} | {fl / t / 1e9:.1f} | {reps} |")
+              f"{fl / f0:.3f} | {fl / t / 1e9:.1f} | {1 if m == 'naive' else repeats} |")
     print(f"\nNaive runs {steps} sequential one-token steps (forward and backward): {1e3 * t0 / steps:.2f} ms "
           f"per step.\n")
 
     # The same without the projector and the cosine, which cost the same on every path: the reverse path alone.
-    bare = {m: (lambda m=m: align_step(m, model, None, out, target, positions, bf16)) for m in ("naive", "pseudo")}
-    zero()
-    bare["pseudo"]()  # warm-up
-    bare_t = timed_interleaved({"pseudo": bare["pseudo"]}, repeats, device, zero)
-    bare_t.update(timed_interleaved({"naive": bare["naive"]}, 1, device, zero))
-    bare_rows = {m: (bare_t[m], peak_bytes(bare[m], device, zero), flops(bare[m], zero)) for m in bare}
-    zero()
+    bare_rows = measure({m: (lambda m=m: align_step(m, model, None, out, target, positions, bf16))
+                         for m in ("naive", "pseudo")}, repeats, device, zero)
     (tn, mn, _), (tb, mb, _) = bare_rows["naive"], bare_rows["pseudo"]
     print("Reverse path alone (the loss a fixed linear functional of the features: no projector, no cosine):\n")
     print("| reverse path | time (s) | speed-up vs naive | peak memory (MiB) | memory / naive | GFLOP | GFLOP/s |")
     print("|---|---|---|---|---|---|---|")
     for m, (t, mem, fl) in bare_rows.items():
         print(f"| {m} | {t:.3f} | {tn / t:.1f}x | {mib(mem)} | {mem / mn:.3f} | {fl / 1e9:.1f} | {fl / t / 1e9:.1f} |")
-    tp, mp = rows["pseudo"][:2]
+    tp, mp, _ = rows["pseudo"]
     print(f"\n| pseudo vs naive | speed-up | memory |\n|---|---|---|\n"
           f"| paper (its ImageNet setting, GPU) | ~{PAPER_SPEEDUP:.0f}x | ~{PAPER_MEMORY:.0%} |\n"
           f"| this run ({device.type}, N = {cfg.num_tokens}, batch {batch}): alignment step | {t0 / tp:.1f}x | "
@@ -372,7 +375,7 @@ def table_summary(results: dict[int, dict], device: torch.device) -> None:
           "reverse path alone: speed-up | memory / naive |")
     print("|---|---|---|---|---|---|---|---|---|")
     for batch, rows in results.items():
-        (tn, mn, fn, _), (tp, mp, fp, _) = rows["naive"], rows["pseudo"]
+        (tn, mn, fn), (tp, mp, fp) = rows["naive"], rows["pseudo"]
         (bn, bmn, _), (bp, bmp, _) = rows["bare"]["naive"], rows["bare"]["pseudo"]
         print(f"| {batch} | {tn:.3f} | {tp:.3f} | {tn / tp:.1f}x | {mp / mn:.1%} | {fn / tn / 1e9:.1f} | "
               f"{fp / tp / 1e9:.1f} | {bn / bp:.1f}x | {bmp / bmn:.1%} |")
