@@ -38,8 +38,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to the s
 
 step pytest-cuda.txt 90 $py -m pytest -q -m cuda -p no:cacheprovider tests/test_flow.py tests/test_reverse.py \
     tests/test_train_align.py
-step bench_align_bench.md 150 $py benchmarks/bench_align.py --device cuda --batch 8 64 --exact-check
-step bench_align_paper_bf16.md 150 $py benchmarks/bench_align.py --device cuda --bf16 --scale paper --batch 8 16 \
+step bench_align_bench.md 140 $py benchmarks/bench_align.py --device cuda --batch 8 64 --exact-check
+step bench_align_paper_bf16.md 180 $py benchmarks/bench_align.py --device cuda --bf16 --scale paper --batch 8 16 \
     --tables 1 3
 data=$(mktemp -d)
 $py -c "import sys; from pathlib import Path; from test_train import write_fake_fmnist; \
