@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks a CPU machine cannot make, in one run on one CUDA GPU (each step has a time limit; together
-# they stay under 9 minutes, one call of a 10-minute device slot):
+# they come to 9 min 20 s, inside one 10-minute device call):
 #   1. the CUDA tests (`pytest -m cuda`): float32 on the GPU against the float64 model, bf16 autocast of the flow
 #      and of every reverse path, and a bf16 training run with R-REPA whose checkpoint loads on the CPU;
 #   2. bench_align.py on the GPU at the benchmark size (float32, all three tables, the exact-gradient check) and
