@@ -258,6 +258,16 @@ def make_head(model: TARFlow, positions: list[Position], hidden: int, seed: int 
     return head.to(next(model.parameters()).device)
 
 
+def table_inputs(model: TARFlow, positions: list[Position], batch: int, hidden: int, seed: int):
+    """A table's fixed inputs on the model's device: (device, images x, labels y, target tokens (B, N, ENC_DIM),
+    standing in for cached encoder tokens, the projector head, and the generator, to draw more from)."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    x, y = on(device, *synthetic_batch(model.cfg, batch, g))
+    target = torch.randn(batch, model.cfg.num_tokens, ENC_DIM, generator=g).to(device)
+    return device, x, y, target, make_head(model, positions, hidden), g
+
+
 def last_positions(cfg: FlowConfig, layer: int | None = None) -> list[Position]:
     """Layer `layer` (default: the last) of the last two blocks (1-indexed)."""
     T, L = cfg.num_blocks, cfg.layers_per_block
@@ -320,11 +330,7 @@ def cosine(a: Tensor, b: Tensor) -> float:
 def table_cost(model: TARFlow, positions: list[Position], batch: int, repeats: int, hidden: int,
                bf16: bool) -> dict:
     cfg = model.cfg
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(10)
-    x, y = on(device, *synthetic_batch(cfg, batch, g))
-    target = torch.randn(batch, cfg.num_tokens, ENC_DIM, generator=g).to(device)
-    head = make_head(model, positions, hidden)
+    device, x, y, target, head, _ = table_inputs(model, positions, batch, hidden, seed=10)
     with autocast(device, bf16):
         out = model(x, y)  # the training forward: its graph stays alive, as during a training step
     params = list(model.parameters()) + list(head.parameters())
@@ -385,11 +391,7 @@ def table_summary(results: dict[int, dict], device: torch.device) -> None:
 def table_grads(model: TARFlow, positions: list[Position], batch: int, hidden: int, source: str,
                 exact_check: bool) -> None:
     cfg = model.cfg
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(20)
-    x, y = on(device, *synthetic_batch(cfg, batch, g))
-    target = torch.randn(batch, cfg.num_tokens, ENC_DIM, generator=g).to(device)
-    head = make_head(model, positions, hidden)
+    device, x, y, target, head, _ = table_inputs(model, positions, batch, hidden, seed=20)
     out = model(x, y)
     blocks = sorted({t for t, _ in positions})
     exact = [f"jacobi-{cfg.num_tokens}"] if exact_check else []
@@ -425,11 +427,7 @@ def table_grads(model: TARFlow, positions: list[Position], batch: int, hidden: i
 def table_train_step(model: TARFlow, positions: list[Position], batch: int, repeats: int, hidden: int,
                      bf16: bool) -> None:
     cfg = model.cfg
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(30)
-    x, y = on(device, *synthetic_batch(cfg, batch, g))
-    target = torch.randn(batch, cfg.num_tokens, ENC_DIM, generator=g).to(device)  # cached encoder tokens
-    head = make_head(model, positions, hidden)
+    device, x, y, target, head, g = table_inputs(model, positions, batch, hidden, seed=30)
 
     def adamw(params: list) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.95), weight_decay=1e-4)
