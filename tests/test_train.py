@@ -158,19 +158,24 @@ def test_lr_schedule():
     assert f[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(f[10:], f[11:]))
 
 
-KILLER = """
+def killer(method: str) -> str:
+    """A `rrepa` CLI script that SIGKILLs itself inside the KILL_AT_CALL-th call of TARFlow.<method>."""
+    return f"""
 import os, signal, sys
 from rrepa import cli
 from rrepa.flow import TARFlow
-nll, calls = TARFlow.nll, [0]
-def killing_nll(self, *args, **kwargs):
+original, calls = TARFlow.{method}, [0]
+def killing(self, *args, **kwargs):
     calls[0] += 1
     if calls[0] == int(os.environ["KILL_AT_CALL"]):
         os.kill(os.getpid(), signal.SIGKILL)
-    return nll(self, *args, **kwargs)
-TARFlow.nll = killing_nll
+    return original(self, *args, **kwargs)
+TARFlow.{method} = killing
 cli.main(sys.argv[1:])
 """
+
+
+KILLER = killer("nll")
 
 
 def rrepa(*args: str, env=None, script: str = "from rrepa import cli; cli.main()") -> subprocess.Popen:

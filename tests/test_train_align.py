@@ -12,7 +12,7 @@ from rrepa import encoders
 from rrepa.checkpoint import load_checkpoint, load_flow, load_weights
 from rrepa.encoders import SSLBackbone, SSLConfig, save_embedded
 from rrepa.train import train
-from test_train import ENV, finish, rows, rrepa, tiny, write_fake_fmnist
+from test_train import ENV, finish, killer, rows, rrepa, tiny, write_fake_fmnist
 
 # A 4 x 4-token flow (patch 7) against a random 2-stage SSL CNN (7 x 7 x 16 tokens, pooled onto 4 x 4).
 ALIGN = ["align.enabled=true", "align.positions=[[2, 1]]", "align.projector_hidden=32", "align.weight=1.0",
@@ -159,19 +159,7 @@ def test_alignment_off_builds_no_encoder(data, cache, tmp_path, monkeypatch):
 
 
 # Kills the process inside the 8th flow forward (the alignment objective calls TARFlow.forward once per step).
-KILLER = """
-import os, signal, sys
-from rrepa import cli
-from rrepa.flow import TARFlow
-forward, calls = TARFlow.forward, [0]
-def killing_forward(self, *args, **kwargs):
-    calls[0] += 1
-    if calls[0] == int(os.environ["KILL_AT_CALL"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return forward(self, *args, **kwargs)
-TARFlow.forward = killing_forward
-cli.main(sys.argv[1:])
-"""
+KILLER = killer("forward")
 
 
 def test_resume_with_alignment_after_sigkill_is_bitwise_exact(data, cache, tmp_path):
