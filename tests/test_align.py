@@ -10,10 +10,12 @@ from torch import nn
 from rrepa.align import (
     AlignConfig,
     AlignHead,
+    ConvProjector,
     build_projector,
     cosine_alignment_loss,
     match_grid,
     position_key,
+    spatial_norm,
 )
 from rrepa.flow import FlowConfig, TARFlow
 from rrepa.reverse import aligned_features
@@ -40,7 +42,8 @@ def test_config_defaults_and_validation():
                           ({"positions": [(1, 1), (1, 1)]}, "repeat"), ({"strategy": "sideways"}, "strategy"),
                           ({"reverse": "magic"}, "reverse"), ({"jacobi_steps": 0}, "jacobi"),
                           ({"weight": -1.0}, "weight"), ({"projector_hidden": 0}, "projector_hidden"),
-                          ({"grid_mode": "nearest"}, "grid_mode")]:
+                          ({"grid_mode": "nearest"}, "grid_mode"), ({"projector": "attention"}, "projector"),
+                          ({"target_norm": "layer"}, "target_norm")]:
         with pytest.raises(ValueError, match=match):
             AlignConfig(**kwargs)
 
@@ -213,3 +216,62 @@ def test_head_reuses_the_training_forward():
         total.backward()
         plain = head(model, x, y, enc).loss
         assert math.isclose((total - nll).item(), plain.item(), rel_tol=1e-10)
+
+
+# --- iREPA: the convolutional projector and the spatial normalisation of the targets -------------------
+
+
+def test_conv_projector_is_a_3x3_convolution_on_the_token_grid():
+    torch.manual_seed(0)
+    proj = ConvProjector(5, 3).double()
+    h = torch.randn(2, 4 * 6, 5, dtype=torch.float64)
+    out = proj(h, (4, 6))
+    assert out.shape == (2, 24, 3)
+    # explicit: token (i, j) is bias + sum over the 3 x 3 neighbourhood (zero outside the grid)
+    grid = h.reshape(2, 4, 6, 5)
+    w, b = proj.conv.weight, proj.conv.bias  # (3, 5, 3, 3), (3,)
+    for i, j in [(0, 0), (1, 2), (3, 5)]:
+        ref = b.clone().expand(2, 3).clone()
+        for di in (-1, 0, 1):
+            for dj in (-1, 0, 1):
+                if 0 <= i + di < 4 and 0 <= j + dj < 6:
+                    ref = ref + grid[:, i + di, j + dj] @ w[:, :, di + 1, dj + 1].T
+        assert torch.allclose(out[:, i * 6 + j], ref, atol=1e-12)
+    # tokens two rows or columns away have no influence
+    h = h.requires_grad_(True)
+    (g,) = torch.autograd.grad(proj(h, (4, 6))[0, 0].sum(), h)
+    reach = g[0].abs().sum(-1).reshape(4, 6) > 0
+    assert reach[:2, :2].all() and not reach[2:].any() and not reach[:, 2:].any()
+
+
+def test_spatial_norm_standardises_over_positions_and_removes_the_shared_component():
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(3, 16, 4, generator=g, dtype=torch.float64) * 2 + 5
+    n = spatial_norm(t, eps=0)
+    assert torch.allclose(n.mean(1), torch.zeros(3, 4, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(n.std(1, unbiased=False), torch.ones(3, 4, dtype=torch.float64), atol=1e-12)
+    shared = torch.randn(3, 1, 4, generator=g, dtype=torch.float64)  # the same vector added to every token
+    assert torch.allclose(spatial_norm(t + shared, eps=0), n, atol=1e-12)
+
+
+@pytest.mark.parametrize("projector, target_norm", [("conv", "none"), ("mlp", "spatial"), ("conv", "spatial")])
+def test_head_with_irepa_options_matches_explicit(projector, target_norm):
+    model = tiny_flow()
+    pos = [(3, 2)]
+    cfg = AlignConfig(positions=pos, strategy="reverse", projector_hidden=16, projector=projector,
+                      target_norm=target_norm)
+    head = AlignHead(cfg, flow_width=64, encoder_dim=6).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand((2, 1, 4, 4), generator=g, dtype=torch.float64) * 2 - 1
+    enc = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    out = head(model, x, torch.tensor([0, 2]), enc, (2, 2))
+    feats = aligned_features(model, x, torch.tensor([0, 2]), pos, "reverse", "pseudo")
+    target = match_grid(enc, (2, 2), (4, 4))
+    if target_norm == "spatial":
+        target = (target - target.mean(1, keepdim=True)) / (target.std(1, keepdim=True, unbiased=False) + 1e-6)
+    proj = head.projectors["t3_l2"]
+    pred = proj(feats[(3, 2)], (4, 4)) if projector == "conv" else proj(feats[(3, 2)])
+    ref = -F.cosine_similarity(pred, target, dim=-1).mean()
+    assert math.isclose(out.per_position[(3, 2)].item(), ref.item(), rel_tol=1e-9)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.any() for p in head.parameters())

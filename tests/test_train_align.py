@@ -263,3 +263,28 @@ def test_cuda_bf16_training_with_reverse_alignment(data, cache, tmp_path):
     model, _ = load_flow(run)
     assert next(model.parameters()).device.type == "cpu"
     assert torch.isfinite(model(torch.zeros(2, 1, 28, 28), torch.tensor([0, 1])).z).all()
+
+
+def test_evaluating_during_training_leaves_the_training_unchanged(data, tmp_path, monkeypatch):
+    # The evaluation draws random numbers (its evaluator's initialisation, reference statistics); none of that
+    # may reach the training's noise stream, whether or not the statistics were cached.
+    from rrepa.checkpoint import load_checkpoint as load
+    from rrepa.evaluator import FMNISTCNN, save_evaluator
+
+    monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    ev = save_evaluator(FMNISTCNN(), {"test_accuracy": 0.1}, tmp_path / "ev.safetensors")
+    common = ["train.steps=4", "train.eval_bpd=false", "train.sample_every=0", "train.ckpt_every=4"]
+    evals = ["train.eval_every=2", "train.eval_samples=12", "train.eval_batch_size=8", "train.eval_test_images=8",
+             f"train.eval_weights={ev}"]
+    train(tiny(data, *common), tmp_path / "plain", device="cpu")
+    train(tiny(data, *common, *evals), tmp_path / "first", device="cpu")  # computes the reference statistics
+    train(tiny(data, *common, *evals), tmp_path / "cached", device="cpu")  # loads them from the cache
+    plain = load(tmp_path / "plain" / "ckpt-0000004.pt")["model"]
+    for name in ("first", "cached"):
+        other = load(tmp_path / name / "ckpt-0000004.pt")["model"]
+        assert all(torch.equal(plain[k], other[k]) for k in plain), name
+    r = [x for x in rows(tmp_path / "cached") if "eval_fid" in x]
+    assert [x["step"] for x in r] == [2, 4]
+    assert all(0 <= x["eval_one_step_top1"] <= 1 and 0 <= x["eval_bayes_top1"] <= 1 and x["eval_bpd"] > 0
+               and x["eval_test_images"] == 8 and x["eval_wall_s"] > 0 for x in r)

@@ -14,6 +14,14 @@ The default mode "pool" is area resampling (adaptive average pooling): at intege
 geometric correspondence (a downsampled target is the mean of the encoder patches covering the token, an
 upsampled one is the encoder patch containing the token, without blending neighbours across object
 boundaries). "interpolate" is bilinear (antialiased when shrinking), smoother at non-integer ratios.
+
+iREPA (arXiv 2512.10794, "What matters for representation alignment: global information or spatial
+structure?") changes two things, both options here: a convolutional projector (`projector="conv"`: one 3 x 3
+convolution over the flow's token grid instead of the per-token MLP) and a spatial normalisation of the
+targets (`target_norm="spatial"`: each image's encoder tokens minus their mean over the spatial positions,
+divided by their standard deviation over the positions, per channel), which removes the component that all
+tokens of an image share and leaves the spatial structure. The paper gives them in a few lines of code; this
+is our reading of its description, not a copy of its code.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from rrepa.flow import Position, TARFlow
 from rrepa.reverse import REVERSE_METHODS, STRATEGIES, aligned_features
 
 GRID_MODES = ("pool", "interpolate")
+PROJECTORS = ("mlp", "conv")
+TARGET_NORMS = ("none", "spatial")
 
 
 @dataclass
@@ -55,6 +65,10 @@ class AlignConfig:
     projector_hidden: int = 2048
     # How encoder tokens are resampled onto the flow's token grid: pool (area) | interpolate (bilinear).
     grid_mode: str = "pool"
+    # mlp (REPA's per-token MLP) | conv (iREPA: one 3 x 3 convolution over the token grid).
+    projector: str = "mlp"
+    # none | spatial (iREPA: targets standardised over the spatial positions of each image, per channel).
+    target_norm: str = "none"
 
     def __post_init__(self) -> None:
         self.positions = [(int(t), int(l)) for t, l in self.positions]
@@ -76,6 +90,10 @@ class AlignConfig:
             raise ValueError(f"projector_hidden must be >= 1, got {self.projector_hidden}")
         if self.grid_mode not in GRID_MODES:
             raise ValueError(f"unknown grid_mode {self.grid_mode!r}; choose one of {', '.join(GRID_MODES)}")
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"unknown projector {self.projector!r}; choose one of {', '.join(PROJECTORS)}")
+        if self.target_norm not in TARGET_NORMS:
+            raise ValueError(f"unknown target_norm {self.target_norm!r}; choose one of {', '.join(TARGET_NORMS)}")
 
 
 def position_key(position: Position) -> str:
@@ -88,6 +106,28 @@ def build_projector(in_dim: int, out_dim: int, hidden: int = 2048) -> nn.Sequent
     """REPA's per-token projector: Linear-SiLU-Linear-SiLU-Linear, (..., in_dim) -> (..., out_dim)."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                          nn.Linear(hidden, out_dim))
+
+
+class ConvProjector(nn.Module):
+    """iREPA's projector: one 3 x 3 convolution over the token grid, (B, h*w, in_dim) raster order -> (B, h*w,
+    out_dim); zero padding at the borders, so each projected token sees its 8 neighbours."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, padding=1)
+
+    def forward(self, h: Tensor, hw: tuple[int, int]) -> Tensor:
+        B, n, d = h.shape
+        grid = h.transpose(1, 2).reshape(B, d, *hw)
+        return self.conv(grid).flatten(2).transpose(1, 2)
+
+
+def spatial_norm(tokens: Tensor, eps: float = 1e-6) -> Tensor:
+    """iREPA's target normalisation: (B, n, d) tokens standardised over the n positions of each image, per
+    channel (mean 0, standard deviation 1 along dim 1)."""
+    mean = tokens.mean(dim=1, keepdim=True)
+    std = tokens.std(dim=1, keepdim=True, unbiased=False)
+    return (tokens - mean) / (std + eps)
 
 
 def match_grid(tokens: Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int], mode: str = "pool") -> Tensor:
@@ -143,8 +183,9 @@ class AlignHead(nn.Module):
     def __init__(self, cfg: AlignConfig, flow_width: int, encoder_dim: int):
         super().__init__()
         self.cfg = cfg
-        self.projectors = nn.ModuleDict({position_key(p): build_projector(flow_width, encoder_dim, cfg.projector_hidden)
-                                         for p in cfg.positions})
+        self.projectors = nn.ModuleDict({
+            position_key(p): ConvProjector(flow_width, encoder_dim) if cfg.projector == "conv"
+            else build_projector(flow_width, encoder_dim, cfg.projector_hidden) for p in cfg.positions})
 
     def loss_from_features(self, features: Mapping[Position, Tensor], enc_tokens: Tensor,
                            flow_hw: tuple[int, int], enc_hw: tuple[int, int] | None = None) -> AlignOutput:
@@ -152,9 +193,13 @@ class AlignHead(nn.Module):
         raster order on enc_hw (a square grid when None). The encoder tokens are resampled onto the flow grid."""
         enc_hw = _square(enc_tokens.shape[1]) if enc_hw is None else enc_hw
         target = match_grid(enc_tokens.detach(), enc_hw, flow_hw, self.cfg.grid_mode)
+        if self.cfg.target_norm == "spatial":  # on the flow's grid: the positions the loss compares
+            target = spatial_norm(target)
         per = {}
         for p in self.cfg.positions:
-            per[p] = cosine_alignment_loss(self.projectors[position_key(p)](features[p]), target)
+            proj = self.projectors[position_key(p)]
+            pred = proj(features[p], flow_hw) if isinstance(proj, ConvProjector) else proj(features[p])
+            per[p] = cosine_alignment_loss(pred, target)
         loss = self.cfg.weight * torch.stack(list(per.values())).mean()
         return AlignOutput(loss, {p: v.detach() for p, v in per.items()})
 

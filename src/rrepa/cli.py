@@ -137,6 +137,32 @@ def cmd_bpd(args: argparse.Namespace) -> None:
                 atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
 
 
+def cmd_experiment(args: argparse.Namespace) -> None:
+    """Run an experiment grid (arms x seeds, resumable) or write its report."""
+    if args.action == "run":
+        import signal
+
+        from rrepa.experiment import run_grid
+
+        # SIGTERM (kill, a cluster's scheduler) stops the grid as Ctrl-C does: the cells save checkpoints.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            failed = run_grid(args.grid, args.out, runs=args.runs, jobs=args.jobs, threads=args.threads,
+                              only=args.only.split(",") if args.only else None)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        if failed:
+            sys.exit(1)
+        if not args.no_report:
+            from rrepa.report import write_report
+
+            print(f"wrote {write_report(args.out)}")
+    else:
+        from rrepa.report import write_report
+
+        print(f"wrote {write_report(args.folder, baseline=args.baseline)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rrepa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -205,6 +231,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result to this JSON file")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.set_defaults(func=cmd_bpd)
+
+    p = sub.add_parser("experiment", help="experiment grids: arms x seeds of runs, resumable; and their report")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = actions.add_parser("run", help="train every unfinished cell of a grid (finished ones are skipped, killed "
+                                       "ones resume) and log every evaluation to OUT/evals.jsonl",
+                           description="A grid YAML names preset, seeds, common `set` overrides and arms (lists of "
+                                       "overrides); see rrepa.experiment and results/*/grid.yaml.")
+    q.add_argument("grid", help="the grid YAML file")
+    q.add_argument("--out", required=True, help="results folder (evals.jsonl, configs/, README.md, plots)")
+    q.add_argument("--runs", help="where the cells' run folders go (default OUT/runs; checkpoints are large)")
+    q.add_argument("--jobs", type=int, default=2, help="cells trained at once")
+    q.add_argument("--threads", type=int, default=1, help="intra-op threads per cell")
+    q.add_argument("--only", help="only these arms, comma-separated")
+    q.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    q.set_defaults(func=cmd_experiment)
+    q = actions.add_parser("report", help="write FOLDER/README.md and plots from FOLDER/evals.jsonl")
+    q.add_argument("folder", help="the results folder of `rrepa experiment run`")
+    q.add_argument("--baseline", default="baseline", help="the arm the others are compared with")
+    q.set_defaults(func=cmd_experiment)
 
     # Sub-commands whose arguments live beside their code: classify, probe, evaluate, evaluator, encoder.
     from rrepa import classify, encoders, metrics, probe

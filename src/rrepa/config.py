@@ -69,7 +69,13 @@ class TrainConfig:
     eval_samples: int = 1000
     eval_features: str = "fmnist"  # fmnist (the embedded Fashion-MNIST CNN) | inception (FID-Inception)
     eval_ref: str | None = None  # reference: None = the training split (fmnist:train, or data.path for npz)
+    # Weights of that feature network (fmnist: an evaluator .safetensors; inception: the FID-Inception .pth); None =
+    # the cached default. Pin them to compare runs across machines: a retrained evaluator gives other FIDs.
+    eval_weights: str | None = None
     eval_guidance: float = 0.0  # guidance w of those samples
+    # With eval_every, also the one-step and Bayes classifiers' top-1 (inputs at the training noise) and the
+    # bits/dim (uniform dequantization, true labels) of the first eval_test_images test images; 0 = skip them.
+    eval_test_images: int = 0
 
 
 @dataclass
@@ -128,6 +134,9 @@ class RunConfig:
         if t.sample_guidance < 0 or t.sample_temperature <= 0:
             raise ValueError(f"need train.sample_guidance >= 0 and train.sample_temperature > 0, got "
                              f"{t.sample_guidance}, {t.sample_temperature}")
+        if t.eval_test_images < 0:
+            raise ValueError(f"train.eval_test_images must be >= 0 (0 = no classification or bits/dim during "
+                             f"training), got {t.eval_test_images}")
         if t.eval_every < 0 or t.eval_samples < 2 or t.eval_guidance < 0:
             raise ValueError(f"need train.eval_every >= 0, train.eval_samples >= 2 and train.eval_guidance >= 0, "
                              f"got {t.eval_every}, {t.eval_samples}, {t.eval_guidance}")

@@ -54,6 +54,7 @@ from rrepa.checkpoint import (
     save_checkpoint,
     save_weights,
 )
+from rrepa.classify import evaluate as classify_images
 from rrepa.config import RunConfig
 from rrepa.data import build_dataset
 from rrepa.distributed import Dist, GlobalBatchSampler
@@ -206,7 +207,7 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
         optimizer, partial(lr_factor, warmup=o.warmup_steps, total=t.steps, min_ratio=o.min_lr_ratio))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.bf16 and d.device.type == "cuda")
 
-    step, skipped = 0, 0
+    step, skipped, elapsed = 0, 0, 0.0  # elapsed: wall seconds of the run before this process, across resumes
     if resume:
         path, state = load_latest_checkpoint(run_dir, warn=say)
         load_state_checked(model, state["model"], source=str(path))
@@ -219,6 +220,7 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, skipped = int(state["step"]), int(state.get("skipped", 0))
+        elapsed = float(state.get("elapsed_s", 0.0))
         set_rng_state(state, d, t.seed)
         say(f"resumed {path} at step {step}")
     else:
@@ -239,9 +241,11 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
                           cfg.model.image_height, cfg.model.image_width),
                          generator=torch.Generator().manual_seed(t.seed)) * t.sample_temperature  # fixed noise
     window = Window(d.device, [position_key(p) for p in cfg.align.positions] if head is not None else None)
-    evaluation = InTrainingEval(cfg, d, say) if t.eval_every and d.is_main else None
+    with rng_preserved():  # building the evaluator (its random init, reference statistics) leaves training as is
+        evaluation = InTrainingEval(cfg, d, say) if t.eval_every and d.is_main else None
 
     # ---- the loop -----------------------------------------------------------------------------
+    t_run = time.time() - elapsed  # the run's wall clock started here, as far as its checkpoints tell
     sigma = cfg.model.sigma
     conditional = cfg.model.num_classes > 0
     batches = micro_batches(loader, sampler, step)
@@ -302,9 +306,11 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
         if d.is_main and t.sample_every and step % t.sample_every == 0 and step < t.steps:
             log.grid(ema, grid_z, grid_y, grid_cols, t.sample_guidance, step)
         if evaluation is not None and step % t.eval_every == 0:
-            log.write_eval(step, evaluation(ema, step))
+            with rng_preserved():
+                log.write_eval(step, {**evaluation(ema, step), "wall_s": round(time.time() - t_run, 1)})
         if step % t.ckpt_every == 0 or step == t.steps:
-            checkpoint(run_dir, model, ema, optimizer, scheduler, step, skipped, sampler, cfg, d, head)
+            checkpoint(run_dir, model, ema, optimizer, scheduler, step, skipped, sampler, cfg, d, head,
+                       elapsed=time.time() - t_run)
     bar.close()
 
     # ---- the end: weights, samples, loss curve, test bits/dim ---------------------------------
@@ -457,19 +463,26 @@ class InTrainingEval:
     accuracy of train.eval_samples samples of the EMA weights. The samples use fixed noise (seeded by
     train.seed, never the global RNG, so evaluating does not change the training run) and labels cycling
     through the classes; the reference statistics are computed once here (and cached by
-    rrepa.metrics.reference_stats)."""
+    rrepa.metrics.reference_stats). With train.eval_test_images (conditional model), also the one-step and
+    Bayes top-1 and the bits/dim of that many test images, with fixed noise too."""
 
     def __init__(self, cfg: RunConfig, d: Dist, say):
         from rrepa.metrics import build_feature_network, reference_stats
 
         t = cfg.train
-        self.net = build_feature_network(t.eval_features, device=d.device, log=say)
+        weights = {"inception_weights" if t.eval_features == "inception" else "evaluator_weights": t.eval_weights}
+        self.net = build_feature_network(t.eval_features, device=d.device, log=say, **weights)
         ref = t.eval_ref or default_eval_ref(cfg)
         self.ref = reference_stats(ref, self.net, data_dir=cfg.data.path if cfg.data.name == "fmnist" else None,
                                    progress=True)
-        self.cfg = cfg
+        self.cfg, self.d = cfg, d
+        self.test_set = None
+        if t.eval_test_images and cfg.model.num_classes:
+            self.test_set = build_dataset(cfg.data, "test")
         say(f"evaluation every {t.eval_every} steps: {t.eval_samples} EMA samples vs {ref} "
-            f"({self.ref.num_images} images) with {self.net.name}")
+            f"({self.ref.num_images} images) with {self.net.name}"
+            + (f"; one-step and Bayes top-1 and bits/dim of {min(t.eval_test_images, len(self.test_set))} test "
+               f"images" if self.test_set is not None else ""))
 
     def __call__(self, ema: TARFlow, step: int) -> dict:
         from rrepa.metrics import evaluate_in_training
@@ -487,11 +500,30 @@ class InTrainingEval:
             return draw(ema, z, y, t.eval_guidance), None if y is None else y.cpu()
 
         res = evaluate_in_training(sampler, self.net, self.ref, t.eval_samples, batch_size=t.eval_batch_size)
+        if self.test_set is not None:
+            res.update(self.test_scores(ema))
         tqdm.write(f"step {step}: FID {res['fid']:.3f} ({res['num_samples']} samples, {self.net.name}), IS "
                    f"{res['is']:.3f}" + (f", class accuracy {res['class_accuracy']:.3f}"
                                          if res.get("class_accuracy") is not None else "")
+                   + (f", one-step top-1 {res['one_step_top1']:.3f}, Bayes top-1 {res['bayes_top1']:.3f}, "
+                      f"bits/dim {res['bpd']:.4f}" if "bpd" in res else "")
                    + f" [{res['eval_seconds']:.0f} s]")
         return res
+
+    def test_scores(self, ema: TARFlow) -> dict:
+        """One-step and Bayes top-1 (inputs x + sigma * eps, as trained) and dequantized bits/dim (true labels)
+        of the first train.eval_test_images test images; seeded by train.seed, so every evaluation of a run
+        sees the same inputs."""
+        t = self.cfg.train
+        start = time.perf_counter()
+        n = min(t.eval_test_images, len(self.test_set))
+        cls = classify_images(ema, self.test_set, methods=("one-step", "bayes"), limit=n,
+                              batch_size=t.eval_batch_size, seed=t.seed, progress=False)
+        bpd = evaluate_bpd(ema, self.test_set, t.eval_batch_size, self.d, seed=t.seed, conditional=True,
+                           max_images=n, progress=False)
+        return {"one_step_top1": cls["methods"]["one-step"]["top1"], "bayes_top1": cls["methods"]["bayes"]["top1"],
+                "bpd": bpd["bpd"], "bpd_protocol": "uniform dequantization, true labels", "test_images": n,
+                "eval_seconds_test": round(time.perf_counter() - start, 2)}
 
 
 def default_eval_ref(cfg: RunConfig) -> str:
@@ -512,8 +544,10 @@ def _read_png(path: Path):
 
 
 def checkpoint(run_dir: Path, model: TARFlow, ema: TARFlow, optimizer, scheduler, step: int, skipped: int,
-               sampler: GlobalBatchSampler, cfg: RunConfig, d: Dist, head: AlignHead | None = None) -> None:
-    """Everything needed to continue exactly: weights, optimiser, schedule, data position, RNG of every process."""
+               sampler: GlobalBatchSampler, cfg: RunConfig, d: Dist, head: AlignHead | None = None,
+               elapsed: float = 0.0) -> None:
+    """Everything needed to continue exactly: weights, optimiser, schedule, data position, RNG of every process
+    (and the run's wall seconds so far, so that a resumed run's clock continues)."""
     rng = distributed.gather_objects(rng_state(), d)  # collective
     if d.is_main:
         epoch, batch = divmod(step, sampler.batches_per_epoch)
@@ -521,7 +555,7 @@ def checkpoint(run_dir: Path, model: TARFlow, ema: TARFlow, optimizer, scheduler
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "step": step, "skipped": skipped,
             "epoch": epoch, "batch_in_epoch": batch, "world_size": d.world_size, "rng": rng,
-            "config": cfg.to_dict(),
+            "config": cfg.to_dict(), "elapsed_s": elapsed,
             **({"align_head": head.state_dict()} if head is not None else {}),
         }, keep_last=cfg.train.keep_last)
 
@@ -574,6 +608,23 @@ def check_data_matches_model(dataset, cfg: RunConfig) -> None:
     if m.num_classes and dataset.num_classes != m.num_classes:
         raise ValueError(f"the data has {dataset.num_classes} classes but model.num_classes is {m.num_classes}; "
                          f"set model.num_classes={dataset.num_classes} (or 0 for an unconditional model)")
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """What runs inside may draw from the global RNGs without changing what the training loop draws next: a run
+    then does not depend on whether an evaluation ran, or on whether its reference statistics were cached."""
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    np_state = np.random.get_state()  # noqa: NPY002 - see seed_everything
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
 
 
 def seed_everything(seed: int) -> None:

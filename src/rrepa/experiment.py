@@ -1,0 +1,393 @@
+"""Experiment grids: arms x seeds of ordinary rrepa runs, resumable across sessions, with one evaluation log.
+
+A grid file (YAML) names a preset, the seeds, overrides common to every cell and the arms, each a list of
+`--set` overrides (or a mapping with its own `set` and `seeds`):
+
+    preset: fmnist
+    seeds: [0, 1, 2]
+    set: [train.steps=2400, train.eval_every=300, train.eval_samples=2000, train.eval_test_images=2000]
+    arms:
+      baseline: []
+      reverse: [align.enabled=true, align.strategy=reverse]
+      jacobi4: {set: [align.enabled=true, align.reverse=jacobi, align.jacobi_steps=4], seeds: [0]}
+
+`rrepa experiment run GRID --out results/NAME` trains every cell `ARM-sSEED` as a separate `rrepa train`
+process into `RUNS/ARM-sSEED` (RUNS defaults to `results/NAME/runs`; checkpoints are large, keep them out of
+git), `jobs` at a time with `threads` intra-op threads each. It is resumable: finished cells are skipped, a
+cell with checkpoints continues from the newest one, a cell killed before its first checkpoint restarts.
+Every in-training evaluation of every cell is appended, once, as one JSON line to `results/NAME/evals.jsonl`
+(keys arm, seed, step, fid, precision, recall, one_step_top1, bayes_top1, bpd, wall_s, ...): the runner copies
+them from the cells' metrics.jsonl, keyed by (arm, seed, step), so a cell that is killed and resumed, and so
+evaluates a step again, never duplicates a line (the evaluation is deterministic: fixed noise, EMA weights
+restored exactly). `rrepa experiment report results/NAME` (rrepa.report) turns the log into tables and plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from rrepa.checkpoint import atomic_write, list_checkpoints, weights_step
+from rrepa.config import RunConfig, resolve
+
+EVALS = "evals.jsonl"
+GRID_COPY = "grid.yaml"
+
+
+@dataclass
+class Cell:
+    """One run of the grid: an arm (a list of overrides) at one seed."""
+
+    arm: str  # the arm's name in the grid file
+    seed: int  # train.seed
+    preset: str  # the grid's preset
+    overrides: list[str]  # the grid's common overrides, then the arm's, then train.seed
+    cfg: RunConfig = field(repr=False)  # the resolved config
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}-s{self.seed}"
+
+
+@dataclass
+class Grid:
+    preset: str  # the preset every cell starts from
+    seeds: list[int]  # the default seeds of every arm
+    common: list[str]  # overrides applied to every arm, before the arm's own
+    arms: dict[str, dict]  # name -> {"set": [...], "seeds": [...]}, in file order
+
+    def cells(self) -> list[Cell]:
+        """Every cell, resolved and validated, seed-major (all arms of the first seed first), so that a grid cut
+        short has the same seeds of every arm."""
+        seeds = sorted({s for a in self.arms.values() for s in a["seeds"]}, key=self._seed_order)
+        out = []
+        for seed in seeds:
+            for arm, spec in self.arms.items():
+                if seed in spec["seeds"]:
+                    overrides = [*self.common, *spec["set"], f"train.seed={seed}"]
+                    try:
+                        cfg = resolve(self.preset, None, overrides)
+                    except (KeyError, ValueError) as err:
+                        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+                        raise ValueError(f"arm {arm!r} (seed {seed}): {msg}") from err
+                    out.append(Cell(arm, seed, self.preset, overrides, cfg))
+        return out
+
+    def _seed_order(self, seed: int) -> tuple[int, int]:
+        return (self.seeds.index(seed), seed) if seed in self.seeds else (len(self.seeds), seed)
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset, "seeds": self.seeds, "set": self.common, "arms": self.arms}
+
+
+def load_grid(path: str | os.PathLike) -> Grid:
+    """Read and check a grid file (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"grid file {path} does not exist")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
+    return grid_from_dict(d, str(path))
+
+
+def grid_from_dict(d, where: str = "grid") -> Grid:
+    if not isinstance(d, dict) or not isinstance(d.get("arms"), dict) or not d["arms"]:
+        raise ValueError(f"{where} must be a mapping with `arms:` (name -> list of key=value overrides), and "
+                         f"optionally `preset:`, `seeds:` and `set:`")
+    unknown = set(d) - {"preset", "seeds", "set", "arms"}
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; a grid has preset, seeds, set and arms")
+    seeds = _int_list(d.get("seeds", [0]), f"{where}: seeds")
+    common = _str_list(d.get("set", []), f"{where}: set")
+    arms = {}
+    for name, spec in d["arms"].items():
+        if not isinstance(name, str) or not name.replace("_", "").replace(".", "").isalnum():
+            raise ValueError(f"{where}: arm name {name!r} must be letters, digits, '_' or '.' (it names folders)")
+        if spec is None or isinstance(spec, list):
+            spec = {"set": spec or []}
+        if not isinstance(spec, dict) or set(spec) - {"set", "seeds"}:
+            raise ValueError(f"{where}: arm {name!r} must be a list of overrides or a mapping with `set:` and "
+                             f"`seeds:`")
+        arms[name] = {"set": _str_list(spec.get("set", []), f"{where}: arm {name} set"),
+                      "seeds": _int_list(spec.get("seeds", seeds), f"{where}: arm {name} seeds")}
+    return Grid(str(d.get("preset", "fmnist")), seeds, common, arms)
+
+
+def _str_list(v, where: str) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and "=" in x for x in v):
+        raise ValueError(f"{where} must be a list of key=value strings like [train.steps=2400], got {v!r}")
+    return list(v)
+
+
+def _int_list(v, where: str) -> list[int]:
+    if not isinstance(v, list) or not v or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise ValueError(f"{where} must be a non-empty list of integers like [0, 1, 2], got {v!r}")
+    return list(v)
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation log
+# --------------------------------------------------------------------------------------------
+
+
+def eval_rows(run_dir: Path) -> list[dict]:
+    """The evaluation lines of a run's metrics.jsonl with their `eval_` prefix removed; a line still being
+    written (the last one, while the run is alive) is skipped."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "eval_fid" in row:
+            out.append({"step": row["step"], **{k[5:]: v for k, v in row.items() if k.startswith("eval_")}})
+    return out
+
+
+class EvalLog:
+    """results/NAME/evals.jsonl: one line per (arm, seed, step), appended with a single write each."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.keys: set[tuple[str, int, int]] = set()
+        if path.is_file():
+            lines = path.read_text().splitlines(keepends=True)
+            good = []
+            for line in lines:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill mid-write
+                if line.endswith("\n") and self.key(row) not in self.keys:
+                    self.keys.add(self.key(row))
+                    good.append(line)
+            if good != lines:
+                atomic_write(path, lambda tmp: Path(tmp).write_text("".join(good)))
+
+    @staticmethod
+    def key(row: dict) -> tuple[str, int, int]:
+        return row["arm"], int(row["seed"]), int(row["step"])
+
+    def add(self, cell: Cell, rows: list[dict]) -> int:
+        """Append the rows not logged yet; returns how many were new."""
+        new = 0
+        for row in rows:
+            row = {"arm": cell.arm, "seed": cell.seed, **row}
+            if self.key(row) in self.keys:
+                continue
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self.keys.add(self.key(row))
+            new += 1
+        return new
+
+
+def read_evals(path: str | os.PathLike) -> list[dict]:
+    """The rows of an evals.jsonl (a trailing partial line is ignored)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Running the grid
+# --------------------------------------------------------------------------------------------
+
+
+def cell_state(cell: Cell, run_dir: Path) -> str:
+    """done | resume (has checkpoints) | restart (killed before its first checkpoint) | new."""
+    t = cell.cfg.train
+    ema = run_dir / "ema.safetensors"
+    if ema.is_file() and weights_step(ema) == t.steps and (not t.eval_bpd or (run_dir / "bpd.json").is_file()):
+        return "done"
+    if list_checkpoints(run_dir):
+        return "resume"
+    return "restart" if run_dir.exists() and any(run_dir.iterdir()) else "new"
+
+
+def train_command(cell: Cell, run_dir: Path, state: str, config_file: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "rrepa.cli", "train"]
+    if state == "resume":
+        return [*cmd, "--resume", str(run_dir)]
+    return [*cmd, "--preset", cell.preset, "--config", str(config_file), "--out", str(run_dir),
+            *(["--overwrite"] if state == "restart" else [])]
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on folder/.lock for this process's lifetime in the block; the kernel drops it when
+    the process dies, so a killed runner never leaves a stale lock."""
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".lock", "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{folder} is in use by PID {holder}; wait for it to finish or stop it") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the runner dies (even by SIGKILL), so no cell trains on unsupervised; and
+    take SIGINT again (a runner started in the background, `cmd &`, ignores it, and children inherit that), so
+    that stopping the runner stops the cells."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | os.PathLike | None = None,
+             jobs: int = 2, threads: int = 1, poll: float = 5.0, only: list[str] | None = None,
+             log=tqdm.write) -> int:
+    """Train every unfinished cell of the grid; returns the number of cells that failed."""
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"--jobs and --threads must be >= 1, got {jobs} and {threads}")
+    grid = load_grid(grid_file)
+    cells = grid.cells()
+    if only:
+        unknown = set(only) - set(grid.arms)
+        if unknown:
+            raise ValueError(f"--only names unknown arms {sorted(unknown)}; the grid has {', '.join(grid.arms)}")
+        cells = [c for c in cells if c.arm in only]
+    out = Path(out)
+    runs = Path(runs) if runs is not None else out / "runs"
+    with folder_lock(out):
+        stored = out / GRID_COPY
+        if stored.is_file() and grid_from_dict(yaml.safe_load(stored.read_text()), str(stored)).to_dict() != \
+                grid.to_dict():
+            raise ValueError(f"{out} holds the results of another grid ({stored} differs from {grid_file}); choose "
+                             f"another --out, or delete {out} to start over")
+        atomic_write(stored, lambda tmp: Path(tmp).write_text(yaml.safe_dump(grid.to_dict(), sort_keys=False)))
+        configs = out / "configs"
+        configs.mkdir(exist_ok=True)
+        for c in cells:  # the resolved config of every cell, beside its results
+            atomic_write(configs / f"{c.name}.yaml", lambda tmp, c=c: Path(tmp).write_text(c.cfg.to_yaml()))
+        runs.mkdir(parents=True, exist_ok=True)
+        evals = EvalLog(out / EVALS)
+        return _run(cells, runs, configs, evals, jobs, threads, poll, log)
+
+
+def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int, threads: int, poll: float,
+         log) -> int:
+    states = {c.name: cell_state(c, runs / c.name) for c in cells}
+    for c in cells:  # finished cells may still have evaluations the log lacks (a runner killed at the end)
+        if states[c.name] != "new":
+            evals.add(c, eval_rows(runs / c.name))
+    pending = [c for c in cells if states[c.name] != "done"]
+    log(f"{len(cells)} cells: {len(cells) - len(pending)} done, {len(pending)} to run ({jobs} at a time, "
+        f"{threads} thread(s) each); runs in {runs}")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TQDM_MININTERVAL": "30"}  # the cells' logs get a progress line every 30 s, not every step
+    total = sum(c.cfg.train.steps for c in pending)
+    bar = tqdm(total=total, desc="grid", unit="step", dynamic_ncols=True)
+    done_steps = {c.name: _current_step(runs / c.name) for c in pending}
+    bar.update(sum(done_steps.values()))
+    running: dict[str, tuple[Cell, subprocess.Popen]] = {}
+    failed: list[str] = []
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                c = pending.pop(0)
+                run_dir = runs / c.name
+                state = cell_state(c, run_dir)
+                cmd = train_command(c, run_dir, state, configs / f"{c.name}.yaml")
+                logfile = open(runs / f"{c.name}.log", "a")  # noqa: SIM115 - closed when the process ends
+                logfile.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {state}: {' '.join(cmd)}\n")
+                logfile.flush()
+                proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, preexec_fn=_die_with_parent)
+                logfile.close()
+                running[c.name] = (c, proc)
+                log(f"started {c.name} ({state}, PID {proc.pid})")
+            time.sleep(poll)
+            for name, (c, proc) in list(running.items()):
+                new = evals.add(c, eval_rows(runs / name))
+                step = _current_step(runs / name)
+                bar.update(max(0, step - done_steps[name]))
+                done_steps[name] = max(step, done_steps[name])
+                if new:
+                    log(f"{name}: {new} new evaluation(s), step {step}")
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                if proc.returncode == 0 and cell_state(c, runs / name) == "done":
+                    log(f"finished {name}")
+                else:
+                    failed.append(name)
+                    log(f"FAILED {name} (exit code {proc.returncode}); see {runs / name}.log:\n"
+                        + "".join(_tail(runs / f"{name}.log")))
+    except KeyboardInterrupt:
+        log(f"interrupted: stopping {len(running)} cell(s); they keep their checkpoints, run the same command "
+            f"again to continue")
+        _stop([p for _, p in running.values()])
+        for name, (c, _) in running.items():
+            evals.add(c, eval_rows(runs / name))
+        raise
+    finally:
+        bar.close()
+    log(f"{len(cells) - len(failed)} of {len(cells)} cells done" + (f"; failed: {', '.join(failed)}" if failed
+                                                                     else ""))
+    return len(failed)
+
+
+def _current_step(run_dir: Path) -> int:
+    """The last step in the run's metrics.jsonl (0 when none)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    step = 0
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+            step = max(step, int(json.loads(line)["step"]))
+    return step
+
+
+def _tail(path: Path, n: int = 15) -> list[str]:
+    lines = path.read_text(errors="replace").splitlines(keepends=True) if path.is_file() else []
+    return [line.split("\r")[-1] for line in lines[-n:]]
+
+
+def _stop(procs: list[subprocess.Popen], grace: float = 120.0) -> None:
+    """SIGINT first (a training run then saves a checkpoint), SIGKILL after `grace` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.time() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -1,0 +1,278 @@
+"""The report of an experiment grid (rrepa.experiment): tables of mean ± std over seeds, a confidence interval
+for each of the paper's claims, and plots, written into the results folder as README.md and PNGs.
+
+The claims (R-REPA paper, tested on whatever the grid trained):
+1. R-REPA (arm `reverse`) reaches a lower FID than F-REPA (`forward`) and D-REPA (`detach`).
+2. Alignment raises the training-free classifier's accuracy above the baseline's.
+3. R-REPA reaches the baseline's final FID in fewer steps.
+
+Differences of means get Welch's t interval (95 %), which allows unequal variances and is honest about
+three seeds: its degrees of freedom are small, so its intervals are wide. A claim "holds" here when the
+interval excludes zero in the claimed direction, is "contradicted" when it excludes zero the other way, and
+is "not resolved" otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy import stats
+
+from rrepa.checkpoint import atomic_write
+from rrepa.experiment import EVALS, GRID_COPY, read_evals
+
+# (key in evals.jsonl, column title, format, lower is better)
+METRICS = [("fid", "FID", "{:.1f}", True), ("precision", "precision", "{:.3f}", False),
+           ("recall", "recall", "{:.3f}", False), ("one_step_top1", "one-step top-1", "{:.1%}", False),
+           ("bayes_top1", "Bayes top-1", "{:.1%}", False), ("bpd", "bits/dim", "{:.4f}", True)]
+LEVEL = 0.95
+
+
+def table(rows: list[dict]) -> dict[str, dict[int, dict[str, list[float]]]]:
+    """arm -> step -> metric -> values over seeds (in seed order)."""
+    out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in sorted(rows, key=lambda r: (r["arm"], r["step"], r["seed"])):
+        for key, *_ in METRICS:
+            v = r.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                out[r["arm"]][r["step"]][key].append(float(v))
+    return out
+
+
+def by_seed(rows: list[dict], arm: str, key: str) -> dict[int, list[tuple[int, float]]]:
+    """seed -> [(step, value)] of one arm, sorted by step."""
+    out: dict = defaultdict(list)
+    for r in rows:
+        if r["arm"] == arm and isinstance(r.get(key), (int, float)):
+            out[r["seed"]].append((r["step"], float(r[key])))
+    return {s: sorted(v) for s, v in sorted(out.items())}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else float("nan")
+
+
+def welch(a: list[float], b: list[float], level: float = LEVEL) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and its Welch t confidence interval (nan bounds with fewer than 2 values a side)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    diff = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return diff, float("nan"), float("nan")
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return diff, diff, diff
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    h = float(stats.t.ppf(0.5 + level / 2, df)) * se
+    return diff, diff - h, diff + h
+
+
+def verdict(lo: float, hi: float, want_negative: bool) -> str:
+    if math.isnan(lo):
+        return "not resolved (needs 2+ seeds a side)"
+    if (hi < 0) if want_negative else (lo > 0):
+        return "holds"
+    if (lo > 0) if want_negative else (hi < 0):
+        return "contradicted"
+    return "not resolved (the interval contains 0)"
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """The first step at which a decreasing-is-better curve [(step, value)] reaches target, interpolated
+    linearly between evaluations (from step 0 at +inf, i.e. never before the first evaluation)."""
+    prev = None
+    for step, v in curve:
+        if v <= target:
+            if prev is None or prev[1] == v:
+                return float(step)
+            s0, v0 = prev
+            return s0 + (step - s0) * (v0 - target) / (v0 - v)
+        prev = (step, v)
+    return None
+
+
+def _fmt(fmt: str, m: float, s: float, n: int) -> str:
+    if n == 1:
+        return fmt.format(m) + " (1 seed)"
+    return f"{fmt.format(m)} ± {fmt.format(s).rstrip('%')}" + ("%" if fmt.endswith("%}") else "")
+
+
+def _ci(fmt: str, d: float, lo: float, hi: float) -> str:
+    if math.isnan(lo):
+        return fmt.format(d)
+    return f"{fmt.format(d)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
+    """Write folder/README.md and the PNG plots from folder/evals.jsonl; returns the README's path."""
+    folder = Path(folder)
+    if not (folder / EVALS).is_file():
+        raise FileNotFoundError(f"{folder / EVALS} does not exist: run `rrepa experiment run GRID --out {folder}` "
+                                f"first")
+    rows = read_evals(folder / EVALS)
+    if not rows:
+        raise ValueError(f"{folder / EVALS} has no evaluations yet")
+    grid = yaml.safe_load((folder / GRID_COPY).read_text()) if (folder / GRID_COPY).is_file() else {}
+    arm_order = list(grid.get("arms", {})) or sorted({r["arm"] for r in rows})
+    arms = [a for a in arm_order if any(r["arm"] == a for r in rows)]
+    tab = table(rows)
+    final = max(r["step"] for r in rows)
+    lines = [f"# Experiment `{folder.name}`", "",
+             f"Written by `rrepa experiment report {folder}` from `{EVALS}` ({len(rows)} evaluations). "
+             f"Every number is the mean ± standard deviation over seeds (n seeds in brackets where fewer than "
+             f"the grid's); intervals are Welch 95 % confidence intervals of a difference of means.", ""]
+    lines += _grid_section(grid, arms, rows)
+    lines += [f"## At the last evaluation (step {final:,})", "",
+              "| arm | seeds | " + " | ".join(t for _, t, _, _ in METRICS) + " |",
+              "|---|---|" + "---|" * len(METRICS)]
+    for a in arms:
+        at = tab[a].get(final, {})
+        n = max((len(v) for v in at.values()), default=0)
+        cells = [_fmt(f, *mean_std(at[k]), len(at[k])) if at.get(k) else "—" for k, _, f, _ in METRICS]
+        lines.append(f"| {a} | {n} | " + " | ".join(cells) + " |")
+    lines += ["", "## FID during training", "",
+              "| arm | " + " | ".join(f"{s:,}" for s in sorted({r['step'] for r in rows})) + " |",
+              "|---|" + "---|" * len({r["step"] for r in rows})]
+    for a in arms:
+        lines.append(f"| {a} | " + " | ".join(
+            _fmt("{:.1f}", *mean_std(tab[a][s]["fid"]), len(tab[a][s]["fid"])) if tab[a].get(s, {}).get("fid")
+            else "—" for s in sorted({r["step"] for r in rows})) + " |")
+    lines += ["", "![FID against step](fid.png)", "", "![one-step top-1 against step](one_step.png)", ""]
+    lines += _claims(rows, tab, arms, baseline, final)
+    _plot_curves(rows, arms, "fid", "FID (embedded evaluator)", folder / "fid.png")
+    _plot_curves(rows, arms, "one_step_top1", "one-step top-1", folder / "one_step.png")
+    _plot_steps_to_baseline(rows, arms, baseline, final, folder / "steps_to_baseline.png")
+    path = folder / "README.md"
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return path
+
+
+def _grid_section(grid: dict, arms: list[str], rows: list[dict]) -> list[str]:
+    if not grid:
+        return []
+    out = ["## The grid", "",
+           f"Preset `{grid.get('preset')}`, seeds {grid.get('seeds')}, common overrides "
+           f"`{' '.join(grid.get('set', [])) or '(none)'}`. Each row is "
+           f"`rrepa train --preset {grid.get('preset')} --set ... ` with these overrides:", "",
+           "| arm | overrides | seeds evaluated |", "|---|---|---|"]
+    for a in arms:
+        spec = grid["arms"][a]
+        seeds = sorted({r["seed"] for r in rows if r["arm"] == a})
+        out.append(f"| {a} | `{' '.join(spec.get('set', [])) or '(none)'}` | {seeds} |")
+    return [*out, ""]
+
+
+def _final_values(tab, arm: str, final: int, key: str) -> list[float]:
+    return tab.get(arm, {}).get(final, {}).get(key, [])
+
+
+def _claims(rows, tab, arms, baseline: str, final: int) -> list[str]:
+    out = ["## The paper's claims, tested", ""]
+    fid = {a: _final_values(tab, a, final, "fid") for a in arms}
+    # 1. R-REPA's FID against F-REPA's and D-REPA's (and the baseline's).
+    out += ["**Claim 1: R-REPA reaches a lower FID than F-REPA and D-REPA.** Difference of final FIDs "
+            "(negative: R-REPA better):", "", "| comparison | difference [95 % CI] | verdict |", "|---|---|---|"]
+    for other in ("forward", "detach", baseline):
+        if "reverse" in fid and other in fid and fid["reverse"] and fid[other]:
+            d, lo, hi = welch(fid["reverse"], fid[other])
+            out.append(f"| reverse - {other} | {_ci('{:+.1f}', d, lo, hi)} | {verdict(lo, hi, True)} |")
+    out += ["", "The paper also reports sFID; the embedded Fashion-MNIST evaluator has no spatial features, so "
+            "sFID is not measured here.", ""]
+    # 2. The classifier's accuracy, aligned arms against the baseline.
+    out += ["**Claim 2: alignment raises the training-free classifier's accuracy.** Difference of final top-1 "
+            "against the baseline (positive: alignment better):", "",
+            "| arm | one-step: difference [95 % CI] | verdict | Bayes: difference [95 % CI] | verdict |",
+            "|---|---|---|---|---|"]
+    for a in arms:
+        if a == baseline:
+            continue
+        cells = []
+        for key in ("one_step_top1", "bayes_top1"):
+            va, vb = _final_values(tab, a, final, key), _final_values(tab, baseline, final, key)
+            if va and vb:
+                d, lo, hi = welch(va, vb)
+                cells += [_ci("{:+.1%}", d, lo, hi), verdict(lo, hi, False)]
+            else:
+                cells += ["—", "—"]
+        out.append(f"| {a} | " + " | ".join(cells) + " |")
+    # 3. Steps to the baseline's final FID.
+    out += ["", "**Claim 3: R-REPA reaches the baseline's final FID in fewer steps.**", ""]
+    if fid.get(baseline):
+        target = float(np.mean(fid[baseline]))
+        out += [f"Target: the baseline's mean FID at step {final:,}, {target:.1f}. Steps each seed needed to reach "
+                "it (interpolated between evaluations; '—': not reached by the last evaluation), and the speed-up "
+                f"{final:,} / steps of the seeds that reached it:", "",
+                "| arm | steps per seed | speed-up (mean) |", "|---|---|---|"]
+        for a in arms:
+            reached = [steps_to_reach(c, target) for c in by_seed(rows, a, "fid").values()]
+            ok = [s for s in reached if s is not None]
+            speed = f"{np.mean([final / s for s in ok]):.2f}x ({len(ok)} of {len(reached)} seeds)" if ok else "—"
+            out.append(f"| {a} | " + ", ".join("—" if s is None else f"{s:,.0f}" for s in reached) + f" | {speed} |")
+        out += ["", "![steps to the baseline's final FID](steps_to_baseline.png)", ""]
+    else:
+        out += [f"Needs the `{baseline}` arm at step {final:,}.", ""]
+    return out
+
+
+def _plot_curves(rows, arms, key: str, ylabel: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for a in arms:
+        per_step: dict = defaultdict(list)
+        for r in rows:
+            if r["arm"] == a and isinstance(r.get(key), (int, float)):
+                per_step[r["step"]].append(float(r[key]))
+        if not per_step:
+            continue
+        steps = sorted(per_step)
+        m = np.array([np.mean(per_step[s]) for s in steps])
+        sd = np.array([np.std(per_step[s], ddof=1) if len(per_step[s]) > 1 else 0.0 for s in steps])
+        (line,) = ax.plot(steps, m, marker="o", ms=3, label=f"{a} (n={max(len(v) for v in per_step.values())})")
+        ax.fill_between(steps, m - sd, m + sd, color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{ylabel}: mean over seeds, band ± 1 std")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def _plot_steps_to_baseline(rows, arms, baseline: str, final: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = [v for c in by_seed(rows, baseline, "fid").values() for s, v in c if s == final]
+    if not base:
+        return
+    target = float(np.mean(base))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, a in enumerate(arms):
+        reached = [steps_to_reach(c, target) for c in by_seed(rows, a, "fid").values()]
+        ok = [s for s in reached if s is not None]
+        if ok:
+            ax.bar(i, np.mean(ok), color="C0", alpha=0.5)
+            ax.scatter([i] * len(ok), ok, color="k", s=12, zorder=3)
+        missing = len(reached) - len(ok)
+        if missing:
+            ax.text(i, final * 1.02, f"{missing} not reached", ha="center", fontsize=7)
+    ax.axhline(final, color="grey", ls="--", lw=1)
+    ax.set_xticks(range(len(arms)), arms)
+    ax.set_ylabel("steps")
+    ax.set_title(f"steps to reach the baseline's final FID ({target:.1f})")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)

@@ -1,0 +1,247 @@
+"""Experiment grids (rrepa.experiment): parsing, a real 2 arms x 2 seeds grid killed and resumed (no evaluation
+line lost or duplicated, the same values as an uninterrupted grid), and the report from a fixture log."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from scipy import stats
+
+from rrepa.experiment import EvalLog, cell_state, grid_from_dict, load_grid, read_evals
+from rrepa.report import steps_to_reach, verdict, welch, write_report
+from test_train import ENV, write_fake_fmnist
+
+TIMING = {"wall_s", "eval_seconds", "eval_seconds_test"}  # the only keys that differ between two identical runs
+
+
+# --------------------------------------------------------------------------------------------
+# The grid file
+# --------------------------------------------------------------------------------------------
+
+
+def test_grid_cells_are_seed_major_with_per_arm_seeds():
+    g = grid_from_dict({"preset": "fmnist", "seeds": [0, 1], "set": ["train.steps=10"],
+                        "arms": {"a": [], "b": ["optim.lr=3e-3"], "c": {"set": ["optim.lr=1e-2"], "seeds": [1, 7]}}})
+    cells = g.cells()
+    assert [c.name for c in cells] == ["a-s0", "b-s0", "a-s1", "b-s1", "c-s1", "c-s7"]
+    b = cells[1]
+    assert b.cfg.optim.lr == 3e-3 and b.cfg.train.steps == 10 and b.cfg.train.seed == 0
+    assert cells[-1].cfg.train.seed == 7 and cells[-1].cfg.optim.lr == 1e-2
+
+
+@pytest.mark.parametrize("grid, match", [
+    ({"seeds": [0]}, "arms"),
+    ({"arms": {"a": []}, "seed": [0]}, "unknown keys"),
+    ({"arms": {"a": []}, "seeds": []}, "non-empty list of integers"),
+    ({"arms": {"a": ["optim.lr"]}}, "key=value"),
+    ({"arms": {"a/b": []}}, "names folders"),
+    ({"arms": {"a": {"set": [], "seed": [1]}}}, "mapping with `set:`"),
+])
+def test_bad_grid_files(grid, match):
+    with pytest.raises(ValueError, match=match):
+        grid_from_dict(grid)
+
+
+def test_a_bad_override_names_its_arm(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"arms": {"ok": [], "typo": ["optim.lrr=1"]}}))
+    with pytest.raises(ValueError, match="arm 'typo' .*did you mean optim.lr"):  # the config's own suggestion
+        load_grid(path).cells()
+    path.write_text(yaml.safe_dump({"arms": {"neg": ["optim.lr=-1"]}}))
+    with pytest.raises(ValueError, match="arm 'neg' \\(seed 0\\)"):
+        load_grid(path).cells()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_grid(tmp_path / "missing.yaml")
+
+
+def test_eval_log_drops_a_line_cut_short_and_duplicates(tmp_path):
+    path = tmp_path / "evals.jsonl"
+    good = [{"arm": "a", "seed": 0, "step": 2, "fid": 1.0}, {"arm": "a", "seed": 0, "step": 4, "fid": 0.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*good, good[0]]) + '{"arm": "a", "se')
+    log = EvalLog(path)
+    assert read_evals(path) == good and log.keys == {("a", 0, 2), ("a", 0, 4)}
+
+
+# --------------------------------------------------------------------------------------------
+# A real grid, killed and resumed
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grid_file(tmp_path_factory) -> Path:
+    from rrepa.evaluator import FMNISTCNN, save_evaluator
+
+    root = tmp_path_factory.mktemp("grid")
+    data = write_fake_fmnist(root / "data", n_train=64, n_test=32)
+    torch.manual_seed(0)
+    evaluator = save_evaluator(FMNISTCNN(), {"test_accuracy": 0.1}, root / "evaluator.safetensors")  # random
+    path = root / "grid.yaml"
+    path.write_text(yaml.safe_dump({
+        "preset": "fmnist", "seeds": [0, 1],
+        "set": ["model.patch_size=7", "model.width=32", "model.head_dim=16", "model.num_blocks=2",
+                "model.layers_per_block=1", "optim.batch_size=8", "optim.warmup_steps=2", "train.steps=80",
+                "train.log_every=5", "train.sample_every=0", "train.ckpt_every=10", "train.keep_last=0",
+                "train.eval_every=20", "train.eval_samples=20", "train.eval_test_images=16",
+                "train.eval_batch_size=16", f"train.eval_weights={evaluator}", f"data.path={data}"],
+        "arms": {"baseline": [], "fast": ["optim.lr=3e-3"]}}))
+    return path
+
+
+def runner(grid: Path, out: Path, **kw) -> subprocess.Popen:
+    env = {**ENV, "RREPA_CACHE_DIR": str(out.parent / "cache")}
+    return subprocess.Popen([sys.executable, "-m", "rrepa.cli", "experiment", "run", str(grid), "--out", str(out),
+                             "--jobs", "2", "--no-report"], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def keyed(rows: list[dict]) -> dict[tuple, dict]:
+    return {(r["arm"], r["seed"], r["step"]): {k: v for k, v in r.items() if k not in TIMING} for r in rows}
+
+
+def test_grid_killed_and_resumed_loses_and_duplicates_nothing(grid_file, tmp_path):
+    expected = {(a, s, step) for a in ("baseline", "fast") for s in (0, 1) for step in (20, 40, 60, 80)}
+    # The reference: the grid uninterrupted.
+    finish(runner(grid_file, tmp_path / "ref"))
+    ref = read_evals(tmp_path / "ref" / "evals.jsonl")
+    assert len(ref) == len(expected) and set(keyed(ref)) == expected
+    assert {"arm", "seed", "step", "fid", "precision", "recall", "one_step_top1", "bayes_top1", "bpd",
+            "wall_s"} <= set(ref[0])
+    assert keyed(ref)[("fast", 1, 40)] != keyed(ref)[("baseline", 1, 40)]  # the arms really differ
+    # The same grid, killed (runner and cells at once) while a cell is between checkpoints.
+    out = tmp_path / "killed"
+    proc = runner(grid_file, out)
+    runs, grid = out / "runs", load_grid(grid_file)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if any(cell_state(c, runs / c.name) == "resume" for c in grid.cells()):
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    while True:  # until no process of the group is left (the cells die with the group)
+        try:
+            os.killpg(proc.pid, 0)
+            time.sleep(0.05)
+        except ProcessLookupError:
+            break
+    states = {c.name: cell_state(c, runs / c.name) for c in grid.cells()}
+    assert "resume" in states.values() and set(states.values()) != {"done"}, states
+    before = read_evals(out / "evals.jsonl") if (out / "evals.jsonl").exists() else []
+    log = finish(runner(grid_file, out))
+    assert "(resume" in log
+    after = read_evals(out / "evals.jsonl")
+    assert len(after) == len(expected) and set(keyed(after)) == expected  # no duplicate, none lost
+    assert after[:len(before)] == before  # lines are only ever appended
+    assert keyed(after) == keyed(ref)  # the resumed cells evaluate exactly as the uninterrupted ones
+    # Run again: everything is done, nothing is trained or logged twice.
+    log = finish(runner(grid_file, out))
+    assert "4 done, 0 to run" in log and read_evals(out / "evals.jsonl") == after
+    # Another grid into the same folder is refused.
+    other = tmp_path / "other.yaml"
+    other.write_text(grid_file.read_text().replace("optim.lr=3e-3", "optim.lr=1e-2"))
+    proc = runner(other, out)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "holds the results of another grid" in text
+
+
+def test_a_second_runner_on_the_same_folder_is_refused(grid_file, tmp_path):
+    out = tmp_path / "out"
+    first = runner(grid_file, out)
+    try:
+        deadline = time.time() + 60
+        while not (out / ".lock").is_file() or not (out / ".lock").read_text().strip():
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = runner(grid_file, out)
+        text, _ = second.communicate(timeout=120)
+        assert second.returncode == 2 and f"in use by PID {first.pid}" in text
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+def fixture_rows() -> list[dict]:
+    """Three seeds of four arms; reverse's FID is clearly lower, forward's no different from the baseline's."""
+    rng = np.random.default_rng(0)
+    base = {"baseline": 100.0, "forward": 99.0, "detach": 95.0, "reverse": 80.0}
+    rows = []
+    for arm, f in base.items():
+        for seed in range(3):
+            for step in (100, 200, 300, 400):
+                fid = f * 400 / step + rng.normal(0, 1.0)
+                rows.append({"arm": arm, "seed": seed, "step": step, "fid": fid, "precision": 0.5, "recall": 0.3,
+                             "one_step_top1": 0.5 + (0.05 if arm == "reverse" else 0.0) + rng.normal(0, 0.005),
+                             "bayes_top1": 0.6, "bpd": 5.4, "wall_s": step * 1.0})
+    return rows
+
+
+def test_welch_interval_matches_scipy():
+    rng = np.random.default_rng(1)
+    a, b = list(rng.normal(1, 1, 3)), list(rng.normal(0, 2, 4))
+    d, lo, hi = welch(a, b)
+    res = stats.ttest_ind(a, b, equal_var=False)
+    se = abs(d / res.statistic)
+    # the interval is d +- t_{0.975, df} se, so its half-width over se is the t quantile at the Welch df:
+    assert d == pytest.approx(np.mean(a) - np.mean(b), abs=1e-12)
+    assert stats.t.cdf((hi - d) / se, res.df) == pytest.approx(0.975, abs=1e-9)
+    assert lo == pytest.approx(2 * d - hi, abs=1e-12)
+    assert math.isnan(welch([1.0], [2.0, 3.0])[1])
+
+
+@pytest.mark.parametrize("lo, hi, want_negative, word", [
+    (-3, -1, True, "holds"), (1, 3, True, "contradicted"), (-1, 1, True, "not resolved"),
+    (1, 3, False, "holds"), (-3, -1, False, "contradicted"), (float("nan"), float("nan"), False, "not resolved")])
+def test_verdict(lo, hi, want_negative, word):
+    assert verdict(lo, hi, want_negative).startswith(word)
+
+
+def test_steps_to_reach_interpolates():
+    curve = [(100, 50.0), (200, 30.0), (300, 20.0)]
+    assert steps_to_reach(curve, 40.0) == pytest.approx(150.0)
+    assert steps_to_reach(curve, 50.0) == 100.0 and steps_to_reach(curve, 60.0) == 100.0
+    assert steps_to_reach(curve, 10.0) is None
+
+
+def test_report_from_a_fixture_log(tmp_path):
+    rows = fixture_rows()
+    (tmp_path / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"preset": "fmnist", "seeds": [0, 1, 2], "set": [],
+                                                        "arms": {a: {"set": [], "seeds": [0, 1, 2]}
+                                                                 for a in ("baseline", "forward", "detach",
+                                                                           "reverse")}}))
+    text = write_report(tmp_path).read_text()
+    for png in ("fid.png", "one_step.png", "steps_to_baseline.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    final = {a: [r["fid"] for r in rows if r["arm"] == a and r["step"] == 400] for a in ("baseline", "reverse",
+                                                                                        "forward")}
+    m, s = np.mean(final["reverse"]), np.std(final["reverse"], ddof=1)
+    assert f"| reverse | 3 | {m:.1f} ± {s:.1f} |" in text
+    d, lo, hi = welch(final["reverse"], final["forward"])
+    line = next(x for x in text.splitlines() if x.startswith("| reverse - forward"))
+    assert f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" in line and "holds" in line
+    assert any("not resolved" in x for x in text.splitlines() if x.startswith("| forward |"))  # claim 2
+    # Claim 3: reverse reaches the baseline's final mean FID (about 100) before its last evaluation.
+    line = next(x for x in text.splitlines() if x.startswith("| reverse |") and "x (" in x)
+    assert "3 of 3 seeds" in line
+    with pytest.raises(FileNotFoundError, match="experiment run"):
+        write_report(tmp_path / "nothing")
