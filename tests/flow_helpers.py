@@ -1,4 +1,4 @@
-"""Models for the math tests (imported by the test modules; pytest puts this folder on sys.path)."""
+"""Models for the math tests, and what the test modules share (pytest puts this folder on sys.path)."""
 
 import math
 
@@ -9,6 +9,10 @@ from rrepa.flow import FlowConfig, TARFlow
 
 # The GPU variant of a device-parametrised test is marked `cuda` and skipped without a GPU (conftest.py).
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+# Why the tests that need the real Fashion-MNIST are skipped without it (`make test` installs it where it can).
+NEEDS_FMNIST = ("needs Fashion-MNIST in /usr/share/datasets/fashion-mnist: run `make data` (Debian, as root) or "
+                "`apt-get install dataset-fashion-mnist`")
 
 
 def random_flow(cfg: FlowConfig, seed: int = 0, scale: float = 0.3) -> TARFlow:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flow_helpers import NEEDS_FMNIST
 from rrepa import data
 from rrepa.data import (
     DataConfig,
@@ -149,7 +150,7 @@ def test_read_idx_rejects_nan(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not SYSTEM_FMNIST.is_dir(), reason="dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(not SYSTEM_FMNIST.is_dir(), reason=NEEDS_FMNIST)
 @pytest.mark.parametrize("split,n", [("train", 60000), ("test", 10000)])
 def test_real_fashion_mnist(split, n):
     ds = build_dataset(DataConfig(name="fmnist"), split)
@@ -169,7 +170,8 @@ def test_explicit_dir_beats_system_dir(tmp_path, monkeypatch):
     system = write_fake_fmnist(tmp_path / "system", 12, 8, gz=False)
     monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", system)
     assert find_fashion_mnist(explicit) == explicit
-    assert find_fashion_mnist(tmp_path / "nowhere") == system  # a wrong explicit dir falls through
+    with pytest.raises(FileNotFoundError, match="nowhere .*does not exist"):
+        find_fashion_mnist(tmp_path / "nowhere")  # a wrong explicit dir is an error, never a fallback
     assert find_fashion_mnist(None) == system
     # a parent holding a fashion-mnist/ folder is accepted too
     nested = write_fake_fmnist(tmp_path / "parent" / "fashion-mnist", 3, 2)
@@ -190,10 +192,10 @@ def test_cache_dir_is_searched_after_system_dir(tmp_path, monkeypatch):
 def test_missing_everywhere_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
     with pytest.raises(FileNotFoundError) as e:
-        find_fashion_mnist(tmp_path / "mine")
+        find_fashion_mnist(None)
     msg = str(e.value)
     assert "\n" not in msg
-    for part in ("apt-get install dataset-fashion-mnist", "--data-dir", "RREPA_OFFLINE=1", str(tmp_path / "mine"),
+    for part in ("apt-get install dataset-fashion-mnist", "--data-dir", "RREPA_OFFLINE=1",
                  str(tmp_path / "absent"), str(tmp_path / "cache" / "fashion-mnist")):
         assert part in msg
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):

@@ -12,6 +12,7 @@ timm = pytest.importorskip("timm")
 from timm.layers import resample_abs_pos_embed  # noqa: E402
 from timm.models.vision_transformer import checkpoint_filter_fn  # noqa: E402
 
+from flow_helpers import NEEDS_FMNIST  # noqa: E402
 from rrepa.data import TensorImageDataset  # noqa: E402
 from rrepa.encoders import (  # noqa: E402
     IMAGENET_MEAN,
@@ -270,7 +271,7 @@ def _have_fashion_mnist() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST is not installed")
+@pytest.mark.skipif(not _have_fashion_mnist(), reason=NEEDS_FMNIST)
 def test_cli_encoder_train(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command"))

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from flow_helpers import NEEDS_FMNIST
 from rrepa import evaluator as ev_mod
 from rrepa import metrics
+from rrepa.checkpoint import Interrupted
 from rrepa.evaluator import (
     FMNISTEvaluator,
     default_evaluator_path,
@@ -25,7 +29,7 @@ from rrepa.evaluator import (
 
 torch.set_num_threads(1)
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not SYSTEM_FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+pytestmark = pytest.mark.skipif(not SYSTEM_FMNIST.is_dir(), reason=NEEDS_FMNIST)
 
 
 @pytest.fixture(autouse=True)
@@ -105,6 +109,56 @@ def test_load_evaluator_cache_reuse(tiny, monkeypatch, tmp_path):
     assert len(trained) == 1 and path.is_file()
     second = load_evaluator()  # cached: no training
     assert len(trained) == 1 and second.name == first.name
+
+
+def signal_at_step(monkeypatch, step: int) -> None:
+    """SIGINT to this process inside the training's `step`-th loss computation, as Ctrl-C would arrive."""
+    calls, cross_entropy = [0], torch.nn.functional.cross_entropy
+
+    def signalling(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", signalling)
+
+
+def test_an_interrupted_training_continues_to_the_same_weights(tmp_path, monkeypatch):
+    kw = dict(epochs=2, batch_size=128, max_train=640, max_test=200, seed=0, save_every=3)  # 2 x 5 steps
+    ref, _ = train_evaluator(**kw)
+    state = tmp_path / "ev.partial.pt"
+    signal_at_step(monkeypatch, 4)
+    with pytest.raises(Interrupted, match=f"at step 4 of 10; its progress is saved in {re.escape(str(state))}") as e:
+        train_evaluator(state_file=state, **kw)
+    assert e.value.exit_code == 130 and state.is_file()
+    monkeypatch.undo()
+    logs = []
+    model, info = train_evaluator(state_file=state, log=logs.append, **kw)
+    assert any("continuing the evaluator's training from step 4 of 10" in m for m in logs)
+    assert ev_mod.weights_hash(model.state_dict()) == ev_mod.weights_hash(ref.state_dict())  # the same evaluator
+    logs.clear()
+    train_evaluator(state_file=state, log=logs.append, **{**kw, "seed": 1})  # other settings: from the start
+    assert any("other settings" in m for m in logs)
+
+
+def test_evaluate_that_must_train_the_evaluator_says_so_and_stops_cleanly(fmnist_test, tmp_path, monkeypatch,
+                                                                          capsys):
+    from rrepa import cli
+
+    x, y = fmnist_test
+    metrics.write_samples_npz(tmp_path / "samples.npz", x[:20], y[:20])
+    signal_at_step(monkeypatch, 2)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["evaluate", "--samples", str(tmp_path / "samples.npz"), "--ref", "fmnist:test", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err
+    assert "`rrepa evaluator train`" in err and "training the evaluator:" in err  # the pointer, the progress bar
+    assert re.fullmatch(r"interrupted the evaluator's training at step 2 of 1407; its progress is saved in \S+"
+                        r"fmnist-cnn\.safetensors\.partial\.pt: run the same command again to continue",
+                        err.strip().splitlines()[-1])
+    assert ev_mod.partial_path(default_evaluator_path()).is_file() and not default_evaluator_path().exists()
+    assert not (default_evaluator_path().parent / ".lock").exists()
 
 
 def test_bad_weights_file(tmp_path):

@@ -267,18 +267,35 @@ def load_checkpoint(src: str | os.PathLike) -> object:
             return load_file(str(src), device="cpu")
         return torch.load(src, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        from rrepa.checkpoint import describe_load_error
+
         how = "a safetensors file" if safetensors else "a PyTorch checkpoint with torch.load(weights_only=True)"
-        raise ValueError(f"{src} could not be read as {how} ({type(err).__name__}: {detail}); it may be "
+        raise ValueError(f"{src} could not be read as {how} ({describe_load_error(err)}); it may be "
                          f"truncated or corrupt, or hold objects other than tensors") from err
+
+
+def already_ours(obj: object, src: str | os.PathLike) -> None:
+    """ValueError when `obj` (a loaded checkpoint) was written by rrepa: nothing to convert."""
+    from rrepa.checkpoint import CKPT_KEYS
+
+    if isinstance(obj, Mapping) and all(k in obj for k in CKPT_KEYS):
+        raise ValueError(f"{src} is already an rrepa training checkpoint (from `rrepa train`); use it as it is, e.g. "
+                         f"`rrepa sample --ckpt {src}`, no conversion needed")
+    state = obj.get("model", obj) if isinstance(obj, Mapping) else obj
+    if isinstance(state, Mapping) and any(isinstance(k, str) and re.match(r"(module\.)?blocks\.\d+\.layers\.", k)
+                                          for k in state):
+        use = ("pass it to --ckpt as it is" if Path(src).suffix == ".safetensors" else
+               "load it into rrepa.TARFlow with load_state_dict")
+        raise ValueError(f"{src} already holds rrepa-layout weights (blocks.*.layers.*), no conversion needed; {use}")
 
 
 def convert_file(src: str | os.PathLike, dst: str | os.PathLike, in_channels: int = 3, head_dim: int = 64,
                  sigma: float = 0.05) -> FlowConfig:
     """Convert an apple/ml-tarflow checkpoint file to rrepa's safetensors weights (float32, written
     atomically, with the FlowConfig in the metadata). Returns the inferred FlowConfig."""
-    cfg, state = convert_state_dict(load_checkpoint(src), in_channels=in_channels, head_dim=head_dim,
-                                    sigma=sigma)
+    obj = load_checkpoint(src)
+    already_ours(obj, src)
+    cfg, state = convert_state_dict(obj, in_channels=in_channels, head_dim=head_dim, sigma=sigma)
     model = TARFlow(cfg)
     load_state_checked(model, state, source=f"converted {src}")
     save_weights(dst, model, metadata={"converted_from": "apple/ml-tarflow", "source_file": Path(src).name})

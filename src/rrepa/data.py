@@ -9,7 +9,8 @@ Three sources, chosen by ``DataConfig.name``:
 
 ``fmnist``
     Fashion-MNIST (1 x 28 x 28, 10 classes), read from IDX files and held in memory as one uint8 tensor.
-    The files are searched for in ``DataConfig.path`` (or ``path/fashion-mnist``), then in
+    The files are read from ``DataConfig.path`` (or ``path/fashion-mnist``) when it is given (anything else
+    there is an error that says what the folder holds); without it they are searched for in
     /usr/share/datasets/fashion-mnist (Debian's ``dataset-fashion-mnist``), then in the cache directory
     (``$RREPA_CACHE_DIR``, else ``$XDG_CACHE_HOME/rrepa``, else ``~/.cache/rrepa``, + ``/fashion-mnist``),
     and are downloaded into that cache as a last resort unless ``RREPA_OFFLINE=1``. Each file may be
@@ -465,16 +466,17 @@ def download_fashion_mnist(dest: Path, timeout: float = 10.0) -> Path:
 
 
 def find_fashion_mnist(data_dir: str | os.PathLike | None) -> Path:
-    """Folder holding the four Fashion-MNIST IDX files (each ``.gz`` or raw). Looks in ``data_dir`` (and
-    ``data_dir/fashion-mnist``), then /usr/share/datasets/fashion-mnist, then the cache directory, then
-    downloads into the cache unless RREPA_OFFLINE=1. Raises a one-line FileNotFoundError otherwise."""
+    """Folder holding the four Fashion-MNIST IDX files (each ``.gz`` or raw): ``data_dir`` (or
+    ``data_dir/fashion-mnist``) when given, else /usr/share/datasets/fashion-mnist, then the cache directory,
+    then a download into the cache unless RREPA_OFFLINE=1. Raises a one-line FileNotFoundError otherwise (for
+    a given data_dir: what it holds instead and which data.name would read it)."""
     looked: list[str] = []
     if data_dir is not None:
+        # A path the user gave is used or refused: falling back to another copy would train on other data.
         for folder in (Path(data_dir), Path(data_dir) / "fashion-mnist"):
             if _has_fashion_mnist(folder):
                 return folder
-        looked.append(str(data_dir))
-        logger.warning("no Fashion-MNIST IDX files in %s; looking elsewhere", data_dir)
+        raise FileNotFoundError(_not_fashion_mnist(Path(data_dir)))
     cache = fashion_mnist_cache_dir()
     for folder in (FASHION_MNIST_SYSTEM_DIR, cache):
         if _has_fashion_mnist(folder):
@@ -494,6 +496,28 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None) -> Path:
         f"Fashion-MNIST IDX files ({', '.join(s for p in FASHION_MNIST_FILES.values() for s in p)}[.gz]) "
         f"not found in {', '.join(looked)} ({reason}); install them with `apt-get install "
         f"dataset-fashion-mnist` or pass their folder with --data-dir")
+
+
+def _not_fashion_mnist(path: Path) -> str:
+    """Why `path` (data.path / --data-dir) is not a Fashion-MNIST folder, and what to pass instead."""
+    files = ", ".join(f"{s}[.gz]" for pair in FASHION_MNIST_FILES.values() for s in pair)
+    where = f"data path {path} (--data-dir / data.path)"
+    if not path.exists():
+        return (f"{where} does not exist; give the folder holding {files}, or leave it out to use "
+                f"{FASHION_MNIST_SYSTEM_DIR}")
+    if path.is_file():
+        kind = " (an npz file: set data.name=npz for downsampled ImageNet)" if path.suffix == ".npz" else ""
+        return f"{where} is a file{kind}; Fashion-MNIST (data.name=fmnist) needs the folder holding {files}"
+    entries = [e for e in path.iterdir() if not e.name.startswith(".")]
+    if not entries:
+        return f"{where} is an empty folder; Fashion-MNIST (data.name=fmnist) needs the folder holding {files}"
+    images = any(e.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in e.rglob("*")) for e in entries[:50])
+    if images or any(e.suffix.lower() in IMAGE_EXTENSIONS for e in entries):
+        return (f"{where} holds image files, not Fashion-MNIST's IDX files; for an image folder (one sub-folder per "
+                f"class) set data.name=folder (--set data.name=folder)")
+    if any(e.suffix == ".npz" for e in entries):
+        return f"{where} holds .npz files, not Fashion-MNIST's IDX files; for downsampled ImageNet set data.name=npz"
+    return f"{where} holds none of Fashion-MNIST's IDX files ({files}); give the folder that holds them"
 
 
 def load_fashion_mnist(folder: str | os.PathLike, split: str) -> tuple[Tensor, Tensor]:

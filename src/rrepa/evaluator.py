@@ -19,7 +19,10 @@ Training (``train_evaluator``): Adam with a one-cycle learning rate, batch 128, 
 training images with random horizontal flips, seeded. The weights go to
 ``$RREPA_CACHE_DIR/evaluator/fmnist-cnn.safetensors`` (else ``$XDG_CACHE_HOME/rrepa/...``, else
 ``~/.cache/rrepa/...``), written atomically, with the test accuracy, training time and settings in the
-file's metadata. ``load_evaluator`` loads that file and trains it first when it is missing.
+file's metadata. ``load_evaluator`` loads that file and trains it first when it is missing. That training
+shows a progress bar (rate, ETA) and keeps its exact state in ``fmnist-cnn.safetensors.partial.pt`` beside
+the weights (every 100 steps, and on Ctrl-C / SIGTERM), so an interrupted training continues where it
+stopped and still gives the same weights, hence the same name.
 
 The evaluator's name, ``fmnist-cnn@<hash>``, carries the first 10 hex digits of a SHA-256 over its
 weights (tensor names, shapes and bytes), so numbers and cached reference statistics from differently
@@ -28,6 +31,7 @@ trained evaluators are never mixed up.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -198,13 +202,28 @@ def accuracy(model: FMNISTCNN, images: Tensor, labels: Tensor, batch_size: int =
     return correct / max(1, images.shape[0])
 
 
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where the training of the evaluator destined for `path` keeps its progress until it is done."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial.pt")
+
+
 def train_evaluator(epochs: int = 3, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
                     max_train: int | None = None, max_test: int | None = None, data_dir: str | None = None,
                     device: str | torch.device = "cpu",
-                    log: Callable[[str], None] | None = None) -> tuple[FMNISTCNN, dict]:
+                    log: Callable[[str], None] | None = None, state_file: str | os.PathLike | None = None,
+                    save_every: int = 100, progress: bool = False) -> tuple[FMNISTCNN, dict]:
     """Train FMNISTCNN on Fashion-MNIST (the first ``max_train`` training images, all by default) and
     measure its accuracy on the test split (the first ``max_test`` images). Returns (model, info) with
-    info = {test_accuracy, train_seconds, epochs, train_images, test_images, ...}."""
+    info = {test_accuracy, train_seconds, epochs, train_images, test_images, ...}.
+
+    state_file: the training saves its exact state there every ``save_every`` steps and when SIGINT or SIGTERM
+    stops it (it then raises rrepa.checkpoint.Interrupted); a later call with the same settings continues from
+    that state and ends with the weights an uninterrupted run gives. progress: a tqdm bar over the steps."""
+    from tqdm import tqdm
+
+    from rrepa.checkpoint import Interrupted, atomic_write, deferred_interrupts, torch_save
+
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     log = log or logger.info
@@ -219,16 +238,51 @@ def train_evaluator(epochs: int = 3, batch_size: int = 128, lr: float = 3e-3, se
     torch.manual_seed(seed)
     model = FMNISTCNN().to(device)
     steps_per_epoch = math.ceil(x_train.shape[0] / batch_size)
+    total_steps = epochs * steps_per_epoch
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
-                                                pct_start=0.2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.2)
+    settings = {"arch": ARCH, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+                "train_images": int(x_train.shape[0])}
+    step, spent, perm, total, seen = 0, 0.0, None, 0.0, 0
+    state_file = Path(state_file) if state_file is not None else None
+    if state_file is not None and state_file.is_file():
+        try:
+            st = torch.load(state_file, map_location="cpu", weights_only=True)
+            usable = st.get("settings") == settings
+        except Exception as err:  # noqa: BLE001 - a damaged progress file only costs the time it saved
+            log(f"warning: ignoring the evaluator's unreadable progress file {state_file} ({type(err).__name__})")
+            usable = False
+        else:
+            if not usable:
+                log(f"note: {state_file} is from other settings; training the evaluator from the start")
+        if usable:
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            g.set_state(st["generator"])
+            torch.set_rng_state(st["torch_rng"])
+            step, spent, perm, total, seen = st["step"], st["seconds"], st["perm"], st["loss_sum"], st["seen"]
+            log(f"continuing the evaluator's training from step {step} of {total_steps} ({state_file})")
+
+    def save_state() -> None:
+        state = {"settings": settings, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "generator": g.get_state(), "torch_rng": torch.get_rng_state(),
+                 "step": step, "seconds": spent + time.perf_counter() - start, "perm": perm, "loss_sum": total,
+                 "seen": seen}
+        atomic_write(state_file, lambda tmp: torch_save(state, tmp))
+
     start = time.perf_counter()
     model.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(x_train.shape[0], generator=g)
-        total, seen = 0.0, 0
-        for lo in range(0, x_train.shape[0], batch_size):
-            idx = perm[lo:lo + batch_size]
+    interrupts = deferred_interrupts() if state_file is not None else contextlib.nullcontext(None)
+    with interrupts as stop, tqdm(total=total_steps, initial=step, desc="training the evaluator", unit="step",
+                                  disable=not progress, dynamic_ncols=True) as bar:
+        say = tqdm.write if progress else log
+        while step < total_steps:
+            epoch, b = divmod(step, steps_per_epoch)
+            if b == 0:  # the same draws from g, in the same order, as an uninterrupted run
+                perm = torch.randperm(x_train.shape[0], generator=g)
+                total, seen = 0.0, 0
+            idx = perm[b * batch_size:(b + 1) * batch_size]
             xb = preprocess(x_train[idx])
             flip = torch.rand(xb.shape[0], generator=g) < 0.5
             xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb).to(device)
@@ -239,9 +293,18 @@ def train_evaluator(epochs: int = 3, batch_size: int = 128, lr: float = 3e-3, se
             sched.step()
             total += float(loss.detach()) * idx.numel()
             seen += idx.numel()
-        log(f"evaluator epoch {epoch + 1}/{epochs}: train loss {total / max(1, seen):.4f} "
-            f"({time.perf_counter() - start:.0f} s)")
-    train_seconds = time.perf_counter() - start
+            step += 1
+            bar.update(1)
+            if step % steps_per_epoch == 0:
+                say(f"evaluator epoch {epoch + 1}/{epochs}: train loss {total / max(1, seen):.4f} "
+                    f"({spent + time.perf_counter() - start:.0f} s)")
+            if state_file is not None and step < total_steps and (stop or step % save_every == 0):
+                save_state()
+            if stop:
+                raise Interrupted(f"interrupted the evaluator's training at step {step} of {total_steps}; its "
+                                  f"progress is saved in {state_file}: run the same command again to continue",
+                                  stop.signum)
+    train_seconds = spent + time.perf_counter() - start
     model.eval()
     acc = accuracy(model, x_test, y_test, device=device)
     info = {"arch": ARCH, "test_accuracy": acc, "train_seconds": round(train_seconds, 1), "epochs": epochs,
@@ -249,6 +312,21 @@ def train_evaluator(epochs: int = 3, batch_size: int = 128, lr: float = 3e-3, se
             "test_images": int(x_test.shape[0]), "torch": torch.__version__, "threads": torch.get_num_threads()}
     log(f"evaluator test accuracy {acc:.4f} on {x_test.shape[0]} images, trained in {train_seconds:.0f} s")
     return model.cpu(), info
+
+
+def train_and_save_evaluator(path: str | os.PathLike, log: Callable[[str], None] | None = None,
+                             **train_kwargs) -> Path:
+    """train_evaluator with its progress kept beside `path` (so an interrupted training continues), a progress
+    bar, and the folder locked against a second process training into it; then save_evaluator(path)."""
+    from rrepa.checkpoint import run_lock
+
+    path = Path(path)
+    with run_lock(path.parent, warn=log or logger.warning):
+        train_kwargs.setdefault("progress", True)
+        model, info = train_evaluator(log=log, state_file=partial_path(path), **train_kwargs)
+        save_evaluator(model, info, path)
+        partial_path(path).unlink(missing_ok=True)
+    return path
 
 
 def save_evaluator(model: FMNISTCNN, info: dict, path: str | os.PathLike) -> Path:
@@ -296,13 +374,15 @@ def load_evaluator(path: str | os.PathLike | None = None, *, train_if_missing: b
                    device: str | torch.device = "cpu", batch_size: int = 500,
                    log: Callable[[str], None] | None = None, **train_kwargs) -> FMNISTEvaluator:
     """The embedded evaluator from ``path`` (default: the cache file). When the file is missing and
-    ``train_if_missing``, train one (a few minutes on 2 CPU cores; ``train_kwargs`` go to
-    train_evaluator) and save it there first."""
+    ``train_if_missing``, train one (about 12 minutes on 2 idle CPU cores, resumable after Ctrl-C;
+    ``train_kwargs`` go to train_evaluator) and save it there first."""
     path = Path(path) if path is not None else default_evaluator_path()
     if not path.is_file():
         if not train_if_missing:
             raise FileNotFoundError(f"evaluator weights {path} not found (train them with `rrepa evaluator train`)")
-        (log or logger.warning)(f"no evaluator weights at {path}: training the Fashion-MNIST CNN (a few minutes)")
-        model, info = train_evaluator(log=log, **train_kwargs)
-        save_evaluator(model, info, path)
+        (log or logger.warning)(
+            f"no evaluator weights at {path}: training the embedded Fashion-MNIST CNN first, once (3 epochs of 60k "
+            f"images, about 4 minutes per epoch on 2 idle CPU cores; the bar shows the ETA). Ctrl-C keeps its "
+            f"progress for the next run; `rrepa evaluator train` does this step on its own")
+        train_and_save_evaluator(path, log=log, **train_kwargs)
     return load_evaluator_file(path, device=device, batch_size=batch_size)

@@ -882,10 +882,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from rrepa.distributed import resolve_device
 
     device = resolve_device(args.device)
+    # FID needs 2 samples for a covariance, precision / recall k + 1 for k neighbours: refused before any feature
+    # network is loaded (or trained).
+    least = max(2, args.k + 1)
     if args.ckpt is not None:
-        if args.num_samples is None or args.num_samples < 2:
-            raise ValueError("--ckpt needs --num-samples N (N >= 2; FID is biased upwards for small N: "
-                             "compare runs at the same N)")
+        if args.num_samples is None or args.num_samples < least:
+            raise ValueError(f"--ckpt needs --num-samples N with N >= {least} (FID needs 2, precision / recall with "
+                             f"--k {args.k} need {args.k + 1}; FID is biased upwards for small N: compare runs at "
+                             f"the same N)")
         log(f"drawing {args.num_samples} samples from {args.ckpt} ({args.weights} weights, seed {args.seed}, "
             f"guidance {args.guidance}, temperature {args.temperature})")
         images, labels = samples_from_checkpoint(
@@ -893,6 +897,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             weights=args.weights, progress=True, guidance=args.guidance, temperature=args.temperature)
     else:
         images, labels = read_samples_npz(args.samples)
+        if images.shape[0] < least:
+            raise ValueError(f"{args.samples} holds {images.shape[0]} samples; the metrics need at least {least} "
+                             f"(FID needs 2, precision / recall with --k {args.k} need {args.k + 1}; thousands give "
+                             f"stable figures)")
     net = build_feature_network(args.features, inception_weights=args.inception_weights,
                                 evaluator_weights=args.evaluator_weights, device=device,
                                 batch_size=args.batch_size, log=log)
@@ -926,19 +934,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluator_train(args: argparse.Namespace) -> None:
-    from rrepa.evaluator import default_evaluator_path, load_evaluator_file, save_evaluator, train_evaluator
+    from rrepa.evaluator import default_evaluator_path, load_evaluator_file, train_and_save_evaluator
 
     out = Path(args.out) if args.out else default_evaluator_path()
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists (pass --force to retrain and replace it)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, info = train_evaluator(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                  data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
-    save_evaluator(model, info, out)
+    # Ctrl-C keeps the progress beside `out`: the same command continues from there.
+    train_and_save_evaluator(out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
     ev = load_evaluator_file(out)
-    print(json.dumps({"feature_network": ev.name, "path": str(out), "test_accuracy": info["test_accuracy"],
-                      "train_seconds": info["train_seconds"], "epochs": info["epochs"]}))
+    print(json.dumps({"feature_network": ev.name, "path": str(out), "test_accuracy": ev.info["test_accuracy"],
+                      "train_seconds": ev.info["train_seconds"], "epochs": ev.info["epochs"]}))
 
 
 def cmd_evaluator_info(args: argparse.Namespace) -> None:
@@ -990,7 +998,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluator", help="the embedded Fashion-MNIST evaluator (train, info)")
     esub = p.add_subparsers(dest="evaluator_command", required=True, metavar="ACTION")
-    t = esub.add_parser("train", help="train the Fashion-MNIST CNN and cache it (a few minutes on CPU)")
+    t = esub.add_parser("train", help="train the Fashion-MNIST CNN and cache it (about 12 minutes on 2 idle CPU "
+                                          "cores; Ctrl-C keeps its progress, the same command continues)")
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=3e-3)
