@@ -9,7 +9,12 @@
 #      paper's size the naive reverse held 3.9 GiB per sample (measured on a CPU at batch 1), hence batches <= 16;
 #   3. bench_train.py: the default fmnist job's training throughput on the GPU (bf16), eager and with
 #      torch.compile (train.compile=true), on random Fashion-MNIST-shaped data (throughput does not depend on
-#      pixel values; no dataset needed).
+#      pixel values; no dataset needed);
+#   4. bench_sample.py: the Jacobi sampler against the sequential KV-cache sampler (float32; wall time, passes,
+#      FLOPs, max |difference|), on the fmnist shape and the 256-token model, without FID (the embedded evaluator
+#      is not on a fresh machine; the FID, a property of the images, is measured on the CPU). Set SAMPLE_CKPT to
+#      a copy of the default job's run folder for a trained model's iteration counts; without it the fmnist
+#      shape gets random weights, which converge faster.
 # Each step's output goes to OUT_DIR (default gpu-check/) as Markdown; a failed step does not stop the others,
 # and the exit status is non-zero when any failed.
 #
@@ -36,17 +41,19 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to the s
   $py -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.is_available())"
 } | tee "$out/gpu.txt"
 
-step pytest-cuda.txt 90 $py -m pytest -q -m cuda -p no:cacheprovider tests/test_flow.py tests/test_reverse.py \
-    tests/test_train_align.py
-step bench_align_bench.md 140 $py benchmarks/bench_align.py --device cuda --batch 8 64 --exact-check
-step bench_align_paper_bf16.md 180 $py benchmarks/bench_align.py --device cuda --bf16 --scale paper --batch 8 16 \
+step pytest-cuda.txt 80 $py -m pytest -q -m cuda -p no:cacheprovider tests/test_flow.py tests/test_reverse.py \
+    tests/test_train_align.py tests/test_jacobi.py
+step bench_align_bench.md 130 $py benchmarks/bench_align.py --device cuda --batch 8 64 --exact-check
+step bench_align_paper_bf16.md 170 $py benchmarks/bench_align.py --device cuda --bf16 --scale paper --batch 8 16 \
     --tables 1 3
 data=$(mktemp -d)
 $py -c "import sys; from pathlib import Path; from test_train import write_fake_fmnist; \
 write_fake_fmnist(Path(sys.argv[1]), 8192, 256)" "$data"
-step bench_train_fmnist.md 60 $py benchmarks/bench_train.py --device cuda --steps 400 --log-every 100 \
+step bench_train_fmnist.md 50 $py benchmarks/bench_train.py --device cuda --steps 400 --log-every 100 \
     --set "data.path=$data"
-step bench_train_fmnist_compile.md 90 $py benchmarks/bench_train.py --device cuda --steps 400 --log-every 100 \
+step bench_train_fmnist_compile.md 80 $py benchmarks/bench_train.py --device cuda --steps 400 --log-every 100 \
     --set "data.path=$data" --set train.compile=true
 rm -rf "$data"
+step bench_sample.md 50 $py benchmarks/bench_sample.py --device cuda --no-fid --repeats 2 --batch 1000 100 \
+    --batch-256 64 8 ${SAMPLE_CKPT:+--ckpt "$SAMPLE_CKPT"}
 exit $status
