@@ -16,7 +16,7 @@ import torch
 import yaml
 from scipy import stats
 
-from rrepa.experiment import EvalLog, cell_state, grid_from_dict, load_grid, read_evals
+from rrepa.experiment import EvalLog, cell_state, grid_from_dict, load_grid, probe_grid, read_evals
 from rrepa.report import steps_to_reach, verdict, welch, write_report
 from test_train import ENV, write_fake_fmnist
 
@@ -69,6 +69,11 @@ def test_eval_log_drops_a_line_cut_short_and_duplicates(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in [*good, good[0]]) + '{"arm": "a", "se')
     log = EvalLog(path)
     assert read_evals(path) == good and log.keys == {("a", 0, 2), ("a", 0, 4)}
+    # A cell that starts again from step 0 loses its lines; the others keep theirs.
+    other = {"arm": "b", "seed": 0, "step": 2, "fid": 3.0}
+    log.add(grid_from_dict({"arms": {"b": []}}).cells()[0], [{"step": 2, "fid": 3.0}])
+    assert log.drop(grid_from_dict({"arms": {"a": []}}).cells()[0]) == 2
+    assert read_evals(path) == [other] and log.keys == {("b", 0, 2)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,6 +156,13 @@ def test_grid_killed_and_resumed_loses_and_duplicates_nothing(grid_file, tmp_pat
     # Run again: everything is done, nothing is trained or logged twice.
     log = finish(runner(grid_file, out))
     assert "4 done, 0 to run" in log and read_evals(out / "evals.jsonl") == after
+    # Linear probes of the finished cells, once each.
+    assert probe_grid(out, limit_train=48, limit_test=16, log=lambda m: None) == 4
+    probes = read_evals(out / "probes.jsonl")
+    assert sorted((r["arm"], r["seed"]) for r in probes) == [(a, s) for a in ("baseline", "fast") for s in (0, 1)]
+    assert all(r["step"] == 80 and r["test_images"] == 16 and len(r["positions"]) == 2 and 0 <= r["probe_top1"] <= 1
+               for r in probes)
+    assert probe_grid(out, log=lambda m: None) == 0 and read_evals(out / "probes.jsonl") == probes
     # Another grid into the same folder is refused.
     other = tmp_path / "other.yaml"
     other.write_text(grid_file.read_text().replace("optim.lr=3e-3", "optim.lr=1e-2"))
@@ -169,7 +181,7 @@ def test_a_second_runner_on_the_same_folder_is_refused(grid_file, tmp_path):
             time.sleep(0.05)
         second = runner(grid_file, out)
         text, _ = second.communicate(timeout=120)
-        assert second.returncode == 2 and f"in use by PID {first.pid}" in text
+        assert second.returncode == 2 and f"in use by process {first.pid}" in text
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.communicate()
@@ -229,6 +241,9 @@ def test_report_from_a_fixture_log(tmp_path):
                                                         "arms": {a: {"set": [], "seeds": [0, 1, 2]}
                                                                  for a in ("baseline", "forward", "detach",
                                                                            "reverse")}}))
+    probes = [{"arm": a, "seed": s, "step": 400, "probe_top1": 0.8 - (0.3 if a == "reverse" else 0.0) + 0.01 * s,
+               "probe_block": 4, "probe_layer": 2} for a in ("baseline", "reverse") for s in range(3)]
+    (tmp_path / "probes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in probes))
     text = write_report(tmp_path).read_text()
     for png in ("fid.png", "one_step.png", "steps_to_baseline.png"):
         assert (tmp_path / png).stat().st_size > 1000
@@ -240,7 +255,13 @@ def test_report_from_a_fixture_log(tmp_path):
     line = next(x for x in text.splitlines() if x.startswith("| reverse - forward"))
     assert f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" in line and "holds" in line
     assert any("not resolved" in x for x in text.splitlines() if x.startswith("| forward |"))  # claim 2
-    # Claim 3: reverse reaches the baseline's final mean FID (about 100) before its last evaluation.
+    # Claim 3: baseline's one-step (~50 %) is far below its probe (~81 %); reverse's (~55 %) is near its (~51 %).
+    lines = [x for x in text.splitlines() if "(4, 2)" in x]
+    assert len(lines) == 2 and "does not hold" in lines[0] and lines[0].startswith("| baseline")
+    one = [r["one_step_top1"] for r in rows if r["arm"] == "baseline" and r["step"] == 400]
+    d, lo, hi = welch(one, [p["probe_top1"] for p in probes if p["arm"] == "baseline"])
+    assert f"{d:+.1%} [{lo:+.1%}, {hi:+.1%}]" in lines[0]
+    # Claim 4: reverse reaches the baseline's final mean FID (about 100) before its last evaluation.
     line = next(x for x in text.splitlines() if x.startswith("| reverse |") and "x (" in x)
     assert "3 of 3 seeds" in line
     with pytest.raises(FileNotFoundError, match="experiment run"):

@@ -19,30 +19,34 @@ Every in-training evaluation of every cell is appended, once, as one JSON line t
 (keys arm, seed, step, fid, precision, recall, one_step_top1, bayes_top1, bpd, wall_s, ...): the runner copies
 them from the cells' metrics.jsonl, keyed by (arm, seed, step), so a cell that is killed and resumed, and so
 evaluates a step again, never duplicates a line (the evaluation is deterministic: fixed noise, EMA weights
-restored exactly). `rrepa experiment report results/NAME` (rrepa.report) turns the log into tables and plots.
+restored exactly). `rrepa experiment probe results/NAME` fits linear probes at every (block, layer) of each
+finished cell (one line per cell in `probes.jsonl`; it may run while the grid trains), and `rrepa experiment
+report results/NAME` (rrepa.report) turns both logs into tables and plots.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from tqdm import tqdm
 
-from rrepa.checkpoint import atomic_write, list_checkpoints, weights_step
+from rrepa.checkpoint import atomic_write, list_checkpoints, run_lock, weights_step
+from rrepa.classify import load_model
 from rrepa.config import RunConfig, resolve
+from rrepa.data import build_dataset
+from rrepa.probe import probe_model
 
 EVALS = "evals.jsonl"
+PROBES = "probes.jsonl"
 GRID_COPY = "grid.yaml"
 
 
@@ -185,6 +189,15 @@ class EvalLog:
     def key(row: dict) -> tuple[str, int, int]:
         return row["arm"], int(row["seed"]), int(row["step"])
 
+    def drop(self, cell: Cell) -> int:
+        """Remove the cell's lines (a cell that starts again from step 0: they describe a run that is gone)."""
+        rows = read_evals(self.path) if self.path.is_file() else []
+        keep = [r for r in rows if (r["arm"], int(r["seed"])) != (cell.arm, cell.seed)]
+        if len(keep) < len(rows):
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in keep)))
+            self.keys = {self.key(r) for r in keep}
+        return len(rows) - len(keep)
+
     def add(self, cell: Cell, rows: list[dict]) -> int:
         """Append the rows not logged yet; returns how many were new."""
         new = 0
@@ -234,29 +247,6 @@ def train_command(cell: Cell, run_dir: Path, state: str, config_file: Path) -> l
             *(["--overwrite"] if state == "restart" else [])]
 
 
-@contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """An exclusive lock on folder/.lock for this process's lifetime in the block; the kernel drops it when
-    the process dies, so a killed runner never leaves a stale lock."""
-    folder.mkdir(parents=True, exist_ok=True)
-    f = open(folder / ".lock", "a+")  # noqa: SIM115 - held open for the lock's lifetime
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise ValueError(f"{folder} is in use by PID {holder}; wait for it to finish or stop it") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    try:
-        yield
-    finally:
-        f.close()
-
-
 def _die_with_parent() -> None:
     """In the child: get SIGTERM when the runner dies (even by SIGKILL), so no cell trains on unsupervised; and
     take SIGINT again (a runner started in the background, `cmd &`, ignores it, and children inherit that), so
@@ -283,7 +273,7 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
         cells = [c for c in cells if c.arm in only]
     out = Path(out)
     runs = Path(runs) if runs is not None else out / "runs"
-    with folder_lock(out):
+    with run_lock(out, warn=log):  # one runner per results folder
         stored = out / GRID_COPY
         if stored.is_file() and grid_from_dict(yaml.safe_load(stored.read_text()), str(stored)).to_dict() != \
                 grid.to_dict():
@@ -322,6 +312,8 @@ def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int
                 c = pending.pop(0)
                 run_dir = runs / c.name
                 state = cell_state(c, run_dir)
+                if state in ("new", "restart") and evals.drop(c):
+                    log(f"{c.name} starts again from step 0: its earlier evaluations are removed from the log")
                 cmd = train_command(c, run_dir, state, configs / f"{c.name}.yaml")
                 logfile = open(runs / f"{c.name}.log", "a")  # noqa: SIM115 - closed when the process ends
                 logfile.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {state}: {' '.join(cmd)}\n")
@@ -391,3 +383,44 @@ def _stop(procs: list[subprocess.Popen], grace: float = 120.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# Linear probes of the finished cells
+# --------------------------------------------------------------------------------------------
+
+
+def probe_grid(out: str | os.PathLike, runs: str | os.PathLike | None = None, limit_train: int = 10_000,
+               limit_test: int = 2000, log=tqdm.write) -> int:
+    """Linear probes (rrepa.probe) of the final EMA weights of every finished cell not probed yet, one line each
+    in OUT/probes.jsonl: {arm, seed, step, probe_top1, probe_block, probe_layer, positions, ...}. The test
+    images are the first limit_test of the test split, those of the in-training one-step and Bayes top-1.
+    Returns the number of cells probed."""
+    out = Path(out)
+    if not (out / GRID_COPY).is_file():
+        raise FileNotFoundError(f"{out / GRID_COPY} does not exist: run `rrepa experiment run GRID --out {out}` "
+                                f"first")
+    runs = Path(runs) if runs is not None else out / "runs"
+    cells = grid_from_dict(yaml.safe_load((out / GRID_COPY).read_text()), str(out / GRID_COPY)).cells()
+    path = out / PROBES
+    probed = 0
+    with run_lock(out, warn=log, name=".probe.lock"):  # not the runner's lock: probing may run beside training
+        done = {(r["arm"], r["seed"]) for r in read_evals(path)} if path.is_file() else set()
+        todo = [c for c in cells if (c.arm, c.seed) not in done and cell_state(c, runs / c.name) == "done"]
+        log(f"probing {len(todo)} finished cell(s) ({len(done)} probed before)")
+        for c in todo:
+            model, info = load_model(runs / c.name, "ema")
+            res = probe_model(model, build_dataset(c.cfg.data, "train"), build_dataset(c.cfg.data, "test"),
+                              limit_train=limit_train, limit_test=limit_test, seed=c.cfg.train.seed)
+            best = res["best"]
+            row = {"arm": c.arm, "seed": c.seed, "step": info["step"], "probe_top1": best["test_acc"],
+                   "probe_block": best["block"], "probe_layer": best["layer"], "train_images": res["train_images"],
+                   "test_images": res["test_images"], "pool": res["pool"], "noise": res["noise"],
+                   "positions": [{k: r[k] for k in ("block", "layer", "test_acc")} for r in res["positions"]]}
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            probed += 1
+            log(f"{c.name}: best probe block {best['block']}, layer {best['layer']}: {best['test_acc']:.1%}")
+    return probed

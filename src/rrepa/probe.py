@@ -314,34 +314,51 @@ def parse_grid(text: str) -> list[float]:
     return grid
 
 
+def probe_model(model: TARFlow, train_set, test_set, *, limit_train: int | None = None, limit_test: int | None = None,
+                batch_size: int = 128, pool: str = "mean", noise: str = "train", seed: int = 0,
+                l2_grid: Sequence[float] = DEFAULT_L2_GRID, val_fraction: float = 0.1, max_iter: int = 100,
+                device: str | torch.device = "cpu", progress: bool = True) -> dict:
+    """Linear probes at every (block, layer) of model: fit on the first limit_train images of train_set, tested on
+    the first limit_test of test_set. The test images get the noise `rrepa classify --seed S` gives them, the
+    training images other noise. Returns {"best": {"block", "layer", "test_acc"}, "positions": rows, ...}."""
+    for name, value in (("limit_train", limit_train), ("limit_test", limit_test)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if max_iter < 1:
+        raise ValueError(f"--max-iter must be >= 1, got {max_iter}")
+    positions = all_positions(model)
+    t0 = time.perf_counter()
+    train = collect_features(model, train_set, limit_train, batch_size, pool, noise, seed + 1, positions,
+                             desc="features (train)", progress=progress)
+    test = collect_features(model, test_set, limit_test, batch_size, pool, noise, seed, positions,
+                            desc="features (test)", progress=progress)
+    t1 = time.perf_counter()
+    rows = probe_features(train, test, positions, train_set.num_classes, l2_grid, val_fraction, seed, max_iter,
+                          device)
+    best = best_position(rows)
+    return {"pool": pool, "noise": noise, "sigma": model.cfg.sigma, "seed": seed, "train_images": len(train[1]),
+            "test_images": len(test[1]), "num_classes": train_set.num_classes, "l2_grid": list(l2_grid),
+            "val_fraction": val_fraction, "max_iter": max_iter, "feature_seconds": t1 - t0,
+            "probe_seconds": time.perf_counter() - t1,
+            "best": {"block": best["block"], "layer": best["layer"], "test_acc": best["test_acc"], "l2": best["l2"]},
+            "positions": rows}
+
+
 def cmd_probe(args: argparse.Namespace) -> None:
     """`rrepa probe`: linear-probe accuracy at every (block, layer)."""
     grid = parse_grid(args.l2_grid)
-    if args.max_iter < 1:
-        raise ValueError(f"--max-iter must be >= 1, got {args.max_iter}")
-    for name in ("limit_train", "limit_test"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     device = resolve_device(args.device)
     model, info = load_model(args.ckpt, args.weights, device)
     train_set = dataset_for(model, info, "train", args.data_dir, args.dataset)
     test_set = dataset_for(model, info, "test", args.data_dir, args.dataset)
-    K = train_set.num_classes
-    positions = all_positions(model)
-    t0 = time.perf_counter()
-    # The test images get the noise `rrepa classify --seed S` gives them; the training images other noise.
-    train = collect_features(model, train_set, args.limit_train, args.batch_size, args.pool, args.noise,
-                             args.seed + 1, positions, desc="features (train)")
-    test = collect_features(model, test_set, args.limit_test, args.batch_size, args.pool, args.noise, args.seed,
-                            positions, desc="features (test)")
-    t1 = time.perf_counter()
-    rows = probe_features(train, test, positions, K, grid, args.val_fraction, args.seed, args.max_iter, device)
-    t2 = time.perf_counter()
+    res = probe_model(model, train_set, test_set, limit_train=args.limit_train, limit_test=args.limit_test,
+                      batch_size=args.batch_size, pool=args.pool, noise=args.noise, seed=args.seed, l2_grid=grid,
+                      val_fraction=args.val_fraction, max_iter=args.max_iter, device=device)
     cfg = model.cfg
+    rows, best = res["positions"], res["best"]
     table = markdown_table(rows, cfg.num_blocks, cfg.layers_per_block)
-    best = best_position(rows)
-    print(f"linear-probe test accuracy (%), pool {args.pool}, noise {args.noise}, {len(train[1])} train / "
-          f"{len(test[1])} test images; best in bold")
+    print(f"linear-probe test accuracy (%), pool {args.pool}, noise {args.noise}, {res['train_images']} train / "
+          f"{res['test_images']} test images; best in bold")
     print(table)
     print(f"best: block {best['block']}, layer {best['layer']}: {100 * best['test_acc']:.2f}% (l2 {best['l2']:g})")
     out = Path(args.out) if args.out else default_out_dir(args.ckpt, "probe")
@@ -349,12 +366,9 @@ def cmd_probe(args: argparse.Namespace) -> None:
     png = out / f"probe-{args.pool}.png"
     save_heatmap(rows, cfg.num_blocks, cfg.layers_per_block, png,
                  f"linear probe ({args.pool}), best {100 * best['test_acc']:.1f}%")
-    report = {"ckpt": info["file"], "step": info["step"], "weights": info["weights"], "pool": args.pool,
-              "noise": args.noise, "sigma": cfg.sigma, "seed": args.seed, "train_images": len(train[1]),
-              "test_images": len(test[1]), "num_classes": K, "l2_grid": grid, "val_fraction": args.val_fraction,
-              "max_iter": args.max_iter, "feature_seconds": t1 - t0, "probe_seconds": t2 - t1,
-              "best": {"block": best["block"], "layer": best["layer"], "test_acc": best["test_acc"]},
-              "positions": rows, "table": table, "heatmap_png": str(png)}
+    report = {"ckpt": info["file"], "step": info["step"], "weights": info["weights"], **res, "table": table,
+              "heatmap_png": str(png)}
+    report["best"] = {k: best[k] for k in ("block", "layer", "test_acc")}
     path = out / f"probe-{args.pool}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path} and {png}")

@@ -4,7 +4,9 @@ for each of the paper's claims, and plots, written into the results folder as RE
 The claims (R-REPA paper, tested on whatever the grid trained):
 1. R-REPA (arm `reverse`) reaches a lower FID than F-REPA (`forward`) and D-REPA (`detach`).
 2. Alignment raises the training-free classifier's accuracy above the baseline's.
-3. R-REPA reaches the baseline's final FID in fewer steps.
+3. The one-step classifier's accuracy matches the best layer of linear probing (needs `probes.jsonl`, from
+   `rrepa experiment probe`).
+4. R-REPA reaches the baseline's final FID in fewer steps.
 
 Differences of means get Welch's t interval (95 %), which allows unequal variances and is honest about
 three seeds: its degrees of freedom are small, so its intervals are wide. A claim "holds" here when the
@@ -24,7 +26,7 @@ import yaml
 from scipy import stats
 
 from rrepa.checkpoint import atomic_write
-from rrepa.experiment import EVALS, GRID_COPY, read_evals
+from rrepa.experiment import EVALS, GRID_COPY, PROBES, read_evals
 
 # (key in evals.jsonl, column title, format, lower is better)
 METRICS = [("fid", "FID", "{:.1f}", True), ("precision", "precision", "{:.3f}", False),
@@ -144,7 +146,8 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
             _fmt("{:.1f}", *mean_std(tab[a][s]["fid"]), len(tab[a][s]["fid"])) if tab[a].get(s, {}).get("fid")
             else "—" for s in sorted({r["step"] for r in rows})) + " |")
     lines += ["", "![FID against step](fid.png)", "", "![one-step top-1 against step](one_step.png)", ""]
-    lines += _claims(rows, tab, arms, baseline, final)
+    probes = read_evals(folder / PROBES) if (folder / PROBES).is_file() else []
+    lines += _claims(rows, tab, arms, baseline, final, probes)
     _plot_curves(rows, arms, "fid", "FID (embedded evaluator)", folder / "fid.png")
     _plot_curves(rows, arms, "one_step_top1", "one-step top-1", folder / "one_step.png")
     _plot_steps_to_baseline(rows, arms, baseline, final, folder / "steps_to_baseline.png")
@@ -172,7 +175,7 @@ def _final_values(tab, arm: str, final: int, key: str) -> list[float]:
     return tab.get(arm, {}).get(final, {}).get(key, [])
 
 
-def _claims(rows, tab, arms, baseline: str, final: int) -> list[str]:
+def _claims(rows, tab, arms, baseline: str, final: int, probes: list[dict]) -> list[str]:
     out = ["## The paper's claims, tested", ""]
     fid = {a: _final_values(tab, a, final, "fid") for a in arms}
     # 1. R-REPA's FID against F-REPA's and D-REPA's (and the baseline's).
@@ -201,8 +204,32 @@ def _claims(rows, tab, arms, baseline: str, final: int) -> list[str]:
             else:
                 cells += ["—", "—"]
         out.append(f"| {a} | " + " | ".join(cells) + " |")
-    # 3. Steps to the baseline's final FID.
-    out += ["", "**Claim 3: R-REPA reaches the baseline's final FID in fewer steps.**", ""]
+    # 3. The one-step classifier against the best linear probe, per arm.
+    out += ["", "**Claim 3: the one-step classifier matches the best linear probe.** Final one-step top-1 against "
+            "the best (block, layer) probe of the same EMA weights, on the same test images (difference: one-step "
+            "minus probe):", ""]
+    if probes:
+        out += ["| arm | one-step top-1 | best probe top-1 | best position(s) | difference [95 % CI] | verdict |",
+                "|---|---|---|---|---|---|"]
+        for a in arms:
+            p = [r for r in probes if r["arm"] == a]
+            one = {r["seed"]: r["one_step_top1"] for r in rows if r["arm"] == a and r["step"] == final
+                   and isinstance(r.get("one_step_top1"), (int, float))}
+            pairs = [(one[r["seed"]], r["probe_top1"]) for r in p if r["seed"] in one]
+            if not pairs:
+                continue
+            o, q = [x for x, _ in pairs], [y for _, y in pairs]
+            d, lo, hi = welch(o, q)
+            where = ", ".join(sorted({f"({r['probe_block']}, {r['probe_layer']})" for r in p}))
+            word = {"holds": "one-step is above the probe", "contradicted": "does not hold: one-step is below"}.get(
+                verdict(lo, hi, False), "consistent with matching (the interval contains 0)"
+                if not math.isnan(lo) else "not resolved (needs 2+ seeds)")
+            out.append(f"| {a} | {_fmt('{:.1%}', *mean_std(o), len(o))} | {_fmt('{:.1%}', *mean_std(q), len(q))} | "
+                       f"{where} | {_ci('{:+.1%}', d, lo, hi)} | {word} |")
+    else:
+        out.append("Not measured yet: run `rrepa experiment probe` on the results folder.")
+    # 4. Steps to the baseline's final FID.
+    out += ["", "**Claim 4: R-REPA reaches the baseline's final FID in fewer steps.**", ""]
     if fid.get(baseline):
         target = float(np.mean(fid[baseline]))
         out += [f"Target: the baseline's mean FID at step {final:,}, {target:.1f}. Steps each seed needed to reach "
