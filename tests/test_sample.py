@@ -91,12 +91,13 @@ def test_sample_under_torchrun_matches_one_process(run, tmp_path):
 def test_bpd_command(run, capsys, tmp_path):
     cli.main(["bpd", "--ckpt", str(run), "--split", "test", "--batch-size", "10", "--json", str(tmp_path / "b.json")])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["images"] == 24 and result["split"] == "test" and result["step"] == 3 and result["conditional"]
+    assert result["images"] == 24 and result["split"] == "test" and result["step"] == 3
+    assert not result["conditional"] and result["protocol"] == "uniform dequantization, null label"  # TARFlow's
     assert json.loads((tmp_path / "b.json").read_text()) == result
     # The same number from the library, whatever the batch size (the noise is tied to the image index).
     model, info = load_flow(run)
     dataset = build_dataset(DataConfig(**info["config"]["data"]), "test")
-    direct = evaluate_bpd(model, dataset, 24, Dist(), progress=False)
+    direct = evaluate_bpd(model, dataset, 24, Dist(), conditional=False, progress=False)
     assert abs(direct["bpd"] - result["bpd"]) < 1e-4
     # A fresh flow is the identity on [-1, 1]: Gaussian NLL of the dequantized pixels, ~ 8.4 bits/dim here.
     assert 5 < result["bpd"] < 12

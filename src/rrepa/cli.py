@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# Idle OpenMP threads sleep instead of spinning. Beside two busy processes on 2 cores a spinning thread burns the
+# time slices its partner thread needs: the fmnist step went from 0.59 to 2.47 s (4.2x), against 0.75 to 1.29 s
+# with PASSIVE, which costs ~13 % on an idle machine (benchmarks/bench_contention.py). Fewer threads do not help:
+# 1 thread beside them took 1.8 s. Only effective before torch is imported, hence here; only a default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -47,7 +54,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         if args.preset or args.config:
             raise ValueError("--resume continues the run's own config.yaml; drop --preset/--config "
                              "(--set still applies, e.g. --set train.steps=20000)")
-        stored = Path(args.resume) / "config.yaml"
+        run = Path(args.resume)
+        if run.is_file():
+            hint = f" (its run folder is {run.parent})" if run.parent.joinpath("config.yaml").is_file() else ""
+            raise ValueError(f"--resume takes a run folder (the --out of `rrepa train`), not the file {run}{hint}")
+        if not run.is_dir():
+            raise FileNotFoundError(f"--resume {run}: no such run folder")
+        stored = run / "config.yaml"
+        if not stored.is_file():
+            raise FileNotFoundError(f"--resume {run}: not a run folder of `rrepa train` (it has no config.yaml)")
         cfg = merge(RunConfig.from_dict(load_yaml(stored)), parse_overrides(args.set), source="--set")
         cfg.validate()
     else:
@@ -69,11 +84,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from rrepa import distributed
     from rrepa.checkpoint import load_flow
+    from rrepa.flow import Jacobi, as_sampler
     from rrepa.sample import generate, save_grid, save_npz
 
     formats = set(args.format.split(","))
     if not formats <= {"png", "npz"}:
         raise ValueError(f"--format takes png, npz or png,npz, got {args.format!r}")
+    options = {k: v for k, v in (("tol", args.tol), ("chunk", args.chunk), ("max_iters", args.max_iters),
+                                 ("sequential_blocks", args.sequential_blocks)) if v is not None}
+    sampler = as_sampler(args.sampler)
+    if sampler is None and options:
+        flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        raise ValueError(f"{flags}: only for --sampler jacobi")
+    sampler = None if sampler is None else Jacobi(**options)
     with distributed.process_group(args.device) as d:
         model, info = load_flow(args.ckpt, args.weights, d.device)
         K = model.cfg.num_classes
@@ -90,12 +113,18 @@ def cmd_sample(args: argparse.Namespace) -> None:
             labels = torch.arange(args.num_samples) % K  # one column per class in the grid
         mine = generate(model, labels, args.num_samples, args.batch_size, args.seed, d, guidance=args.guidance,
                         anneal=args.anneal, attn_temp=args.attn_temp, temperature=args.temperature,
-                        denoise=not args.no_denoise)
+                        denoise=not args.no_denoise, sampler=sampler or "sequential", return_stats=True)
         parts: dict = {}
-        for shard in distributed.gather_objects(mine, d):
+        stats = None
+        for shard, shard_stats in distributed.gather_objects(mine, d):
             parts.update(shard)
+            if shard_stats is not None:
+                stats = shard_stats if stats is None else stats.merge(shard_stats)
         if not d.is_main:
             return
+        if sampler is not None:
+            print(f"jacobi sampler ({sampler}), passes of the transformer per block and batch "
+                  f"(sequential: {model.cfg.num_tokens - 1}):\n{stats.summary()}")
         x = torch.cat([parts[j] for j in sorted(parts)])
         ckpt = Path(args.ckpt)
         out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / f"samples-seed{args.seed}"
@@ -110,7 +139,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_bpd(args: argparse.Namespace) -> None:
-    """Bits/dim of a dataset split with uniform dequantization."""
+    """Bits/dim of a dataset split with uniform dequantization; the null label unless --conditional."""
     import json
     from pathlib import Path
 
@@ -125,10 +154,14 @@ def cmd_bpd(args: argparse.Namespace) -> None:
         if args.data_path:
             data.path = args.data_path
         dataset = build_dataset(data, args.split)
+        if args.conditional and args.unconditional:
+            raise ValueError("give --conditional or --unconditional (the default), not both")
         result = evaluate_bpd(model, dataset, args.batch_size, d, seed=args.seed,
-                              conditional=not args.unconditional, max_images=args.max_images)
+                              conditional=args.conditional, max_images=args.max_images)
         result.update(split=args.split, weights=args.weights, step=info["step"], ckpt=info["file"],
-                      conditional=not args.unconditional and model.cfg.num_classes > 0)
+                      # None: unknown (weights without a run config); runs from before the option did not dequantize
+                      train_dequantize=(info["config"]["train"].get("dequantize", False)
+                                        if "train" in info["config"] else None))
         if d.is_main:
             print(json.dumps(result))
             if args.json:
@@ -157,6 +190,10 @@ def cmd_experiment(args: argparse.Namespace) -> None:
             from rrepa.report import write_report
 
             print(f"wrote {write_report(args.out)}")
+    elif args.action == "probe":
+        from rrepa.experiment import probe_grid
+
+        probe_grid(args.folder, runs=args.runs, limit_train=args.limit_train, limit_test=args.limit_test)
     else:
         from rrepa.report import write_report
 
@@ -213,19 +250,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0,
                    help="std of the prior noise z (1 = the model's distribution; 0.8: cleaner, less varied images)")
     p.add_argument("--no-denoise", action="store_true", help="skip the one-step (Tweedie) denoising")
+    p.add_argument("--sampler", default="sequential",
+                   help="sequential (one token per transformer pass, KV cache) or jacobi (parallel iterations, "
+                        "chunked; prints its iterations per block)")
+    from rrepa.flow import Jacobi
+
+    jacobi = Jacobi()
+    p.add_argument("--tol", type=float,
+                   help=f"jacobi: a chunk stops when max |dx| < TOL (default {jacobi.tol:g}; 0 = exact)")
+    p.add_argument("--chunk", type=int, help="jacobi: tokens per chunk (default "
+                   f"{jacobi.chunk or 'None: a whole block at once'})")
+    p.add_argument("--max-iters", type=int, help="jacobi: iterations per chunk at most (default "
+                   f"{jacobi.max_iters or 'None: the chunk length, where it is exact'})")
+    p.add_argument("--sequential-blocks", type=int, help="jacobi: invert the first this many generated blocks "
+                   f"sequentially (default {jacobi.sequential_blocks})")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which weights of a checkpoint")
     p.add_argument("--format", default="png,npz", help="png, npz or png,npz")
     p.add_argument("--out", help="output path without extension (default <run>/samples-seed<seed>)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("bpd", help="bits/dim of a dataset split (uniform dequantization)")
+    p = sub.add_parser("bpd", help="bits/dim of a dataset split (uniform dequantization, null label)",
+                       description="Bits/dim with uniform dequantization and, by default, the null label: "
+                                   "TARFlow's protocol, comparable with published figures for models trained with "
+                                   "train.dequantize=true and model.sigma=0. The JSON names the protocol and the "
+                                   "model's training noise sigma.")
     p.add_argument("--ckpt", required=True, help="run folder, ckpt-*.pt or .safetensors")
     p.add_argument("--split", choices=("train", "test"), default="test")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--max-images", type=int, help="only the first this many images")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which weights of a checkpoint")
-    p.add_argument("--unconditional", action="store_true", help="use the null label instead of the true one")
+    p.add_argument("--conditional", action="store_true", help="use the true labels instead of the null label")
+    p.add_argument("--unconditional", action="store_true", help="the null label (the default; kept for old scripts)")
     p.add_argument("--data-path", help="dataset location (default: the run's data.path)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise")
     p.add_argument("--json", help="also write the result to this JSON file")
@@ -246,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--only", help="only these arms, comma-separated")
     q.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     q.set_defaults(func=cmd_experiment)
+    q = actions.add_parser("probe", help="linear probes of every finished cell (once each) into FOLDER/probes.jsonl")
+    q.add_argument("folder", help="the results folder of `rrepa experiment run`")
+    q.add_argument("--runs", help="the cells' run folders (default FOLDER/runs)")
+    q.add_argument("--limit-train", type=int, default=10_000, help="fit on the first N training images")
+    q.add_argument("--limit-test", type=int, default=2000,
+                   help="test on the first N test images (those of the in-training one-step and Bayes top-1)")
+    q.set_defaults(func=cmd_experiment)
     q = actions.add_parser("report", help="write FOLDER/README.md and plots from FOLDER/evals.jsonl")
     q.add_argument("folder", help="the results folder of `rrepa experiment run`")
     q.add_argument("--baseline", default="baseline", help="the arm the others are compared with")
@@ -259,13 +322,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(err: OSError) -> str:
+    """An OSError as one line: the path, the system's cause and what to do about it."""
+    import errno
+
+    if err.filename is None or err.strerror is None:
+        return str(err)  # our own messages (CheckpointWriteError, FileNotFoundError("... does not exist ..."))
+    where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+    fix = {errno.EROFS: "choose a writable location", errno.EACCES: "check its permissions or choose another path",
+           errno.EPERM: "check its permissions and attributes (chattr) or choose another path",
+           errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
+           errno.EFBIG: "the file exceeds a size limit; write elsewhere", errno.ENOENT: "check the path"}
+    return f"{where}: {err.strerror}" + (f" ({fix[err.errno]})" if err.errno in fix else "")
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()  # imports torch: seconds, during which Ctrl-C is likely
+        from rrepa.checkpoint import Interrupted
+    except KeyboardInterrupt:
+        print("rrepa: interrupted", file=sys.stderr)
+        sys.exit(130)
+    args = parser.parse_args(argv)
+
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        # A user error: one clear line, no traceback.
+    except Interrupted as err:
+        # Saved at a step boundary: one line saying where and how to continue.
+        if _is_rank0():
+            print(err.message, file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        if _is_rank0():
+            print(f"rrepa {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, KeyError, OSError) as err:
+        # A user error or an I/O failure: one clear line, no traceback.
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        if isinstance(err, OSError):
+            msg = describe_os_error(err)
         print(f"rrepa {args.command}: error: {msg}", file=sys.stderr)
         sys.exit(2)
 

@@ -52,6 +52,9 @@ class TrainConfig:
     bf16: bool = True  # bfloat16 autocast on CUDA; CPU always trains in float32
     compile: bool = False  # torch.compile the flow
     seed: int = 0  # seeds the model init, the data order and (plus the rank) the noise
+    # Uniform dequantization of the 8-bit training images, x = (pixel + u) / 128 - 1 with u ~ U[0, 1): TARFlow's
+    # likelihood protocol (DESIGN.md section 7), to use with model.sigma=0 for bits/dim comparable with its figures.
+    dequantize: bool = False
     num_workers: int = 2  # DataLoader workers per process; 0 loads in the main process
     log_every: int = 100  # steps between lines in metrics.jsonl / TensorBoard
     sample_every: int = 5000  # steps between sample grids (EMA weights, fixed noise); 0 = only at the end

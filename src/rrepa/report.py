@@ -31,7 +31,7 @@ from rrepa.experiment import EVALS, GRID_COPY, PROBES, read_evals
 # (key in evals.jsonl, column title, format, lower is better)
 METRICS = [("fid", "FID", "{:.1f}", True), ("precision", "precision", "{:.3f}", False),
            ("recall", "recall", "{:.3f}", False), ("one_step_top1", "one-step top-1", "{:.1%}", False),
-           ("bayes_top1", "Bayes top-1", "{:.1%}", False), ("bpd", "bits/dim", "{:.4f}", True)]
+           ("bayes_top1", "Bayes top-1", "{:.1%}", False), ("bpd", "bits/dim (true labels)", "{:.4f}", True)]
 LEVEL = 0.95
 
 

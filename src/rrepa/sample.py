@@ -17,8 +17,9 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from rrepa.checkpoint import atomic_write
 from rrepa.distributed import Dist
-from rrepa.flow import TARFlow
+from rrepa.flow import Jacobi, SampleStats, TARFlow
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -37,8 +38,8 @@ def save_grid(x: Tensor, path: str | Path, ncol: int) -> None:
         r, c = divmod(i, ncol)
         grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = u[i]
     arr = grid.permute(1, 2, 0).numpy()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr[..., 0] if C == 1 else arr).save(path)
+    image = Image.fromarray(arr[..., 0] if C == 1 else arr)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))  # format: the temporary name has no .png
 
 
 def grid_labels(model: TARFlow, rows: int) -> tuple[Tensor | None, int]:
@@ -53,35 +54,47 @@ def grid_labels(model: TARFlow, rows: int) -> tuple[Tensor | None, int]:
 @torch.no_grad()
 def generate(model: TARFlow, labels: Tensor | None, n: int, batch_size: int, seed: int, d: Dist,
              guidance: float = 0.0, anneal: bool = False, attn_temp: float = 1.0, temperature: float = 1.0,
-             denoise: bool = True, progress: bool = True) -> dict[int, Tensor]:
+             denoise: bool = True, progress: bool = True, sampler: str | Jacobi = "sequential",
+             return_stats: bool = False) -> dict[int, Tensor] | tuple[dict[int, Tensor], SampleStats | None]:
     """This process's share of n samples: {batch index j: images (b, C, H, W) in [-1, 1] on the CPU}.
 
     labels: (n,) int labels or None. Batch j holds samples [j * batch_size, (j + 1) * batch_size) and
     is drawn by process j % world_size with torch.Generator seeded (seed, j).
     temperature: std of the prior noise z (1 = the model's distribution).
+    sampler: see TARFlow.reverse. return_stats: also return the SampleStats of this process's batches merged
+    (None when it drew none).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device = param.device
     cfg = model.cfg
     num_batches = math.ceil(n / batch_size)
     mine = range(d.rank, num_batches, d.world_size)
     out = {}
+    stats = None
     for j in tqdm(mine, desc="sampling", unit="batch", disable=not (progress and d.is_main)):
         lo, hi = j * batch_size, min(n, (j + 1) * batch_size)
         g = torch.Generator(device).manual_seed(seed * 1_000_003 + j)
         y = None if labels is None else labels[lo:hi].to(device)
-        z = torch.randn((hi - lo, cfg.in_channels, cfg.image_height, cfg.image_width), generator=g, device=device)
-        out[j] = draw(model, z * temperature, y, guidance, anneal, attn_temp, denoise).cpu()
-    return out
+        z = torch.randn((hi - lo, cfg.in_channels, cfg.image_height, cfg.image_width), generator=g, device=device,
+                        dtype=param.dtype)
+        x, s = draw(model, z * temperature, y, guidance, anneal, attn_temp, denoise, sampler, return_stats=True)
+        out[j] = x.cpu()
+        stats = s if stats is None else stats.merge(s)
+    return (out, stats) if return_stats else out
 
 
 def draw(model: TARFlow, z: Tensor, y: Tensor | None, guidance: float = 0.0, anneal: bool = False,
-         attn_temp: float = 1.0, denoise: bool = True) -> Tensor:
-    """Images (B, C, H, W) from prior noise z (B, C, H, W): the reverse flow, then (when the model was
-    trained on noisy images and denoise is True) one score step to remove that noise."""
-    x = model.reverse(z, y, guidance=guidance, anneal=anneal, attn_temp=attn_temp)
-    return model.denoise(x, y) if denoise and model.cfg.sigma > 0 else x
+         attn_temp: float = 1.0, denoise: bool = True, sampler: str | Jacobi = "sequential",
+         return_stats: bool = False) -> Tensor | tuple[Tensor, SampleStats]:
+    """Images (B, C, H, W) from prior noise z (B, C, H, W): the reverse flow with `sampler` (see
+    TARFlow.reverse), then (when the model was trained on noisy images and denoise is True) one score step
+    to remove that noise. return_stats: also return the reverse's SampleStats."""
+    x, stats = model.reverse(z, y, guidance=guidance, anneal=anneal, attn_temp=attn_temp, sampler=sampler,
+                             return_stats=True)
+    x = model.denoise(x, y) if denoise and model.cfg.sigma > 0 else x
+    return (x, stats) if return_stats else x
 
 
 def save_npz(path: str | Path, images: Tensor, labels: Tensor | None) -> None:
@@ -89,15 +102,21 @@ def save_npz(path: str | Path, images: Tensor, labels: Tensor | None) -> None:
     arrays = {"arr_0": to_uint8(images).permute(0, 2, 3, 1).numpy()}
     if labels is not None:
         arrays["labels"] = labels.numpy().astype(np.int64)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 @torch.no_grad()
 def evaluate_bpd(model: TARFlow, dataset, batch_size: int, d: Dist, seed: int = 0, conditional: bool = True,
                  max_images: int | None = None, progress: bool = True) -> dict:
     """Bits/dim of dataset's 8-bit images with uniform dequantization (model.bits_per_dim), averaged
-    over the images; processes take every world_size-th batch. Returns {"bpd", "images"}."""
+    over the images; processes take every world_size-th batch. conditional: the true labels; False: the
+    null label (TARFlow's protocol, DESIGN.md section 7). Returns {"bpd", "images", "conditional",
+    "protocol", "sigma"}: what was measured and the model's training noise, which every bpd figure names."""
     device = next(model.parameters()).device
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     use_labels = conditional and model.cfg.num_classes > 0
@@ -113,4 +132,17 @@ def evaluate_bpd(model: TARFlow, dataset, batch_size: int, d: Dist, seed: int = 
         total += torch.stack([bpd.double().sum(), torch.tensor(float(len(idx)), device=device)])
     if d.world_size > 1:
         torch.distributed.all_reduce(total)
-    return {"bpd": float(total[0] / total[1]), "images": int(total[1])}
+    return {"bpd": float(total[0] / total[1]), "images": int(total[1]), "conditional": use_labels,
+            "protocol": bpd_protocol(use_labels), "sigma": model.cfg.sigma}
+
+
+def bpd_protocol(conditional: bool) -> str:
+    return f"uniform dequantization, {'true label' if conditional else 'null label'}"
+
+
+def describe_bpd(result: dict) -> str:
+    """'5.4080 bits/dim (uniform dequantization, null label; model trained with sigma 0.05)' for a log line."""
+    sigma = result.get("sigma")
+    noise = ("model trained without noise" if sigma == 0 else f"model trained with sigma {sigma}: "
+             f"noisy-image likelihood, not TARFlow's protocol" if sigma is not None else "sigma unknown")
+    return f"{result['bpd']:.4f} bits/dim ({result['protocol']}; {noise})"

@@ -14,6 +14,7 @@ A run folder holds:
     ckpt-*.pt, last        checkpoints (the newest keep_last; with alignment they hold the projectors, under
                            "align_head") and the name of the newest one
     ema.safetensors, model.safetensors, loss.png, bpd.json      written at the end (flow weights only)
+    .lock                  while a process trains into the folder (rrepa.checkpoint.run_lock): its PID
 
 Representation alignment (align.enabled, DESIGN.md section 2): the loss is NLL + align.weight * the alignment
 loss of the flow's hidden states against a frozen encoder's patch tokens of the CLEAN image (the flow sees
@@ -30,6 +31,7 @@ import json
 import math
 import random
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -46,11 +48,17 @@ from rrepa import distributed
 from rrepa.align import AlignHead, position_key
 from rrepa.checkpoint import (
     LAST_POINTER,
+    LOCK_FILE,
+    Interrupted,
+    InterruptFlag,
+    RunInUseError,
     atomic_write,
+    deferred_interrupts,
     list_checkpoints,
     load_latest_checkpoint,
     load_state_checked,
     resolve_checkpoint,
+    run_lock,
     save_checkpoint,
     save_weights,
 )
@@ -59,7 +67,7 @@ from rrepa.config import RunConfig
 from rrepa.data import build_dataset
 from rrepa.distributed import Dist, GlobalBatchSampler
 from rrepa.flow import TARFlow
-from rrepa.sample import draw, evaluate_bpd, grid_labels, save_grid
+from rrepa.sample import describe_bpd, draw, evaluate_bpd, grid_labels, save_grid
 
 # What a run writes into its folder; --overwrite removes exactly these.
 RUN_FILES = ("config.yaml", "metrics.jsonl", LAST_POINTER, "ema.safetensors", "model.safetensors", "loss.png",
@@ -152,12 +160,35 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
           init_from: str | None = None, device: str = "auto") -> dict:
-    """Train (or, with resume, continue) the run in run_dir. Returns a summary dict (rank 0 has bpd)."""
+    """Train (or, with resume, continue) the run in run_dir. Returns a summary dict (rank 0 has bpd).
+
+    Rank 0 holds the folder's lock (rrepa.checkpoint.run_lock) throughout: a second training into the same
+    folder is refused. SIGINT or SIGTERM during the loop finishes the current step, saves a checkpoint and
+    raises rrepa.checkpoint.Interrupted("interrupted at step N; resume with --resume DIR")."""
     with distributed.process_group(device) as d:
-        return _train(cfg, run_dir, resume, overwrite, init_from, d)
+        run_dir = Path(run_dir) if run_dir is not None else default_run_dir(d)
+        with locked(run_dir, d), deferred_interrupts() as stop, contextlib.ExitStack() as cleanup:
+            stop.armed = False  # before the loop a signal stops at once: there is nothing to save yet
+            return _train(cfg, run_dir, resume, overwrite, init_from, d, stop, cleanup)
 
 
-def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: str | None, d: Dist) -> dict:
+@contextlib.contextmanager
+def locked(run_dir: Path, d: Dist) -> Iterator[None]:
+    """Rank 0 holds run_dir's lock; when it cannot take it, every process stops (none waits in a collective)."""
+    with contextlib.ExitStack() as stack:
+        refused: Exception | None = None
+        if d.is_main:
+            try:
+                stack.enter_context(run_lock(run_dir, warn=tqdm.write))
+            except (RunInUseError, OSError) as err:
+                refused = err
+        if distributed.any_true(refused is not None, d):
+            raise refused or RunInUseError(f"run folder {run_dir}: rank 0 could not lock it (see its error)")
+        yield
+
+
+def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: str | None, d: Dist,
+           stop: InterruptFlag | None = None, cleanup: contextlib.ExitStack | None = None) -> dict:
     t_start = time.time()
     cfg.validate()
     o, t = cfg.optim, cfg.train
@@ -174,7 +205,7 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
     loader = torch.utils.data.DataLoader(
         targets.wrap(dataset, cfg.data.hflip) if targets is not None else dataset,
         batch_sampler=sampler, num_workers=t.num_workers, pin_memory=d.device.type == "cuda",
-        persistent_workers=t.num_workers > 0,
+        persistent_workers=t.num_workers > 0, worker_init_fn=_ignore_interrupts,
         generator=torch.Generator().manual_seed(t.seed + d.rank))  # keeps the global RNG untouched
 
     # ---- model, EMA, optimiser ------------------------------------------------------------
@@ -250,6 +281,10 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
     conditional = cfg.model.num_classes > 0
     batches = micro_batches(loader, sampler, step)
     bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", disable=not d.is_main, dynamic_ncols=True)
+    if cleanup is not None:
+        cleanup.callback(bar.close)  # an error leaves the bar finished, so its message starts on a line of its own
+    if stop is not None:
+        stop.armed = True  # from here on a signal ends the run at the next step boundary, with a checkpoint
     while step < t.steps:
         t0 = time.time()
         loss = torch.zeros((), device=d.device)
@@ -260,6 +295,8 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
                 x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
             else:
                 x, y, tokens = targets.split(next(batches))  # tokens of the clean images
+            if t.dequantize:  # TARFlow's likelihood protocol: uniform noise over each 8-bit level's bin
+                x = ((x + 1) * 127.5 + torch.rand_like(x)) / 128 - 1
             x = x + sigma * torch.randn_like(x)  # noise augmentation: train on x + sigma * eps
             # Only the last micro-batch all-reduces its gradients.
             sync = a == o.grad_accum - 1 or d.world_size == 1
@@ -311,7 +348,18 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
         if step % t.ckpt_every == 0 or step == t.steps:
             checkpoint(run_dir, model, ema, optimizer, scheduler, step, skipped, sampler, cfg, d, head,
                        elapsed=time.time() - t_run)
+        if stop is not None and distributed.any_true(bool(stop), d):  # collective: every process stops here
+            if not (step % t.ckpt_every == 0 or step == t.steps):
+                checkpoint(run_dir, model, ema, optimizer, scheduler, step, skipped, sampler, cfg, d, head,
+                           elapsed=time.time() - t_run)
+            bar.close()
+            if log is not None:
+                log.close()
+            raise Interrupted(f"interrupted at step {step}; resume with --resume {run_dir}",
+                              stop.signum or signal.SIGINT)
     bar.close()
+    if stop is not None:
+        stop.armed = False
 
     # ---- the end: weights, samples, loss curve, test bits/dim ---------------------------------
     summary = {"run_dir": str(run_dir), "step": step, "skipped": skipped}
@@ -324,13 +372,19 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
         log.close()
     if t.eval_bpd:
         test_set = build_dataset(cfg.data, "test")
-        result = evaluate_bpd(ema, test_set, t.eval_batch_size, d, seed=t.seed)
-        result.update(split="test", weights="ema", step=step, conditional=conditional)
+        # "bpd" follows rrepa bpd's default, the null label (TARFlow's protocol); a conditional model also gets
+        # the true-label figure. Both carry their protocol and the training noise sigma.
+        result = evaluate_bpd(ema, test_set, t.eval_batch_size, d, seed=t.seed, conditional=False)
+        result.update(split="test", weights="ema", step=step, train_dequantize=t.dequantize)
+        lines = [describe_bpd(result)]
+        if conditional:
+            cond = evaluate_bpd(ema, test_set, t.eval_batch_size, d, seed=t.seed, conditional=True)
+            result.update(bpd_conditional=cond["bpd"], protocol_conditional=cond["protocol"])
+            lines.append(describe_bpd(cond))
         summary["bpd"] = result["bpd"]
         if d.is_main:
             atomic_write(run_dir / "bpd.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
-            say(f"test bits/dim (EMA weights, uniform dequantization, {result['images']} images): "
-                f"{result['bpd']:.4f}")
+            say(f"test split, EMA weights, {result['images']} images: {'; '.join(lines)}")
     summary["wall_s"] = time.time() - t_start
     say(f"done: {step} steps in {summary['wall_s'] / 60:.1f} min, {skipped} skipped; results in {run_dir}")
     return summary
@@ -339,6 +393,13 @@ def _train(cfg: RunConfig, run_dir, resume: bool, overwrite: bool, init_from: st
 # --------------------------------------------------------------------------------------------
 # Pieces of the loop
 # --------------------------------------------------------------------------------------------
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT / SIGTERM to the main process, which stops at a step boundary; a worker
+    that died of the signal would fail the step in progress. They exit with the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def micro_batches(loader: torch.utils.data.DataLoader, sampler: GlobalBatchSampler, step: int) -> Iterator:
@@ -578,7 +639,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not list_checkpoints(run_dir):
             raise FileNotFoundError(f"--resume {run_dir}: no checkpoints (ckpt-*.pt) there to continue from")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+    elif run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not overwrite:
         what = "a training run" if (run_dir / "config.yaml").exists() else "files"
         raise ValueError(f"output folder {run_dir} already holds {what}; continue it with --resume {run_dir}, "
                          f"replace it with --overwrite, or choose another --out")
