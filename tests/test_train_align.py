@@ -287,4 +287,5 @@ def test_evaluating_during_training_leaves_the_training_unchanged(data, tmp_path
     r = [x for x in rows(tmp_path / "cached") if "eval_fid" in x]
     assert [x["step"] for x in r] == [2, 4]
     assert all(0 <= x["eval_one_step_top1"] <= 1 and 0 <= x["eval_bayes_top1"] <= 1 and x["eval_bpd"] > 0
-               and x["eval_test_images"] == 8 and x["eval_wall_s"] > 0 for x in r)
+               and x["eval_test_images"] == 8 for x in r)
+    assert 0 <= r[0]["eval_wall_s"] <= r[1]["eval_wall_s"]  # the run's clock (rounded to 0.1 s: may read 0.0)

@@ -211,14 +211,19 @@ def resolve(preset: str = "fmnist", config_file: str | None = None, overrides: l
     return cfg
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The parsed YAML file; a missing file or invalid YAML is a one-line error naming `what` and the path."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
-        d = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    d = read_yaml(path)
     if d is None:
         return {}
     if not isinstance(d, dict):

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from rrepa.checkpoint import atomic_write, list_checkpoints, run_lock, weights_step
 from rrepa.classify import load_model
-from rrepa.config import RunConfig, resolve
+from rrepa.config import RunConfig, read_yaml, resolve
 from rrepa.data import build_dataset
 from rrepa.probe import probe_model
 
@@ -98,14 +98,7 @@ class Grid:
 
 def load_grid(path: str | os.PathLike) -> Grid:
     """Read and check a grid file (see the module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"grid file {path} does not exist")
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
-    return grid_from_dict(d, str(path))
+    return grid_from_dict(read_yaml(path, "grid file"), str(path))
 
 
 def grid_from_dict(d, where: str = "grid") -> Grid:
@@ -148,21 +141,27 @@ def _int_list(v, where: str) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
-def eval_rows(run_dir: Path) -> list[dict]:
-    """The evaluation lines of a run's metrics.jsonl with their `eval_` prefix removed; a line still being
-    written (the last one, while the run is alive) is skipped."""
+def read_metrics(run_dir: Path) -> tuple[list[dict], int]:
+    """A run's metrics.jsonl: its evaluation lines with their `eval_` prefix removed, and the last step logged (0
+    when none). A line still being written (the last one, while the run is alive) is skipped."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return []
-    out = []
+        return [], 0
+    evals, step = [], 0
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        step = max(step, int(row["step"]))
         if "eval_fid" in row:
-            out.append({"step": row["step"], **{k[5:]: v for k, v in row.items() if k.startswith("eval_")}})
-    return out
+            evals.append({"step": row["step"], **{k[5:]: v for k, v in row.items() if k.startswith("eval_")}})
+    return evals, step
+
+
+def eval_rows(run_dir: Path) -> list[dict]:
+    """The evaluation lines of a run's metrics.jsonl (see read_metrics)."""
+    return read_metrics(run_dir)[0]
 
 
 class EvalLog:
@@ -302,7 +301,7 @@ def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int
            "TQDM_MININTERVAL": "30"}  # the cells' logs get a progress line every 30 s, not every step
     total = sum(c.cfg.train.steps for c in pending)
     bar = tqdm(total=total, desc="grid", unit="step", dynamic_ncols=True)
-    done_steps = {c.name: _current_step(runs / c.name) for c in pending}
+    done_steps = {c.name: read_metrics(runs / c.name)[1] for c in pending}
     bar.update(sum(done_steps.values()))
     running: dict[str, tuple[Cell, subprocess.Popen]] = {}
     failed: list[str] = []
@@ -325,8 +324,8 @@ def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int
                 log(f"started {c.name} ({state}, PID {proc.pid})")
             time.sleep(poll)
             for name, (c, proc) in list(running.items()):
-                new = evals.add(c, eval_rows(runs / name))
-                step = _current_step(runs / name)
+                rows, step = read_metrics(runs / name)  # one read of the file per poll
+                new = evals.add(c, rows)
                 bar.update(max(0, step - done_steps[name]))
                 done_steps[name] = max(step, done_steps[name])
                 if new:
@@ -352,18 +351,6 @@ def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int
     log(f"{len(cells) - len(failed)} of {len(cells)} cells done" + (f"; failed: {', '.join(failed)}" if failed
                                                                      else ""))
     return len(failed)
-
-
-def _current_step(run_dir: Path) -> int:
-    """The last step in the run's metrics.jsonl (0 when none)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    step = 0
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
-            step = max(step, int(json.loads(line)["step"]))
-    return step
 
 
 def _tail(path: Path, n: int = 15) -> list[str]:

@@ -675,17 +675,11 @@ def check_data_matches_model(dataset, cfg: RunConfig) -> None:
 def rng_preserved() -> Iterator[None]:
     """What runs inside may draw from the global RNGs without changing what the training loop draws next: a run
     then does not depend on whether an evaluation ran, or on whether its reference statistics were cached."""
-    torch_state, py_state = torch.get_rng_state(), random.getstate()
-    np_state = np.random.get_state()  # noqa: NPY002 - see seed_everything
-    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    state = rng_state()
     try:
         yield
     finally:
-        torch.set_rng_state(torch_state)
-        random.setstate(py_state)
-        np.random.set_state(np_state)  # noqa: NPY002
-        if cuda_state is not None:
-            torch.cuda.set_rng_state_all(cuda_state)
+        restore_rng_state(state)
 
 
 def seed_everything(seed: int) -> None:
@@ -712,12 +706,16 @@ def set_rng_state(ckpt: dict, d: Dist, seed: int) -> None:
                    f"the noise stream is reseeded, so the run continues, though not bit for bit")
         seed_everything(seed + d.rank + 1_000_003 * int(ckpt["step"]))
         return
-    s = states[d.rank]
+    restore_rng_state(states[d.rank], cuda=d.device.type == "cuda")
+
+
+def restore_rng_state(s: dict, cuda: bool = True) -> None:
+    """Set this process's RNGs to a state of rng_state() (also as loaded back from a checkpoint)."""
     torch.set_rng_state(s["torch"])
     random.setstate(_as_tuple(s["python"]))
     kind, keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
-    if "cuda" in s and d.device.type == "cuda":
+    if "cuda" in s and cuda:
         torch.cuda.set_rng_state(s["cuda"])
 
 
