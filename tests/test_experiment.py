@@ -4,6 +4,7 @@ line lost or duplicated, the same values as an uninterrupted grid), and the repo
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,6 +164,10 @@ def test_grid_killed_and_resumed_loses_and_duplicates_nothing(grid_file, tmp_pat
     assert all(r["step"] == 80 and r["test_images"] == 16 and len(r["positions"]) == 2 and 0 <= r["probe_top1"] <= 1
                for r in probes)
     assert probe_grid(out, log=lambda m: None) == 0 and read_evals(out / "probes.jsonl") == probes
+    # The run folders are a cache: without them, the cells whose final evaluation is logged stay done.
+    shutil.rmtree(runs)
+    log = finish(runner(grid_file, out))
+    assert "4 done, 0 to run" in log and read_evals(out / "evals.jsonl") == after
     # Another grid into the same folder is refused.
     other = tmp_path / "other.yaml"
     other.write_text(grid_file.read_text().replace("optim.lr=3e-3", "optim.lr=1e-2"))

@@ -13,8 +13,9 @@ A grid file (YAML) names a preset, the seeds, overrides common to every cell and
 
 `rrepa experiment run GRID --out results/NAME` trains every cell `ARM-sSEED` as a separate `rrepa train`
 process into `RUNS/ARM-sSEED` (RUNS defaults to `results/NAME/runs`; checkpoints are large, keep them out of
-git), `jobs` at a time with `threads` intra-op threads each. It is resumable: finished cells are skipped, a
-cell with checkpoints continues from the newest one, a cell killed before its first checkpoint restarts.
+git), `jobs` at a time with `threads` intra-op threads each. It is resumable: finished cells are skipped (also
+when their run folder is gone but the log holds their final evaluation), a cell with checkpoints continues from
+the newest one, a cell killed before its first checkpoint restarts.
 Every in-training evaluation of every cell is appended, once, as one JSON line to `results/NAME/evals.jsonl`
 (keys arm, seed, step, fid, precision, recall, one_step_top1, bayes_top1, bpd, wall_s, ...): the runner copies
 them from the cells' metrics.jsonl, keyed by (arm, seed, step), so a cell that is killed and resumed, and so
@@ -291,6 +292,9 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
 def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int, threads: int, poll: float,
          log) -> int:
     states = {c.name: cell_state(c, runs / c.name) for c in cells}
+    for c in cells:  # the log is the record and run folders a cache: a cell whose final evaluation is logged is
+        if states[c.name] == "new" and (c.arm, c.seed, c.cfg.train.steps) in evals.keys:  # done without them
+            states[c.name] = "done"
     for c in cells:  # finished cells may still have evaluations the log lacks (a runner killed at the end)
         if states[c.name] != "new":
             evals.add(c, eval_rows(runs / c.name))
