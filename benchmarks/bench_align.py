@@ -2,7 +2,7 @@
 
 Model (--scale bench, default): 32 x 32 x 3 images, patch 2 (N = 256 tokens of D = 12), T = 8 blocks of L = 2
 layers, width 128, head_dim 64, 10 classes; aligned at (block 7, layer 2) and (block 8, layer 2), the last layer of
-the last two blocks (see ../shared/DESIGN.md section 2). --scale paper keeps the 256 tokens but takes the paper's
+the last two blocks (see docs/DESIGN.md section 2). --scale paper keeps the 256 tokens but takes the paper's
 transformer (width 768, L = 8 layers per block, as the imagenet64 preset) aligned where the imagenet64 run preset
 aligns (layer 6 of blocks 7 and 8): a GPU size, refused on a CPU (there one naive call took 67 s at batch 1, and
 the CPU memory profiler's event log outgrew 24 GiB). Default batch 8. Everything is
@@ -29,7 +29,7 @@ Tables
      jacobi-K, detach (D-REPA, for contrast) and, with --exact-check (always with --quick), jacobi-N (exact: a
      check of the naive reference; 2N block passes kept in the graph: ~35 s and ~2 GiB per sample at N = 256,
      so pair it with a small --batch) against naive, on a TRAINED model: --ckpt (run folder, .pt training
-     checkpoint or .safetensors, loaded with rrepa.checkpoint.load_flow; aligned at the last layer of its last
+     checkpoint or .safetensors, loaded with rrepa.run.load_run; aligned at the last layer of its last
      two blocks), otherwise the benchmark's own model after a short NLL training inside this script
      (--train-steps 200 AdamW steps at lr 1e-3, batch --train-batch 4: ~75 s with 1 thread on a shared 2-core
      machine) on synthetic structured images (oriented coloured gratings, one orientation/frequency/colour per
@@ -91,6 +91,7 @@ from rrepa.align import AlignConfig, AlignHead
 from rrepa.distributed import resolve_device
 from rrepa.flow import FlowConfig, FlowOutput, Position, TARFlow
 from rrepa.reverse import detach_features, jacobi_reverse, naive_reverse, pseudo_reverse
+from rrepa.run import load_run
 
 CFG = FlowConfig(in_channels=3, image_height=32, image_width=32, patch_size=2, width=128, num_blocks=8,
                  layers_per_block=2, head_dim=64, num_classes=10)
@@ -538,9 +539,7 @@ def main() -> None:
         trained, grad_positions = model, positions
     else:
         if 2 in args.tables:
-            from rrepa.checkpoint import load_flow
-
-            trained, info = load_flow(args.ckpt, args.ckpt_weights)
+            trained, info = load_run(args.ckpt, args.ckpt_weights)
             trained = trained.to(device)
             source = f"checkpoint {info['file']} (step {info['step']}, {args.ckpt_weights} weights)"
             grad_positions = last_positions(trained.cfg)

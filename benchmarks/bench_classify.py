@@ -22,13 +22,16 @@ import argparse
 import torch
 
 from common import timed, trained_like
-from rrepa.classify import class_log_likelihoods, dataset_for, evaluate, load_model, multi_step_logits, one_step_scores
-from rrepa.flow import FlowConfig, preset
+from rrepa.cli.classify import dataset_for
+from rrepa.config import preset_model
+from rrepa.eval.classify import class_log_likelihoods, evaluate, multi_step_logits, one_step_scores
+from rrepa.flow import FlowConfig
+from rrepa.run import load_run
 
 SMALL = dict(in_channels=3, image_height=32, image_width=32, patch_size=4, width=128, num_blocks=4,
              layers_per_block=2)
 CONFIGS = {
-    "fmnist preset": preset("fmnist"),
+    "fmnist preset": preset_model("fmnist"),
     "32x32x3 p4, K=10": FlowConfig(**SMALL, num_classes=10),
     "32x32x3 p4, K=1000": FlowConfig(**SMALL, num_classes=1000),
 }
@@ -74,7 +77,7 @@ def main() -> None:
               f"{r['bayes'] / r['one']:.1f}x | {r['multi'] / r['one']:.1f}x |", flush=True)
 
     if args.ckpt:
-        model, info = load_model(args.ckpt)
+        model, info = load_run(args.ckpt)
         dataset = dataset_for(model, info, "test", args.data_dir, None)
         res = evaluate(model, dataset, ["one-step", "multi-step", "bayes"], limit=args.limit,
                        batch_size=args.batch, steps=args.steps, max_rows=args.bayes_rows, progress=False)

@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from cpu import busy_seconds
+
 SETTINGS = [  # (label, intra-op threads (0 = torch's default, all cores), environment; None = as `rrepa` starts)
     ("torch default: all cores, OpenMP default wait", 0, {}),
     ("all cores, OMP_WAIT_POLICY=PASSIVE", 0, {"OMP_WAIT_POLICY": "PASSIVE"}),
@@ -95,17 +97,6 @@ def measure(threads: int, env_extra: dict | None, busy: int, seconds: float) -> 
         sys.exit(f"setting threads={threads} env={env_extra} failed:\n{done.stderr[-3000:]}")
     return {**json.loads(done.stdout.strip().splitlines()[-1]),
             "others": max(0.0, (all1 - all0) - (ours1 - ours0)) / wall}
-
-
-def busy_seconds() -> tuple[float, float]:
-    """(CPU seconds all processes have used, CPU seconds this script and its finished children have used)."""
-    import resource
-
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:8]]
-    ours = sum(getattr(resource.getrusage(who), k) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-               for k in ("ru_utime", "ru_stime"))
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), ours
 
 
 def main() -> None:

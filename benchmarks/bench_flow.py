@@ -19,10 +19,11 @@ import argparse
 import torch
 
 from common import timed, trained_like
-from rrepa.flow import FlowConfig, preset
+from rrepa.config import preset_model
+from rrepa.flow import FlowConfig
 
 CONFIGS = {
-    "fmnist": preset("fmnist"),
+    "fmnist": preset_model("fmnist"),
     "32x32x3 p4": FlowConfig(in_channels=3, image_height=32, image_width=32, patch_size=4, width=128,
                              num_blocks=4, layers_per_block=2, num_classes=10),
     "32x32x3 p2": FlowConfig(in_channels=3, image_height=32, image_width=32, patch_size=2, width=128,

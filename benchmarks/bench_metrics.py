@@ -19,8 +19,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy: oversubscrib
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from rrepa import metrics  # noqa: E402
-from rrepa.evaluator import FMNISTCNN, FMNISTEvaluator, load_evaluator_file  # noqa: E402
+from rrepa.eval import fid, inception  # noqa: E402
+from rrepa.fmnist.evaluator import FMNISTCNN, FMNISTEvaluator, load_evaluator_file  # noqa: E402
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -46,8 +46,8 @@ def main() -> None:
     rows = []
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights = metrics.make_random_inception_weights(Path(tmp) / "random-inception.pth")
-        inc = metrics.InceptionFeatures(weights, batch_size=args.inception_batch)
+        weights = inception.make_random_inception_weights(Path(tmp) / "random-inception.pth")
+        inc = inception.InceptionFeatures(weights, batch_size=args.inception_batch)
     for size, ch in ((28, 1), (64, 3)):
         imgs = rng.integers(0, 256, (args.inception_images, size, size, ch), dtype=np.uint8)
         inc.extract(imgs[: args.inception_batch])  # warm-up
@@ -66,16 +66,16 @@ def main() -> None:
     for d, n in ((128, 10000), (2048, 4000)):
         x = rng.normal(size=(n, d))
         y = rng.normal(size=(n, d)) + 0.1
-        (m1, s1), (m2, s2) = metrics.feature_stats(x), metrics.feature_stats(y)
+        (m1, s1), (m2, s2) = fid.feature_stats(x), fid.feature_stats(y)
         methods = ("eigh",) if (d == 2048 and args.skip_sqrtm) else ("sqrtm", "eigh")
         for method in methods:
-            dt = timed(lambda m=method, a=(m1, s1, m2, s2): metrics.frechet_distance(*a, method=m))
+            dt = timed(lambda m=method, a=(m1, s1, m2, s2): fid.frechet_distance(*a, method=m))
             rows.append((f"Fréchet distance, {d}-d, method={method}", f"{dt:.2f} s", "one call"))
 
     for d, n in ((128, 10000), (2048, 5000)):
         real = rng.normal(size=(n, d)).astype(np.float32)
         fake = rng.normal(size=(n, d)).astype(np.float32)
-        dt = timed(lambda real=real, fake=fake: metrics.precision_recall(real, fake, k=3))
+        dt = timed(lambda real=real, fake=fake: fid.precision_recall(real, fake, k=3))
         rows.append((f"precision / recall, k=3, {n} vs {n}, {d}-d", f"{dt:.2f} s", "blocks of 2048 x 2048"))
 
     print(f"torch {torch.__version__}, {args.threads} thread(s), OPENBLAS_NUM_THREADS="

@@ -25,16 +25,23 @@ For each sampler (sequential; Jacobi over several tolerances, chunk sizes and nu
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rrepa.distributed import Dist, idle_cores, resolve_device
-from rrepa.flow import FlowConfig, Jacobi, SampleStats, TARFlow, preset
+from cpu import idle_cores
+from rrepa.config import preset_model
+from rrepa.distributed import Dist, resolve_device
+from rrepa.eval.reference import reference_stats
+from rrepa.eval.samples import build_feature_network, evaluate_samples
+from rrepa.flow import FlowConfig, TARFlow
+from rrepa.jacobi import Jacobi, SampleStats
+from rrepa.run import load_run
 from rrepa.sample import draw, generate
+from rrepa.testing import random_flow
+from rrepa.utils import to_uint8
 
 BIG = FlowConfig(in_channels=3, image_height=32, image_width=32, patch_size=2, width=128, num_blocks=4,
                  layers_per_block=2, num_classes=10)
@@ -57,15 +64,7 @@ def samplers(chunks: tuple[int, int]) -> list[tuple[str | Jacobi, bool]]:
 
 def random_weights(cfg: FlowConfig, scale: float = 0.2) -> TARFlow:
     """A model with random proj_out and class embeddings (a fresh one is the identity: Jacobi would stop at once)."""
-    torch.manual_seed(0)
-    model = TARFlow(cfg)
-    with torch.no_grad():
-        for block in model.blocks:
-            block.proj_out.weight.normal_(0, scale / math.sqrt(cfg.width))
-            block.proj_out.bias.normal_(0, 0.05)
-            if block.class_embed is not None:
-                block.class_embed.normal_(0, 1.0)
-    return model.eval()
+    return random_flow(cfg, seed=0, scale=scale, bias=0.05, dtype=torch.float32).eval()
 
 
 def sync(device: torch.device) -> None:
@@ -102,8 +101,6 @@ def iteration_columns(stats: SampleStats) -> tuple[str, str]:
 
 
 def fid_of(model: TARFlow, sampler: str | Jacobi, seed: int, n: int, batch: int, net, ref) -> float:
-    from rrepa.metrics import evaluate_samples
-    from rrepa.sample import to_uint8
 
     K = model.cfg.num_classes
     labels = torch.arange(n) % K if K else None
@@ -198,17 +195,14 @@ def main() -> None:
         if "fmnist" in models:
             fid = None
             if args.ckpt:
-                from rrepa.checkpoint import load_flow
-
-                model, _ = load_flow(args.ckpt, "ema", device)
+                model, _ = load_run(args.ckpt, "ema", device)
                 name = f"fmnist, default job's checkpoint ({args.ckpt})"
                 if not args.no_fid:
-                    from rrepa.metrics import build_feature_network, reference_stats
 
                     net = build_feature_network("fmnist", device=device)
                     fid = (net, reference_stats("fmnist:train", net))
             else:
-                model, name = random_weights(preset("fmnist")).to(device), "fmnist shape, random weights"
+                model, name = random_weights(preset_model("fmnist")).to(device), "fmnist shape, random weights"
             bench_model(name, model.eval(), args.batch, (16, 8), args, device, fid)
         if "256" in models:
             bench_model("32x32x3 patch 2, random weights", random_weights(BIG).to(device), args.batch_256, (64, 16),

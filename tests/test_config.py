@@ -1,21 +1,56 @@
 """Run config: preset -> YAML -> --set, typed values, unknown keys with suggestions, round trips."""
 
 import pytest
+import torch
 import yaml
 
 from rrepa import cli
-from rrepa.config import RunConfig, merge, resolve, valid_keys
-from rrepa.flow import PRESETS
+from rrepa.config import PRESETS, RunConfig, merge, preset_model, resolve, valid_keys
+from rrepa.flow import FlowConfig, TARFlow
 
 
 def test_preset_is_the_default_and_lists_only_what_differs():
     cfg = resolve()
-    assert cfg.model == PRESETS["fmnist"]
+    assert cfg.model == FlowConfig(in_channels=1, image_height=28, image_width=28, patch_size=4, width=128,
+                                   num_blocks=4, layers_per_block=2, num_classes=10)
     assert cfg.data.name == "fmnist"
     assert cfg.optim.betas == (0.9, 0.95)
     assert cfg.train.label_drop == 0.1
-    # A preset without run overrides keeps the defaults.
-    assert resolve("imagenet64").optim.lr == RunConfig().optim.lr
+    # What a preset does not name keeps the defaults.
+    assert resolve("imagenet64").optim.betas == RunConfig().optim.betas
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_is_complete_and_consistent(name):
+    """One registry: each preset names every section, and its sections agree with each other (no section
+    falls back on a default meant for another dataset, e.g. Fashion-MNIST data under an ImageNet model)."""
+    assert set(PRESETS[name]) == {"model", "data", "optim", "train", "align"}
+    cfg = resolve(name)
+    m, d, t = cfg.model, cfg.data, cfg.train
+    assert (d.image_size, d.image_size) == (m.image_height, m.image_width)
+    assert (d.name == "fmnist") == (t.eval_features == "fmnist") == (m.num_classes == 10)
+    assert m.in_channels == (1 if d.name == "fmnist" else 3)
+    m.check_positions(cfg.align.positions)  # alignment targets a position the model has
+    assert (cfg.align.encoder == "fmnist-ssl") == (d.name == "fmnist")
+    resolve(name, overrides=["align.enabled=true"])  # and validates with alignment on
+
+
+def test_preset_shapes():
+    c = resolve("imagenet64").model
+    assert (c.in_channels, c.image_height, c.patch_size, c.width, c.num_blocks, c.layers_per_block) == \
+        (3, 64, 2, 768, 8, 8)
+    assert c.num_tokens == 1024
+    assert preset_model("fmnist", width=256).width == 256
+    with pytest.raises(KeyError, match="unknown preset"):
+        preset_model("cifar")
+    model = TARFlow(preset_model("fmnist"))
+    x = torch.rand(2, 1, 28, 28) * 2 - 1
+    assert model(x, torch.tensor([0, 9])).z.shape == (2, 1, 28, 28)
+
+
+def test_image_size_must_match_the_model():
+    with pytest.raises(ValueError, match="data.image_size 32 does not match the model's 28 x 28"):
+        resolve(overrides=["data.image_size=32"])
 
 
 def test_yaml_then_set_precedence_and_types(tmp_path):

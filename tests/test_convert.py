@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from rrepa.checkpoint import load_weights
 from rrepa.convert import convert_file, convert_state_dict
-from rrepa.flow import Jacobi, TARFlow
+from rrepa.flow import TARFlow
+from rrepa.jacobi import Jacobi
 
 
 @pytest.fixture(autouse=True, scope="module")

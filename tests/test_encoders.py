@@ -1,8 +1,5 @@
-"""Frozen encoders: DINOv2 loading (Meta's and timm's layouts), position-embedding resampling,
-preprocessing, error messages; the embedded self-supervised fmnist-ssl encoder."""
-
-import argparse
-import math
+"""Frozen encoders (rrepa.encoders): DINOv2 loading (Meta's and timm's layouts), position-embedding resampling,
+preprocessing, error messages. (The embedded fmnist-ssl encoder: tests/fmnist/test_ssl_encoder.py.)"""
 
 import pytest
 import torch
@@ -12,22 +9,7 @@ timm = pytest.importorskip("timm")
 from timm.layers import resample_abs_pos_embed  # noqa: E402
 from timm.models.vision_transformer import checkpoint_filter_fn  # noqa: E402
 
-from flow_helpers import NEEDS_FMNIST  # noqa: E402
-from rrepa.data import TensorImageDataset  # noqa: E402
-from rrepa.encoders import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EmbeddedEncoder,
-    SSLBackbone,
-    SSLConfig,
-    SSLTrainConfig,
-    add_cli,
-    build_encoder,
-    linear_probe,
-    load_embedded,
-    save_embedded,
-    train_ssl_encoder,
-)
+from rrepa.encoders import IMAGENET_MEAN, IMAGENET_STD, build_encoder  # noqa: E402
 
 torch.set_num_threads(1)
 TINY = {"depth": 2}  # ViT-S/14 width, 2 blocks: the real architecture, fast enough on a CPU
@@ -175,111 +157,3 @@ def test_missing_weights_and_bad_input_errors(weights, tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read encoder weights"):
         build_encoder("dinov2_vits14", tmp_path / "junk.pth")
-
-
-# --- the embedded encoder ---------------------------------------------------------------------------------
-
-
-class NoLabels(torch.utils.data.Dataset):
-    """Images only: any access to labels raises."""
-
-    def __init__(self, images):
-        self._images = images
-
-    def __len__(self):
-        return len(self._images)
-
-    def uint8(self, i):
-        return self._images[i]
-
-    def __getitem__(self, i):
-        raise AssertionError("the SSL trainer read an (image, label) pair")
-
-    def label(self, i):
-        raise AssertionError("the SSL trainer read a label")
-
-    @property
-    def targets(self):
-        raise AssertionError("the SSL trainer read the labels")
-
-
-SMALL = SSLConfig(widths=(8, 16), dim=16)
-
-
-def toy_images(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
-
-
-def test_ssl_training_changes_weights_and_never_reads_labels():
-    cfg = SSLTrainConfig(steps=3, batch_size=16, max_images=48, seed=3)
-    torch.manual_seed(cfg.seed)
-    init = SSLBackbone(SMALL).state_dict()
-    backbone, info = train_ssl_encoder(NoLabels(toy_images()), cfg, SMALL, progress=False, log=lambda s: None)
-    trained = backbone.state_dict()
-    assert any(not torch.equal(init[k], trained[k]) for k in init if trained[k].is_floating_point())
-    assert info["steps"] == 3 and info["images"] == 48 and math.isfinite(info["final_loss"])
-    enc = EmbeddedEncoder(backbone)
-    x = torch.rand(5, 1, 28, 28) * 2 - 1
-    assert enc(x).shape == (5, 49, 16) and enc.grid((28, 28)) == (7, 7)
-    assert enc(torch.rand(2, 3, 56, 56) * 2 - 1).shape == (2, 49, 16)  # RGB -> gray, resized to 28
-
-
-def test_embedded_save_load_identity_and_cache(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    backbone = SSLBackbone(SMALL).eval()
-    with torch.no_grad():  # non-trivial BN statistics
-        for m in backbone.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2)
-    enc = EmbeddedEncoder(backbone, info={"probe_test_accuracy": 0.5})
-    monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path))
-    path = tmp_path / "encoders" / "fmnist-ssl.safetensors"
-    with pytest.raises(FileNotFoundError, match="rrepa encoder train"):
-        build_encoder("fmnist-ssl", train_if_missing=False)
-    save_embedded(path, backbone, enc.info)
-    loaded = build_encoder("fmnist-ssl")  # from the cache
-    x = torch.rand(4, 1, 28, 28) * 2 - 1
-    assert torch.equal(loaded(x), enc(x))
-    assert loaded.fingerprint == enc.fingerprint and loaded.info == {"probe_test_accuracy": 0.5}
-    assert load_embedded(path).name == "fmnist-ssl"
-    with pytest.raises(ValueError, match="28 x 28"):
-        build_encoder("fmnist-ssl", image_size=224)
-
-
-def test_linear_probe_separates_easy_classes():
-    n = 40
-    y = torch.arange(n) % 2
-    imgs = torch.zeros(n, 1, 28, 28, dtype=torch.uint8)
-    imgs[y == 1, :, ::2, ::2] = 255  # class 1: a dotted pattern; class 0: black
-    imgs = (imgs.int() + torch.randint(0, 30, imgs.shape)).clamp(0, 255).to(torch.uint8)
-    train = TensorImageDataset(imgs[:30], y[:30], num_classes=2)
-    test = TensorImageDataset(imgs[30:], y[30:], num_classes=2)
-    torch.manual_seed(0)
-    result = linear_probe(EmbeddedEncoder(SSLBackbone(SMALL)), train, test)
-    assert result["probe_test_accuracy"] == 1.0 and result["probe_train_images"] == 30
-
-
-def _have_fashion_mnist() -> bool:
-    from rrepa.data import find_fashion_mnist
-
-    try:
-        find_fashion_mnist(None)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _have_fashion_mnist(), reason=NEEDS_FMNIST)
-def test_cli_encoder_train(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
-    out = tmp_path / "enc.safetensors"
-    args = parser.parse_args(["encoder", "train", "--steps", "2", "--batch-size", "8", "--max-images", "32",
-                              "--no-probe", "--out", str(out), "--device", "cpu"])
-    args.func(args)
-    assert out.is_file() and "wrote" in capsys.readouterr().out
-    assert load_embedded(out).info["steps"] == 2
-    with pytest.raises(ValueError, match="--overwrite"):
-        args.func(args)

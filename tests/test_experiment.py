@@ -84,7 +84,7 @@ def test_eval_log_drops_a_line_cut_short_and_duplicates(tmp_path):
 
 @pytest.fixture(scope="module")
 def grid_file(tmp_path_factory) -> Path:
-    from rrepa.evaluator import FMNISTCNN, save_evaluator
+    from rrepa.fmnist.evaluator import FMNISTCNN, save_evaluator
 
     root = tmp_path_factory.mktemp("grid")
     data = write_fake_fmnist(root / "data", n_train=64, n_test=32)

@@ -19,17 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from rrepa import checkpoint, cli, metrics
-from rrepa.checkpoint import (
-    RunInUseError,
-    checkpoint_name,
-    list_checkpoints,
-    load_checkpoint,
-    run_lock,
-    save_checkpoint,
-)
-from rrepa.data import DataConfig, build_dataset, find_fashion_mnist
-from rrepa.flow import TARFlow
+from rrepa import checkpoint, cli, utils
+from rrepa.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint, save_checkpoint
+from rrepa.data import DataConfig, build_dataset
+from rrepa.fmnist.dataset import find_fashion_mnist
+from rrepa.objective import Objective
 from rrepa.train import train
 from test_train import ENV, finish, rows, tiny, write_fake_fmnist
 
@@ -122,7 +116,7 @@ def test_evaluate_refuses_too_few_samples_at_once(tmp_path, capsys, monkeypatch,
     def must_not_run(*args, **kwargs):
         raise AssertionError("the feature network was built for an unusable sample file")
 
-    monkeypatch.setattr(metrics, "build_feature_network", must_not_run)
+    monkeypatch.setattr(cli.evaluate, "build_feature_network", must_not_run)
     path = tmp_path / "s.npz"
     np.savez(path, arr_0=np.zeros((n, 28, 28, 1), np.uint8))
     code, _, err = run_cli(capsys, "evaluate", "--samples", str(path), "--ref", "fmnist:test")
@@ -222,7 +216,7 @@ def read_only(tmp_path, monkeypatch) -> Path:
     """A folder where creating files fails with EROFS, as on a read-only mount."""
     ro = tmp_path / "ro"
     ro.mkdir()
-    mkstemp, mkdir, os_open = checkpoint.tempfile.mkstemp, Path.mkdir, os.open
+    mkstemp, mkdir, os_open = utils.tempfile.mkstemp, Path.mkdir, os.open
 
     def inside(path) -> bool:
         return str(path).startswith(str(ro))
@@ -230,11 +224,11 @@ def read_only(tmp_path, monkeypatch) -> Path:
     def fail(path):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp",
+    monkeypatch.setattr(utils.tempfile, "mkstemp",
                         lambda suffix=None, prefix=None, dir=None, text=False: fail(f"{dir}/{prefix}x{suffix}")
                         if inside(dir) else mkstemp(suffix, prefix, dir, text))
     monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: fail(self) if inside(self) else mkdir(self, *a, **k))
-    monkeypatch.setattr(checkpoint.os, "open",
+    monkeypatch.setattr(utils.os, "open",
                         lambda path, flags, mode=0o777: fail(path) if inside(path) else os_open(path, flags, mode))
     return ro
 
@@ -256,7 +250,7 @@ def test_any_os_error_of_a_command_is_one_line(capsys, monkeypatch):
     def denied(args):
         raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), "/immutable/folder/x")
 
-    monkeypatch.setattr(cli, "cmd_presets", denied)
+    monkeypatch.setattr(cli.presets, "cmd_presets", denied)
     code, _, err = run_cli(capsys, "presets")
     assert code == 2 and "/immutable/folder/x: Operation not permitted" in one_error_line(err, "presets")
 
@@ -264,23 +258,6 @@ def test_any_os_error_of_a_command_is_one_line(capsys, monkeypatch):
 # --------------------------------------------------------------------------------------------
 # 7. One writer per run folder
 # --------------------------------------------------------------------------------------------
-
-
-def test_run_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_path):
-    run = tmp_path / "run"
-    with run_lock(run):
-        assert (run / ".lock").read_text().startswith(f"{os.getpid()}@")
-        with pytest.raises(RunInUseError, match=f"in use by process {os.getpid()}"):
-            with run_lock(run):
-                pass
-    assert not run.exists()  # made for the lock, left empty: removed
-    run.mkdir()
-    (run / ".lock").write_text("999999999@elsewhere\n")  # left by a killed process: nobody holds the flock
-    notes = []
-    with run_lock(run, warn=notes.append):
-        pass
-    assert len(notes) == 1 and "999999999@elsewhere" in notes[0] and "taking it over" in notes[0]
-    assert run.is_dir() and not (run / ".lock").exists()
 
 
 def test_two_trainings_into_one_folder(data, tmp_path):
@@ -335,13 +312,13 @@ def test_messages_for_corrupt_checkpoints_convert_and_resume(trained, tmp_path, 
 
 def test_dequantized_training_inputs(data, tmp_path, monkeypatch):
     seen = []
-    nll = TARFlow.nll
+    forward = Objective.forward
 
-    def spy(self, x, y=None, label_drop=0.0):
+    def spy(self, x, *args, **kwargs):
         seen.append(x.detach().clone())
-        return nll(self, x, y, label_drop)
+        return forward(self, x, *args, **kwargs)
 
-    monkeypatch.setattr(TARFlow, "nll", spy)
+    monkeypatch.setattr(Objective, "forward", spy)
     for dequantize in (False, True):
         seen.clear()
         train(tiny(data, "train.steps=1", "model.sigma=0", f"train.dequantize={str(dequantize).lower()}", *QUICK),

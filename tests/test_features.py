@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from rrepa.data import TensorImageDataset
-from rrepa.encoders import EmbeddedEncoder, FrozenEncoder, SSLBackbone, SSLConfig
+from rrepa.encoder_base import FrozenEncoder
 from rrepa.features import FEATURES_FILE, META_FILE, FeatureCache, IndexedFlipDataset
+from rrepa.fmnist.encoder import EmbeddedEncoder, SSLBackbone, SSLConfig
 
 torch.set_num_threads(1)
 ARCH = SSLConfig(widths=(8, 16), dim=16)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from flow_helpers import DEVICES, random_flow
 from rrepa.checkpoint import load_weights, save_weights
-from rrepa.flow import PRESETS, FlowConfig, KVCache, Layer, TARFlow, preset
+from rrepa.flow import FlowConfig, KVCache, Layer, TARFlow
 
 
 def tiny(C=1, H=4, W=4, p=2, T=3, L=2, K=5, width=64, head_dim=32, sigma=0.05) -> FlowConfig:
@@ -429,25 +429,6 @@ def test_bad_config_raises(kwargs, match):
                 layers_per_block=1, head_dim=32, num_classes=3)
     with pytest.raises(ValueError, match=match):
         FlowConfig(**{**base, **kwargs})
-
-
-# --- presets -----------------------------------------------------------------------------------
-
-
-def test_presets():
-    assert set(PRESETS) >= {"fmnist", "imagenet64", "imagenet256-latent", "imagenet256-latent-p1"}
-    c = PRESETS["imagenet64"]
-    assert (c.in_channels, c.image_height, c.patch_size, c.width, c.num_blocks, c.layers_per_block) == \
-        (3, 64, 2, 768, 8, 8)
-    assert c.num_tokens == 1024
-    assert PRESETS["imagenet256-latent"].num_tokens == 256 and PRESETS["imagenet256-latent-p1"].num_tokens == 1024
-    assert PRESETS["imagenet256-latent"].sigma == 0.2
-    assert preset("fmnist", width=256).width == 256
-    with pytest.raises(KeyError, match="unknown preset"):
-        preset("cifar")
-    model = TARFlow(PRESETS["fmnist"])
-    x = torch.rand(2, 1, 28, 28) * 2 - 1
-    assert model(x, torch.tensor([0, 9])).z.shape == (2, 1, 28, 28)
 
 
 # --- float32 / bf16 on each device ------------------------------------------------------------

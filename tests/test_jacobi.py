@@ -13,7 +13,8 @@ from flow_helpers import DEVICES, random_flow
 from rrepa import cli
 from rrepa.checkpoint import save_weights
 from rrepa.distributed import Dist
-from rrepa.flow import FlowConfig, Jacobi, KVCache, Layer, SampleStats, TARFlow, as_sampler
+from rrepa.flow import FlowConfig, KVCache, Layer, TARFlow
+from rrepa.jacobi import Jacobi, SampleStats, as_sampler
 from rrepa.sample import draw, generate
 
 

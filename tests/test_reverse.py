@@ -1,4 +1,4 @@
-"""Alignment features along the forward, detached and reverse paths (DESIGN.md section 2).
+"""Alignment features along the forward, detached and reverse paths (docs/DESIGN.md section 2).
 
 float64, a tiny TARFlow (1 x 4 x 4 image, patch 1: N = 16 tokens of dimension 1) whose proj_out is
 randomised: at zero-initialised proj_out every block is the identity and the strategies coincide.
@@ -182,7 +182,7 @@ def test_pseudo_equals_naive_iff_involved_proj_out_weights_are_zero(t):
     assert float(g_naive[f"blocks.{t - 1}.proj_out.weight"].abs().max()) > 0
 
 
-# --- gradients: parameter scope of each strategy (DESIGN.md section 2 table) ---------------------
+# --- gradients: parameter scope of each strategy (docs/DESIGN.md section 2 table) ---------------------
 
 
 def expected_nonzero(name: str, strategy: str, t: int, l: int) -> bool:
@@ -233,7 +233,7 @@ def test_reverse_gradients_differ_from_detach_at_the_last_block(rev, l):
 
 
 def test_pseudo_differs_from_a_single_pass_on_the_detached_cache():
-    """The pitfall of DESIGN.md: features read from the pass on the detached cache give D-REPA."""
+    """The pitfall of docs/DESIGN.md section 2: features read from the pass on the detached cache give D-REPA."""
     model = randomised()
     x, y = data(model.cfg)
     pos = [(2, 1)]

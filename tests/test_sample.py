@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 
 from rrepa import cli
-from rrepa.checkpoint import load_flow
 from rrepa.config import resolve
 from rrepa.data import DataConfig, build_dataset
 from rrepa.distributed import Dist
-from rrepa.sample import evaluate_bpd, generate, save_grid
+from rrepa.eval.bpd import evaluate_bpd
+from rrepa.run import load_run
+from rrepa.sample import generate, save_grid
 from rrepa.train import train
 
 
@@ -65,7 +66,7 @@ def test_sample_npz_layout_and_seed(run, tmp_path):
 
 
 def test_shards_do_not_depend_on_the_process_count(run):
-    model, _ = load_flow(run)
+    model, _ = load_run(run)
     labels = torch.arange(5) % 10
     whole = generate(model, labels, 5, 2, seed=3, d=Dist(), progress=False)
     shards = {}
@@ -95,7 +96,7 @@ def test_bpd_command(run, capsys, tmp_path):
     assert not result["conditional"] and result["protocol"] == "uniform dequantization, null label"  # TARFlow's
     assert json.loads((tmp_path / "b.json").read_text()) == result
     # The same number from the library, whatever the batch size (the noise is tied to the image index).
-    model, info = load_flow(run)
+    model, info = load_run(run)
     dataset = build_dataset(DataConfig(**info["config"]["data"]), "test")
     direct = evaluate_bpd(model, dataset, 24, Dist(), conditional=False, progress=False)
     assert abs(direct["bpd"] - result["bpd"]) < 1e-4

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rrepa import encoders
-from rrepa.checkpoint import load_checkpoint, load_flow, load_weights
-from rrepa.encoders import SSLBackbone, SSLConfig, save_embedded
+from rrepa import objective
+from rrepa.checkpoint import load_checkpoint, load_weights
+from rrepa.encoder_base import FrozenEncoder
+from rrepa.fmnist.encoder import EMBEDDED_FILE, SSLBackbone, SSLConfig, save_embedded
+from rrepa.run import load_run
 from rrepa.train import train
 from test_train import ENV, finish, killer, rows, rrepa, tiny, write_fake_fmnist
 
@@ -30,21 +32,21 @@ def cache(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "cache"
     monkeypatch.setenv("RREPA_CACHE_DIR", str(root))
     torch.manual_seed(123)
-    save_embedded(root / "encoders" / encoders.EMBEDDED_FILE, SSLBackbone(SSLConfig(widths=(8, 16), dim=16)))
+    save_embedded(root / "encoders" / EMBEDDED_FILE, SSLBackbone(SSLConfig(widths=(8, 16), dim=16)))
     return root
 
 
 @pytest.fixture
 def encoder_calls(monkeypatch) -> dict:
     calls = {"images": 0, "batches": 0}
-    forward = encoders.FrozenEncoder.forward
+    forward = FrozenEncoder.forward
 
     def counting(self, x):
         calls["images"] += x.shape[0]
         calls["batches"] += 1
         return forward(self, x)
 
-    monkeypatch.setattr(encoders.FrozenEncoder, "forward", counting)
+    monkeypatch.setattr(FrozenEncoder, "forward", counting)
     return calls
 
 
@@ -68,7 +70,7 @@ def test_each_strategy_logs_both_losses_and_trains_the_projector(data, cache, tm
     for name in ("ema.safetensors", "model.safetensors"):
         model = load_weights(run / name)
         assert not any("projector" in k for k in model.state_dict())
-    load_flow(run)  # the checkpoint's flow loads without the projector
+    load_run(run)  # the checkpoint's flow loads without the projector
 
 
 def test_alignment_gradient_reaches_the_projector_and_lowers_the_align_loss(data, cache, tmp_path):
@@ -145,15 +147,15 @@ def test_alignment_off_builds_no_encoder(data, cache, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an encoder was built with alignment off")
 
-    build = encoders.build_encoder
-    monkeypatch.setattr(encoders, "build_encoder", refuse)
+    build = objective.build_encoder
+    monkeypatch.setattr(objective, "build_encoder", refuse)
     run = tmp_path / "run"
     train(tiny(data, "train.steps=2", "train.eval_bpd=false", "train.sample_every=0"), run, device="cpu")
     r = rows(run)
     assert "align_loss" not in r[0] and r[0]["loss"] == r[0]["nll"]
     assert "align_head" not in load_checkpoint(run / "ckpt-0000002.pt")
     # Such a checkpoint cannot be resumed with alignment on (no projectors to restore): a clear error.
-    monkeypatch.setattr(encoders, "build_encoder", build)
+    monkeypatch.setattr(objective, "build_encoder", build)
     with pytest.raises(ValueError, match="without alignment.*--init-from"):
         train(tiny(data, *ALIGN, "align.feature_cache=false", "train.steps=4"), run, resume=True, device="cpu")
 
@@ -186,7 +188,7 @@ def test_resume_with_alignment_after_sigkill_is_bitwise_exact(data, cache, tmp_p
 
 
 def test_in_training_evaluation(data, tmp_path, monkeypatch):
-    from rrepa.evaluator import FMNISTCNN, default_evaluator_path, save_evaluator
+    from rrepa.fmnist.evaluator import FMNISTCNN, default_evaluator_path, save_evaluator
 
     monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path / "cache"))
     torch.manual_seed(0)
@@ -206,7 +208,7 @@ def test_in_training_evaluation(data, tmp_path, monkeypatch):
     import numpy as np
 
     from rrepa import cli
-    from rrepa.metrics import samples_from_checkpoint
+    from rrepa.eval.samples import samples_from_checkpoint
 
     cli.main(["sample", "--ckpt", str(run), "--num-samples", "6", "--batch-size", "4", "--seed", "3",
               "--format", "npz", "--out", str(tmp_path / "s"), "--device", "cpu"])
@@ -260,7 +262,7 @@ def test_cuda_bf16_training_with_reverse_alignment(data, cache, tmp_path):
     for x in rows(run):
         assert all(torch.isfinite(torch.tensor(x[k])) for k in ("loss", "nll", "align_loss"))
         assert x["loss"] == pytest.approx(x["nll"] + x["align_loss"], rel=1e-4, abs=1e-5)
-    model, _ = load_flow(run)
+    model, _ = load_run(run)
     assert next(model.parameters()).device.type == "cpu"
     assert torch.isfinite(model(torch.zeros(2, 1, 28, 28), torch.tensor([0, 1])).z).all()
 
@@ -269,7 +271,7 @@ def test_evaluating_during_training_leaves_the_training_unchanged(data, tmp_path
     # The evaluation draws random numbers (its evaluator's initialisation, reference statistics); none of that
     # may reach the training's noise stream, whether or not the statistics were cached.
     from rrepa.checkpoint import load_checkpoint as load
-    from rrepa.evaluator import FMNISTCNN, save_evaluator
+    from rrepa.fmnist.evaluator import FMNISTCNN, save_evaluator
 
     monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path / "cache"))
     torch.manual_seed(0)

@@ -2,13 +2,16 @@
 
 # The names are loaded on first use (PEP 562), so that importing rrepa.cli does not import torch: the `rrepa`
 # command sets its OpenMP defaults first, which only take effect before torch is loaded.
-__all__ = ["PRESETS", "FlowConfig", "FlowOutput", "TARFlow", "preset"]
+import importlib
+
 __version__ = "0.1.0"
+_EXPORTS = {"FlowConfig": "rrepa.flow", "FlowOutput": "rrepa.flow", "TARFlow": "rrepa.flow",
+            "PRESETS": "rrepa.config", "RunConfig": "rrepa.config", "resolve": "rrepa.config",
+            "preset_model": "rrepa.config", "load_run": "rrepa.run"}
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        from rrepa import flow
-
-        return getattr(flow, name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'rrepa' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Representation alignment: REPA's projector, the cosine loss, grid matching and the strategy dispatch.
 
-See ../shared/DESIGN.md section 2. The loss for one aligned position (t, l) is
+See docs/DESIGN.md section 2. The loss for one aligned position (t, l) is
 
     L(t, l) = - mean_{b, i} cos( Proj_{t,l}(h(t, l))_{b,i}, phi(x_clean)_{b,i} )
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rrepa.flow import Position, TARFlow
+from rrepa.flow import Position, TARFlow, as_positions
 from rrepa.reverse import REVERSE_METHODS, STRATEGIES, aligned_features
 
 GRID_MODES = ("pool", "interpolate")
@@ -71,13 +71,7 @@ class AlignConfig:
     target_norm: str = "none"
 
     def __post_init__(self) -> None:
-        self.positions = [(int(t), int(l)) for t, l in self.positions]
-        if not self.positions:
-            raise ValueError("AlignConfig.positions is empty; give at least one 1-indexed (block, layer)")
-        if len(set(self.positions)) != len(self.positions):
-            raise ValueError(f"AlignConfig.positions repeat: {self.positions}")
-        if any(t < 1 or l < 1 for t, l in self.positions):
-            raise ValueError(f"AlignConfig.positions are 1-indexed (block, layer), got {self.positions}")
+        self.positions = as_positions(self.positions, "AlignConfig.positions")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.reverse not in REVERSE_METHODS:

@@ -23,14 +23,14 @@ import yaml
 
 from rrepa.align import AlignConfig
 from rrepa.data import DataConfig
-from rrepa.flow import PRESETS, FlowConfig
+from rrepa.flow import FlowConfig
 
 EVAL_FEATURES = ("fmnist", "inception")
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up and cosine decay (TARFlow's recipe; DESIGN.md section 1)."""
+    """AdamW with linear warm-up and cosine decay (TARFlow's recipe; docs/DESIGN.md section 1)."""
 
     lr: float = 1e-4  # peak learning rate, reached after warmup_steps
     min_lr_ratio: float = 0.0  # the cosine decays the lr to min_lr_ratio * lr at the last step
@@ -53,7 +53,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the flow
     seed: int = 0  # seeds the model init, the data order and (plus the rank) the noise
     # Uniform dequantization of the 8-bit training images, x = (pixel + u) / 128 - 1 with u ~ U[0, 1): TARFlow's
-    # likelihood protocol (DESIGN.md section 7), to use with model.sigma=0 for bits/dim comparable with its figures.
+    # likelihood protocol (docs/DESIGN.md section 7); with model.sigma=0, bits/dim comparable with its figures.
     dequantize: bool = False
     num_workers: int = 2  # DataLoader workers per process; 0 loads in the main process
     log_every: int = 100  # steps between lines in metrics.jsonl / TensorBoard
@@ -83,9 +83,9 @@ class TrainConfig:
 
 @dataclass
 class RunAlignConfig(AlignConfig):
-    """Representation alignment during training (DESIGN.md section 2): loss = NLL + weight * align loss.
+    """Representation alignment during training (docs/DESIGN.md section 2): loss = NLL + weight * align loss.
     The fields above `enabled` are rrepa.align.AlignConfig's (positions, strategy, reverse, jacobi_steps,
-    encoder, weight, projector_hidden, grid_mode)."""
+    encoder, weight, projector_hidden, grid_mode, projector, target_norm)."""
 
     enabled: bool = False  # off: no encoder is built and a step costs what it costs without alignment
     encoder_weights: str | None = None  # local weights file of the encoder (DINOv2 .pth / timm file; fmnist-ssl)
@@ -145,13 +145,12 @@ class RunConfig:
                              f"got {t.eval_every}, {t.eval_samples}, {t.eval_guidance}")
         if t.eval_features not in EVAL_FEATURES:
             raise ValueError(f"train.eval_features must be one of {', '.join(EVAL_FEATURES)}, got {t.eval_features!r}")
-        a, m = self.align, self.model
+        a, m, d = self.align, self.model, self.data
+        if (d.image_size, d.image_size) != (m.image_height, m.image_width):
+            raise ValueError(f"data.image_size {d.image_size} does not match the model's {m.image_height} x "
+                             f"{m.image_width} images; set data.image_size or model.image_height / image_width")
         if a.enabled:
-            bad = [p for p in a.positions if p[0] > m.num_blocks or p[1] > m.layers_per_block]
-            if bad:
-                raise ValueError(f"align.positions {bad} lie outside this model's blocks 1..{m.num_blocks} and "
-                                 f"layers 1..{m.layers_per_block} (1-indexed (block, layer)); set e.g. "
-                                 f"--set 'align.positions=[[{m.num_blocks}, {m.layers_per_block}]]'")
+            m.check_positions(a.positions, "align.positions entry")
             if a.encoder_image_size is not None and a.encoder_image_size < 1:
                 raise ValueError(f"align.encoder_image_size must be >= 1, got {a.encoder_image_size}")
 
@@ -164,51 +163,21 @@ class RunConfig:
         return b // (world_size * a)
 
 
-# --------------------------------------------------------------------------------------------
-# Presets: a model preset from flow.PRESETS plus what the run changes from the defaults above
-# --------------------------------------------------------------------------------------------
-
-RUN_PRESETS: dict[str, dict[str, Any]] = {
-    # The default job: Fashion-MNIST on 2 CPU cores in at most 15 minutes, end-of-run evaluation included.
-    "fmnist": {
-        "data.name": "fmnist",
-        "optim.lr": 1e-3, "optim.warmup_steps": 100, "optim.batch_size": 128, "optim.min_lr_ratio": 0.05,
-        "train.steps": 1200, "train.ema_decay": 0.995, "train.num_workers": 0,
-        "train.log_every": 20, "train.sample_every": 300, "train.ckpt_every": 300, "train.sample_guidance": 2.0,
-        "train.sample_temperature": 0.8, "train.eval_features": "fmnist",
-        # Alignment (off unless align.enabled=true): the embedded self-supervised encoder (7 x 7 x 128 tokens,
-        # the same grid as the 7 x 7 patch-4 flow tokens) with a cached target per training image (0.75 GB).
-        # Position: the paper aligns layer 6 (of 8) of blocks 7 and 8 (of 8), i.e. the deep end of the last
-        # blocks, the first ones on the generative path, where the reverse gradient reaches the fewest blocks
-        # (blocks t..T) and the features are most semantic. For a 4 x 2 model the analogue is the deepest layer
-        # of the last block: (4, 2) (one position, since the model has half the blocks and a quarter of the
-        # layers). The projector is narrowed to 512 (REPA's 2048 would outweigh the 1.6 M parameter flow).
-        "align.encoder": "fmnist-ssl", "align.positions": [[4, 2]], "align.strategy": "reverse",
-        "align.reverse": "pseudo", "align.projector_hidden": 512, "align.feature_cache": True,
-    },
-    # The paper's ImageNet 64 model (DESIGN.md section 1): batch 256, lr 1e-4 (the defaults), 1M steps, on the
-    # downsampled-ImageNet npz files (pass data.path). The latent presets need latent data, not yet supported.
-    # Alignment as the paper: DINOv2-B/14 patch tokens (16 x 16 at 224 px, pooled onto the 32 x 32 flow grid), layer
-    # 6 of blocks 7 and 8, R-REPA with the pseudo-reverse; targets computed online (a cache of ImageNet would need
-    # ~0.5 TB). Give the DINOv2 weights file with align.encoder_weights when offline.
-    "imagenet64": {"data.name": "npz", "data.image_size": 64, "train.steps": 1_000_000,
-                   "train.eval_features": "inception",
-                   "align.encoder": "dinov2_vitb14", "align.positions": [[7, 6], [8, 6]], "align.strategy": "reverse",
-                   "align.reverse": "pseudo", "align.feature_cache": False},
-}
-
-
 def resolve(preset: str = "fmnist", config_file: str | None = None, overrides: list[str] = ()) -> RunConfig:
     """preset, then the YAML file, then `key=value` overrides; returns the validated RunConfig."""
     if preset not in PRESETS:
         raise KeyError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    cfg = RunConfig(model=PRESETS[preset])
-    cfg = merge(cfg, RUN_PRESETS.get(preset, {}), source=f"preset {preset}")
+    cfg = merge(RunConfig(), PRESETS[preset], source=f"preset {preset}")
     if config_file is not None:
         cfg = merge(cfg, load_yaml(config_file), source=config_file)
     cfg = merge(cfg, parse_overrides(overrides), source="--set")
     cfg.validate()
     return cfg
+
+
+def preset_model(name: str, **overrides) -> FlowConfig:
+    """The FlowConfig of a preset, with optional field overrides (for benchmarks and tests)."""
+    return replace(resolve(name).model, **overrides)
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
@@ -318,3 +287,46 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     else:
         raise ValueError(f"{where}: unsupported field type {tp}")
     raise ValueError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: the one registry. Each names its whole setting (model, data, optimiser, loop, alignment and
+# evaluation), so that no section falls back on a default meant for another dataset.
+# --------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The default job: Fashion-MNIST on 2 CPU cores in at most 15 minutes, end-of-run evaluation included.
+    "fmnist": {
+        # Patch 4 (49 tokens of 16 values) keeps a step at ~0.4 s for a batch of 128 on 2 cores.
+        "model": {"in_channels": 1, "image_height": 28, "image_width": 28, "patch_size": 4, "width": 128,
+                  "num_blocks": 4, "layers_per_block": 2, "num_classes": 10, "sigma": 0.05},
+        "data": {"name": "fmnist", "image_size": 28},
+        "optim": {"lr": 1e-3, "warmup_steps": 100, "batch_size": 128, "min_lr_ratio": 0.05},
+        "train": {"steps": 1200, "ema_decay": 0.995, "num_workers": 0, "log_every": 20, "sample_every": 300,
+                  "ckpt_every": 300, "sample_guidance": 2.0, "sample_temperature": 0.8,
+                  "eval_features": "fmnist"},
+        # Alignment (off unless align.enabled=true): the embedded self-supervised encoder (7 x 7 x 128 tokens,
+        # the same grid as the 7 x 7 patch-4 flow tokens) with a cached target per training image (0.75 GB).
+        # Position: the paper aligns layer 6 (of 8) of blocks 7 and 8 (of 8), i.e. the deep end of the last
+        # blocks, the first ones on the generative path, where the reverse gradient reaches the fewest blocks
+        # (blocks t..T) and the features are most semantic. For a 4 x 2 model the analogue is the deepest layer
+        # of the last block: (4, 2) (one position, since the model has half the blocks and a quarter of the
+        # layers). The projector is narrowed to 512 (REPA's 2048 would outweigh the 1.6 M parameter flow).
+        "align": {"encoder": "fmnist-ssl", "positions": [[4, 2]], "strategy": "reverse", "reverse": "pseudo",
+                  "projector_hidden": 512, "feature_cache": True},
+    },
+    # The paper's ImageNet 64 model (docs/DESIGN.md section 1): 8 blocks of 8 layers, width 768, patch 2, batch
+    # 256, lr 1e-4, 1M steps, on the downsampled-ImageNet npz files (pass data.path), FID-Inception evaluation.
+    # Alignment as the paper: DINOv2-B/14 patch tokens (16 x 16 at 224 px, pooled onto the 32 x 32 flow grid), layer
+    # 6 of blocks 7 and 8, R-REPA with the pseudo-reverse; targets computed online (a cache of ImageNet would need
+    # ~0.5 TB). Give the DINOv2 weights file with align.encoder_weights when offline.
+    "imagenet64": {
+        "model": {"in_channels": 3, "image_height": 64, "image_width": 64, "patch_size": 2, "width": 768,
+                  "num_blocks": 8, "layers_per_block": 8, "num_classes": 1000, "sigma": 0.05},
+        "data": {"name": "npz", "image_size": 64},
+        "optim": {"lr": 1e-4, "warmup_steps": 1000, "batch_size": 256, "min_lr_ratio": 0.0},
+        "train": {"steps": 1_000_000, "ema_decay": 0.9999, "eval_features": "inception"},
+        "align": {"encoder": "dinov2_vitb14", "positions": [[7, 6], [8, 6]], "strategy": "reverse",
+                  "reverse": "pseudo", "projector_hidden": 2048, "feature_cache": False},
+    },
+}

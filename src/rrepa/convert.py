@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rrepa.checkpoint import load_state_checked, save_weights
+from rrepa.checkpoint import CKPT_KEYS, load_state_checked, read_file, save_weights
 from rrepa.flow import FlowConfig, TARFlow
 
 # Keys under which training scripts commonly wrap a state dict, searched in this order.
@@ -254,30 +254,8 @@ def convert_state_dict(theirs: Mapping[str, Tensor], in_channels: int = 3, head_
     return cfg, ours
 
 
-def load_checkpoint(src: str | os.PathLike) -> object:
-    """Read a checkpoint file with torch.load(weights_only=True), or safetensors for *.safetensors."""
-    src = Path(src)
-    if not src.is_file():
-        raise FileNotFoundError(f"checkpoint {src} does not exist or is not a file")
-    safetensors = src.suffix == ".safetensors"
-    try:
-        if safetensors:
-            from safetensors.torch import load_file
-
-            return load_file(str(src), device="cpu")
-        return torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
-        from rrepa.checkpoint import describe_load_error
-
-        how = "a safetensors file" if safetensors else "a PyTorch checkpoint with torch.load(weights_only=True)"
-        raise ValueError(f"{src} could not be read as {how} ({describe_load_error(err)}); it may be "
-                         f"truncated or corrupt, or hold objects other than tensors") from err
-
-
 def already_ours(obj: object, src: str | os.PathLike) -> None:
     """ValueError when `obj` (a loaded checkpoint) was written by rrepa: nothing to convert."""
-    from rrepa.checkpoint import CKPT_KEYS
-
     if isinstance(obj, Mapping) and all(k in obj for k in CKPT_KEYS):
         raise ValueError(f"{src} is already an rrepa training checkpoint (from `rrepa train`); use it as it is, e.g. "
                          f"`rrepa sample --ckpt {src}`, no conversion needed")
@@ -293,7 +271,7 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, in_channels: in
                  sigma: float = 0.05) -> FlowConfig:
     """Convert an apple/ml-tarflow checkpoint file to rrepa's safetensors weights (float32, written
     atomically, with the FlowConfig in the metadata). Returns the inferred FlowConfig."""
-    obj = load_checkpoint(src)
+    obj = read_file(src)
     already_ours(obj, src)
     cfg, state = convert_state_dict(obj, in_channels=in_channels, head_dim=head_dim, sigma=sigma)
     model = TARFlow(cfg)

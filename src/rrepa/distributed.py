@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rrepa.utils import generator
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -135,7 +137,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return (self.batches_per_epoch - self.start) * self.grad_accum
 
     def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = generator(self.seed, self.epoch)
         perm = torch.randperm(self.n, generator=g)
         for b in range(self.start, self.batches_per_epoch):
             batch = perm[b * self.batch_size:(b + 1) * self.batch_size]

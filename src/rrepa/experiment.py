@@ -28,6 +28,7 @@ report results/NAME` (rrepa.report) turns both logs into tables and plots.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -40,11 +41,12 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from rrepa.checkpoint import atomic_write, list_checkpoints, run_lock, weights_step
-from rrepa.classify import load_model
+from rrepa.checkpoint import list_checkpoints, weights_step
 from rrepa.config import RunConfig, read_yaml, resolve
 from rrepa.data import build_dataset
-from rrepa.probe import probe_model
+from rrepa.eval.probe import probe_model
+from rrepa.run import load_run, run_lock
+from rrepa.utils import atomic_write
 
 EVALS = "evals.jsonl"
 PROBES = "probes.jsonl"
@@ -252,9 +254,7 @@ def _die_with_parent() -> None:
     take SIGINT again (a runner started in the background, `cmd &`, ignores it, and children inherit that), so
     that stopping the runner stops the cells."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    with contextlib.suppress(Exception):
-        import ctypes
-
+    with contextlib.suppress(Exception):  # not Linux: no parent-death signal
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
@@ -383,7 +383,7 @@ def _stop(procs: list[subprocess.Popen], grace: float = 120.0) -> None:
 
 def probe_grid(out: str | os.PathLike, runs: str | os.PathLike | None = None, limit_train: int = 10_000,
                limit_test: int = 2000, log=tqdm.write) -> int:
-    """Linear probes (rrepa.probe) of the final EMA weights of every finished cell not probed yet, one line each
+    """Linear probes (rrepa.eval.probe) of the final EMA weights of every finished cell not probed yet, one line each
     in OUT/probes.jsonl: {arm, seed, step, probe_top1, probe_block, probe_layer, positions, ...}. The test
     images are the first limit_test of the test split, those of the in-training one-step and Bayes top-1.
     Returns the number of cells probed."""
@@ -400,7 +400,7 @@ def probe_grid(out: str | os.PathLike, runs: str | os.PathLike | None = None, li
         todo = [c for c in cells if (c.arm, c.seed) not in done and cell_state(c, runs / c.name) == "done"]
         log(f"probing {len(todo)} finished cell(s) ({len(done)} probed before)")
         for c in todo:
-            model, info = load_model(runs / c.name, "ema")
+            model, info = load_run(runs / c.name, "ema")
             res = probe_model(model, build_dataset(c.cfg.data, "train"), build_dataset(c.cfg.data, "test"),
                               limit_train=limit_train, limit_test=limit_test, seed=c.cfg.train.seed)
             best = res["best"]

@@ -37,6 +37,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
+
+from rrepa.data import TensorImageDataset
+from rrepa.utils import from_uint8, to_uint8
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: file_lock does nothing
+    fcntl = None
 
 FORMAT_VERSION = 1
 FEATURES_FILE = "features.npy"
@@ -51,8 +60,6 @@ def _clean_uint8(dataset, i: int) -> Tensor:
     if getattr(dataset, "hflip", False):
         raise ValueError(f"{type(dataset).__name__} flips at random and has no uint8(i); pass an rrepa "
                          f"ImageDataset or a dataset built with hflip off")
-    from rrepa.sample import to_uint8
-
     return to_uint8(dataset[i][0])
 
 
@@ -71,8 +78,6 @@ FULL_HASH_BYTES = 2**30  # in-memory datasets up to this size are hashed whole
 def dataset_fingerprint(dataset, samples: int = 64) -> str:
     """sha256 of the dataset's type, length, image shape, and its pixels: all of them for an in-memory
     TensorImageDataset of at most 1 GiB, else `samples` evenly spaced images (first and last included)."""
-    from rrepa.data import TensorImageDataset
-
     n = len(dataset)
     if n == 0:
         raise ValueError("the dataset is empty; nothing to cache")
@@ -101,10 +106,10 @@ def _safe(name: str) -> str:
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `path` (a no-op where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+    """An exclusive advisory lock on `path` (a no-op where fcntl is missing): processes that would build the same
+    file (DDP ranks on one host) take turns. Not utils.atomic_write's job, which keeps a reader from seeing a
+    half-written file but lets two writers both do the work."""
+    if fcntl is None:  # pragma: no cover - not POSIX
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +122,8 @@ def file_lock(path: Path) -> Iterator[None]:
 
 
 def _fsync(path: Path) -> None:
+    """Sync a file written in place (the memory-mapped features, the sidecar) inside the temporary folder; the
+    folder as a whole is what is renamed into place, so utils.atomic_write (one file) does not apply."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -230,8 +237,6 @@ class FeatureCache:
     @staticmethod
     def _build(path: Path, encoder, dataset, hflip: bool, batch_size: int, num_workers: int, progress: bool,
                log: Callable[[str], None], meta: dict) -> None:
-        from tqdm.auto import tqdm
-
         n = len(dataset)
         image_hw = tuple(_clean_uint8(dataset, 0).shape[-2:])
         gh, gw = encoder.grid(image_hw)
@@ -254,7 +259,7 @@ class FeatureCache:
                                                  num_workers=num_workers)
             pos = 0
             for images in tqdm(loader, desc="feature cache", disable=not progress, dynamic_ncols=True):
-                x = images.to(torch.float32) / 127.5 - 1.0
+                x = from_uint8(images)
                 views = [x, x.flip(-1)] if hflip else [x]
                 for f, v in enumerate(views):
                     tokens = encoder(v)
@@ -311,5 +316,5 @@ class IndexedFlipDataset(torch.utils.data.Dataset):
         flipped = bool(self.hflip and torch.rand(()).item() < 0.5)
         if flipped:
             img = img.flip(-1)
-        x = img.to(torch.float32) / 127.5 - 1.0
+        x = from_uint8(img)
         return x, torch.tensor(int(label), dtype=torch.int64), torch.tensor(int(i)), torch.tensor(flipped)

@@ -1,6 +1,6 @@
 """TARFlow: a stack of autoregressive affine flows whose autoregression is a causal transformer.
 
-Notation follows ../shared/DESIGN.md section 1 and the R-REPA paper:
+Notation follows docs/DESIGN.md section 1 and the R-REPA paper:
 
     x      image in [-1, 1]^(C x H x W), cut into N = (H/p)(W/p) tokens of dimension D = C p^2
     t      block index, 1..T (block T is the last in the forward direction, the first in generation)
@@ -13,21 +13,34 @@ Notation follows ../shared/DESIGN.md section 1 and the R-REPA paper:
 Block t permutes its tokens (identity for odd t, reversed for even t, 1-indexed; i.e. the first
 block keeps raster order), runs its transformer on the permuted sequence and shifts the output by one
 position, so token 0 gets (mu, alpha) = (0, 0). Block inputs and outputs are in raster order.
-
-The module ends with the named presets.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rrepa.jacobi import Jacobi, SampleStats, as_sampler
+
 Position = tuple[int, int]  # 1-indexed (block t, layer l)
+
+
+def as_positions(positions: Iterable[Iterable[int]], what: str = "positions") -> list[Position]:
+    """Positions as a list of int pairs: non-empty, no repeats, 1-indexed (the model's bounds are
+    FlowConfig.check_positions')."""
+    out = [(int(t), int(l)) for t, l in positions]
+    if not out:
+        raise ValueError(f"no {what} given ({what} is empty); give at least one 1-indexed (block, layer)")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what} repeat: {out}")
+    if any(t < 1 or l < 1 for t, l in out):
+        raise ValueError(f"{what} {out} lie outside the blocks and layers: they are 1-indexed (block, layer)")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,6 +103,19 @@ class FlowConfig:
     def num_dims(self) -> int:
         """C H W: dimensions of one image."""
         return self.in_channels * self.image_height * self.image_width
+
+    @property
+    def positions(self) -> list[Position]:
+        """Every 1-indexed (block t, layer l), block-major."""
+        return [(t, l) for t in range(1, self.num_blocks + 1) for l in range(1, self.layers_per_block + 1)]
+
+    def check_positions(self, positions: Iterable[Position], what: str = "position") -> None:
+        """ValueError naming the first (block, layer) outside this model's blocks and layers."""
+        T, L = self.num_blocks, self.layers_per_block
+        for t, l in positions:
+            if not (1 <= t <= T and 1 <= l <= L):
+                raise ValueError(f"{what} (block {t}, layer {l}) is outside this model's blocks 1..{T} and "
+                                 f"layers 1..{L} (1-indexed); e.g. ({T}, {L}) is the deepest layer of the last block")
 
 
 @dataclass
@@ -398,94 +424,6 @@ def _stack_branches(e: Tensor | None, e_null: Tensor | None, B: int) -> Tensor |
 
 
 # --------------------------------------------------------------------------------------------
-# Samplers: sequential (KV cache) and Jacobi (parallel)
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Jacobi:
-    """Options of the Jacobi sampler (DESIGN.md section 6; FlowBlock.reverse_jacobi inverts one block).
-
-    Defaults measured with benchmarks/bench_sample.py (README, "Benchmarks"). On the default job's model they
-    make 3.3x fewer sequential passes than the sequential sampler, keep the images within 1e-3 of its images and
-    leave the embedded FID unchanged (seed-to-seed spread: 2.1). They pay for this with 14.5x the FLOPs, so they
-    win where a pass costs its latency rather than its FLOPs: small batches, GPUs. On a compute-bound CPU,
-    sequential_blocks=1 and chunks of 8-16 tokens do fewer FLOPs.
-    """
-
-    tol: float = 1e-3  # a chunk stops when max |dx| < tol (0: only at max_iters or its length, i.e. exact)
-    chunk: int | None = None  # input positions per chunk (None: all N - 1 of a block at once)
-    max_iters: int | None = None  # iterations per chunk at most (None: the chunk's length, where it is exact)
-    sequential_blocks: int = 0  # the first this many generated blocks (T, T - 1, ...) run the sequential sampler
-
-    def __post_init__(self) -> None:
-        if not self.tol >= 0:
-            raise ValueError(f"Jacobi tol must be >= 0 (0 = exact), got {self.tol}")
-        if self.chunk is not None and self.chunk < 1:
-            raise ValueError(f"Jacobi chunk must be >= 1 token (or None for the whole block), got {self.chunk}")
-        if self.max_iters is not None and self.max_iters < 1:
-            raise ValueError(f"Jacobi max_iters must be >= 1 (or None for the chunk's length), got {self.max_iters}")
-        if self.sequential_blocks < 0:
-            raise ValueError(f"Jacobi sequential_blocks must be >= 0, got {self.sequential_blocks}")
-
-
-def as_sampler(sampler: str | Jacobi) -> Jacobi | None:
-    """"sequential" -> None, "jacobi" -> Jacobi() (the defaults), a Jacobi -> itself."""
-    if isinstance(sampler, Jacobi):
-        return sampler
-    if sampler == "sequential":
-        return None
-    if sampler == "jacobi":
-        return Jacobi()
-    raise ValueError(f"unknown sampler {sampler!r}; expected 'sequential', 'jacobi' or a Jacobi(...)")
-
-
-@dataclass
-class SampleStats:
-    """Sequential transformer passes of a reverse, per block in generation order (block T first).
-
-    iters[b] lists the iterations of every chunk of block blocks[b] (1-indexed), over all `batches` merged in.
-    A block inverted sequentially counts N - 1 chunks of one iteration: one pass per token.
-    """
-
-    blocks: list[int]
-    sequential: list[bool]
-    iters: list[list[int]]
-    batches: int = 1
-
-    def mean(self) -> list[float]:
-        """Mean iterations per chunk, per block."""
-        return [sum(it) / len(it) for it in self.iters]
-
-    def max(self) -> list[int]:
-        """Most iterations of a chunk, per block."""
-        return [max(it) for it in self.iters]
-
-    def passes(self) -> list[float]:
-        """Sequential transformer passes per block and batch (the sequential sampler: N - 1)."""
-        return [sum(it) / self.batches for it in self.iters]
-
-    def merge(self, other: SampleStats) -> SampleStats:
-        """The statistics of both runs' batches (same model and sampler)."""
-        if other.blocks != self.blocks:
-            raise ValueError(f"cannot merge statistics of blocks {other.blocks} into {self.blocks}")
-        return SampleStats(self.blocks, self.sequential, [a + b for a, b in zip(self.iters, other.iters)],
-                           self.batches + other.batches)
-
-    def summary(self) -> str:
-        """One line per block."""
-        lines = []
-        for t, seq, mean, most, passes, it in zip(self.blocks, self.sequential, self.mean(), self.max(),
-                                                  self.passes(), self.iters):
-            if seq:
-                lines.append(f"block {t}: sequential, {passes:.0f} passes")
-            else:
-                chunks = len(it) // self.batches
-                lines.append(f"block {t}: jacobi, {chunks} chunk{'s' * (chunks != 1)}, iterations per chunk mean "
-                             f"{mean:.2f} max {most}, {passes:.1f} passes")
-        return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
 # The flow
 # --------------------------------------------------------------------------------------------
 
@@ -592,11 +530,15 @@ class TARFlow(nn.Module):
             states.update({(t, l): h for l, h in hs.items()})
         return FlowOutput(self.unpatchify(x), logdet, states, inputs, y, drop)
 
-    def log_prob(self, x: Tensor, y: Tensor | None = None, label_drop: float = 0.0) -> Tensor:
-        """log p(x | y) in nats, (B,): standard Gaussian prior plus the log-determinant."""
-        out = self(x, y, label_drop=label_drop)
+    @staticmethod
+    def log_prob_of(out: FlowOutput) -> Tensor:
+        """log p(x | y) in nats, (B,), of a forward's output: the standard Gaussian prior of z plus the logdet."""
         z = out.z.flatten(1)
         return -0.5 * (z.pow(2).sum(1) + z.shape[1] * math.log(2 * math.pi)) + out.logdet
+
+    def log_prob(self, x: Tensor, y: Tensor | None = None, label_drop: float = 0.0) -> Tensor:
+        """log p(x | y) in nats, (B,): standard Gaussian prior plus the log-determinant."""
+        return self.log_prob_of(self(x, y, label_drop=label_drop))
 
     def nll(self, x: Tensor, y: Tensor | None = None, label_drop: float = 0.0) -> Tensor:
         """Negative log-likelihood per dimension in nats, (B,): the training loss."""
@@ -695,37 +637,12 @@ class TARFlow(nn.Module):
     # --- helpers -----------------------------------------------------------------------------
 
     def _positions(self, hidden: Iterable[Position]) -> dict[int, list[int]]:
+        hidden = list(hidden)
+        self.cfg.check_positions(hidden, "hidden position")
         keep: dict[int, list[int]] = {}
-        T, L = self.cfg.num_blocks, self.cfg.layers_per_block
         for t, l in hidden:
-            if not (1 <= t <= T and 1 <= l <= L):
-                raise ValueError(f"hidden position (block {t}, layer {l}) is outside this model's "
-                                 f"blocks 1..{T} and layers 1..{L} (1-indexed)")
             keep.setdefault(t, []).append(l)
         return keep
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-# --------------------------------------------------------------------------------------------
-# Presets: only what differs from the defaults (the paper's ImageNet 64 model)
-# --------------------------------------------------------------------------------------------
-
-PRESETS: dict[str, FlowConfig] = {
-    # Fashion-MNIST, sized to train on 2 CPU cores in minutes.
-    # Patch 4 (49 tokens of 16 values) keeps a step at ~0.4 s for a batch of 128 on 2 cores.
-    "fmnist": FlowConfig(in_channels=1, image_height=28, image_width=28, patch_size=4, width=128,
-                         num_blocks=4, layers_per_block=2, num_classes=10),
-    "imagenet64": FlowConfig(),
-    # SD-VAE latents of 256 x 256 images (4 x 32 x 32, scale 0.18215), trained with sigma 0.2.
-    "imagenet256-latent": FlowConfig(in_channels=4, image_height=32, image_width=32, sigma=0.2),
-}
-PRESETS["imagenet256-latent-p1"] = replace(PRESETS["imagenet256-latent"], patch_size=1)
-
-
-def preset(name: str, **overrides) -> FlowConfig:
-    """A named FlowConfig, with optional field overrides."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)

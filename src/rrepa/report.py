@@ -25,8 +25,8 @@ import numpy as np
 import yaml
 from scipy import stats
 
-from rrepa.checkpoint import atomic_write
 from rrepa.experiment import EVALS, GRID_COPY, PROBES, read_evals
+from rrepa.utils import atomic_write
 
 # (key in evals.jsonl, column title, format, lower is better)
 METRICS = [("fid", "FID", "{:.1f}", True), ("precision", "precision", "{:.3f}", False),
@@ -248,7 +248,7 @@ def _claims(rows, tab, arms, baseline: str, final: int, probes: list[dict]) -> l
 
 
 def _plot_curves(rows, arms, key: str, ylabel: str, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy; only for the plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -277,7 +277,7 @@ def _plot_curves(rows, arms, key: str, ylabel: str, path: Path) -> None:
 
 
 def _plot_steps_to_baseline(rows, arms, baseline: str, final: int, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy; only for the plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,6 +1,6 @@
 """Features for representation alignment along the forward, detached and reverse paths of a TARFlow.
 
-See ../shared/DESIGN.md section 2. h(t, l) is the hidden state after layer l of block t (1-indexed),
+See docs/DESIGN.md section 2. h(t, l) is the hidden state after layer l of block t (1-indexed),
 returned in RASTER token order, (B, N, width). The three strategies give the same VALUES on a training
 image (the flow is invertible) and differ only in the gradient graph:
 
@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from rrepa.flow import FlowBlock, FlowOutput, Position, TARFlow
+from rrepa.flow import FlowBlock, FlowOutput, Position, TARFlow, as_positions
 
 STRATEGIES = ("forward", "detach", "reverse")
 REVERSE_METHODS = ("pseudo", "naive", "jacobi")
@@ -72,7 +72,7 @@ def forward_features(model: TARFlow, x: Tensor, y: Tensor | None, positions: Seq
     otherwise the forward is run with gradients through blocks 1..max t, with labels y and label-dropout
     mask drop (forward_out.drop when it has one).
     """
-    positions = _as_positions(positions)
+    positions = as_positions(positions, "aligned positions")
     groups = _group(model, positions)
     hidden = getattr(forward_out, "hidden", None) or {}
     if all(p in hidden for p in positions):
@@ -96,7 +96,7 @@ def forward_features(model: TARFlow, x: Tensor, y: Tensor | None, positions: Seq
 
 def detach_features(model: TARFlow, cache: FlowOutput, positions: Sequence[Position]) -> dict[Position, Tensor]:
     """D-REPA: block t's transformer run on stop_gradient(x^(t-1)) up to layer l."""
-    positions = _as_positions(positions)
+    positions = as_positions(positions, "aligned positions")
     feats: dict[Position, Tensor] = {}
     es = model.embeddings(cache.y, cache.drop)
     for t, layers in _group(model, positions).items():
@@ -160,7 +160,7 @@ def aligned_features(model: TARFlow, x: Tensor, y: Tensor | None, positions: Seq
         raise ValueError(f"unknown alignment strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if reverse not in REVERSE_METHODS:
         raise ValueError(f"unknown reverse method {reverse!r}; choose one of {', '.join(REVERSE_METHODS)}")
-    positions = _as_positions(positions)
+    positions = as_positions(positions, "aligned positions")
     _group(model, positions)  # validates before any work
     if strategy == "forward":
         return forward_features(model, x, y, positions, forward_out, drop)
@@ -208,7 +208,7 @@ def _jacobi_step(steps: int) -> Callable[[FlowBlock, Tensor, Tensor, Tensor | No
 def _reverse_chain(model: TARFlow, cache: FlowOutput, positions: Sequence[Position],
                    step: Callable[[FlowBlock, Tensor, Tensor, Tensor | None], Tensor]) -> ReverseResult:
     """Blocks T..t_min inverted by `step`, features from a pass of each aligned block on its reconstruction."""
-    positions = _as_positions(positions)
+    positions = as_positions(positions, "aligned positions")
     groups = _group(model, positions)
     T = len(model.blocks)
     if len(cache.inputs) != T + 1:
@@ -234,25 +234,11 @@ def _block_features(block: FlowBlock, x: Tensor, e: Tensor | None, layers: Seque
     return {l: block.permute(hs[l]) for l in layers}
 
 
-def _as_positions(positions: Iterable[Position]) -> list[Position]:
-    out = []
-    for p in positions:
-        t, l = p
-        out.append((int(t), int(l)))
-    if not out:
-        raise ValueError("no aligned positions given; pass at least one 1-indexed (block, layer)")
-    if len(set(out)) != len(out):
-        raise ValueError(f"aligned positions repeat: {out}")
-    return out
-
-
 def _group(model: TARFlow, positions: Iterable[Position]) -> dict[int, list[int]]:
     """{block t: sorted layers}, validated against the model (1-indexed)."""
-    T, L = model.cfg.num_blocks, model.cfg.layers_per_block
+    positions = list(positions)
+    model.cfg.check_positions(positions, "aligned position")
     groups: dict[int, list[int]] = {}
     for t, l in positions:
-        if not (1 <= t <= T and 1 <= l <= L):
-            raise ValueError(f"aligned position (block {t}, layer {l}) is outside this model's blocks 1..{T} "
-                             f"and layers 1..{L} (1-indexed)")
         groups.setdefault(int(t), []).append(int(l))
     return {t: sorted(set(ls)) for t, ls in sorted(groups.items())}

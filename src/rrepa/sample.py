@@ -1,4 +1,4 @@
-"""Drawing samples from a trained flow, image grids, and bits/dim of a dataset split.
+"""Drawing samples from a trained flow, and image grids.
 
 `rrepa sample` writes ADM's layout: an .npz whose `arr_0` is (N, H, W, C) uint8 and, for a
 class-conditional model, `labels` (N,) int64. Samples come in batches; batch j draws its noise from a
@@ -17,19 +17,15 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from rrepa.checkpoint import atomic_write
 from rrepa.distributed import Dist
-from rrepa.flow import Jacobi, SampleStats, TARFlow
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """Images (B, C, H, W) in [-1, 1] -> (B, C, H, W) uint8 (x + 1) * 127.5, rounded and clipped."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+from rrepa.flow import TARFlow
+from rrepa.jacobi import Jacobi, SampleStats
+from rrepa.utils import atomic_write, generator, to_uint8
 
 
 def save_grid(x: Tensor, path: str | Path, ncol: int) -> None:
     """Images (B, C, H, W) in [-1, 1] as one PNG, ncol images per row, separated by 2 px of white."""
-    u = to_uint8(x).cpu()
+    u = to_uint8(x, strict=False).cpu()
     B, C, H, W = u.shape
     nrow = math.ceil(B / ncol)
     pad = 2
@@ -75,7 +71,7 @@ def generate(model: TARFlow, labels: Tensor | None, n: int, batch_size: int, see
     stats = None
     for j in tqdm(mine, desc="sampling", unit="batch", disable=not (progress and d.is_main)):
         lo, hi = j * batch_size, min(n, (j + 1) * batch_size)
-        g = torch.Generator(device).manual_seed(seed * 1_000_003 + j)
+        g = generator(seed, j, device)
         y = None if labels is None else labels[lo:hi].to(device)
         z = torch.randn((hi - lo, cfg.in_channels, cfg.image_height, cfg.image_width), generator=g, device=device,
                         dtype=param.dtype)
@@ -108,41 +104,3 @@ def save_npz(path: str | Path, images: Tensor, labels: Tensor | None) -> None:
             np.savez(f, **arrays)
 
     atomic_write(path, write)
-
-
-@torch.no_grad()
-def evaluate_bpd(model: TARFlow, dataset, batch_size: int, d: Dist, seed: int = 0, conditional: bool = True,
-                 max_images: int | None = None, progress: bool = True) -> dict:
-    """Bits/dim of dataset's 8-bit images with uniform dequantization (model.bits_per_dim), averaged
-    over the images; processes take every world_size-th batch. conditional: the true labels; False: the
-    null label (TARFlow's protocol, DESIGN.md section 7). Returns {"bpd", "images", "conditional",
-    "protocol", "sigma"}: what was measured and the model's training noise, which every bpd figure names."""
-    device = next(model.parameters()).device
-    n = len(dataset) if max_images is None else min(len(dataset), max_images)
-    use_labels = conditional and model.cfg.num_classes > 0
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of bpd, images)
-    starts = range(d.rank * batch_size, n, d.world_size * batch_size)
-    for lo in tqdm(starts, desc="bits/dim", unit="batch", disable=not (progress and d.is_main)):
-        idx = range(lo, min(n, lo + batch_size))
-        x = torch.stack([dataset.uint8(i) for i in idx]).to(device)
-        y = torch.tensor([dataset.label(i) for i in idx], device=device) if use_labels else None
-        g = torch.Generator().manual_seed(seed * 1_000_003 + lo)  # same noise whatever the process count
-        u = torch.rand(x.shape, generator=g).to(device)
-        bpd = model.bits_per_dim(x, y, noise=u)
-        total += torch.stack([bpd.double().sum(), torch.tensor(float(len(idx)), device=device)])
-    if d.world_size > 1:
-        torch.distributed.all_reduce(total)
-    return {"bpd": float(total[0] / total[1]), "images": int(total[1]), "conditional": use_labels,
-            "protocol": bpd_protocol(use_labels), "sigma": model.cfg.sigma}
-
-
-def bpd_protocol(conditional: bool) -> str:
-    return f"uniform dequantization, {'true label' if conditional else 'null label'}"
-
-
-def describe_bpd(result: dict) -> str:
-    """'5.4080 bits/dim (uniform dequantization, null label; model trained with sigma 0.05)' for a log line."""
-    sigma = result.get("sigma")
-    noise = ("model trained without noise" if sigma == 0 else f"model trained with sigma {sigma}: "
-             f"noisy-image likelihood, not TARFlow's protocol" if sigma is not None else "sigma unknown")
-    return f"{result['bpd']:.4f} bits/dim ({result['protocol']}; {noise})"

@@ -1,4 +1,4 @@
-"""Training-free classification with a class-conditional TARFlow (DESIGN.md section 3).
+"""Training-free classification with a class-conditional TARFlow (docs/DESIGN.md section 3).
 
 Each block b has its own table of class embeddings E^(b) (K, width). Class weights w in the simplex give
 the embedding e^(b) = w^T E^(b); uniform weights give the mean embedding, i.e. TARFlow's null label (the
@@ -31,19 +31,11 @@ with noise drawn from a generator seeded per batch (reproducible; every method s
 image); `noise="clean"` evaluates the smoothed density at the clean image itself, a point the model
 never saw in training (for sigma * sqrt(CHW) >> 0 clean images are far from the noisy training
 distribution's typical set).
-
-Checkpoints (`load_model`): a `.safetensors` file written by `save_weights`; a run folder holding
-`ema.safetensors` / `model.safetensors` (picked by `weights`, "ema" or "raw"), unless the folder's
-newest `ckpt-*.pt` is newer than that export, in which case the checkpoint is used; a run folder with
-only `ckpt-*.pt` files, or one `ckpt-*.pt` file (through `rrepa.checkpoint.load_flow`). The dataset
-settings come from the run's `config.yaml` when there is one beside the weights.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -53,7 +45,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from rrepa.distributed import resolve_device
+from rrepa import utils
 from rrepa.flow import TARFlow
 
 METHODS = ("one-step", "multi-step", "bayes")
@@ -204,12 +196,6 @@ def batches(dataset, limit: int | None, batch_size: int) -> Iterator[tuple[int, 
         yield lo, torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]).to(torch.int64)
 
 
-def noise_generator(seed: int, start: int) -> torch.Generator:
-    """The generator of the noise of the batch that starts at item `start`: the noise of an image depends
-    on the seed and the batch boundaries only."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + start)
-
-
 def evaluate(model: TARFlow, dataset, methods: Sequence[str] = ("one-step",), noise: str = DEFAULT_NOISE,
              limit: int | None = None, batch_size: int = 64, seed: int = 0, steps: int = DEFAULT_STEPS,
              step_size: float = DEFAULT_STEP_SIZE, max_rows: int | None = None, progress: bool = True) -> dict:
@@ -239,8 +225,8 @@ def evaluate(model: TARFlow, dataset, methods: Sequence[str] = ("one-step",), no
     seconds = {m: 0.0 for m in methods}
     preds: dict[str, list[Tensor]] = {m: [] for m in methods}
     bar = tqdm(total=n, desc="classify", unit="img", disable=not progress)
-    for lo, x, y in batches(dataset, n, batch_size):
-        x = add_noise(model, x, noise, noise_generator(seed, lo)).to(device)
+    for lo, x, y in batches(dataset, n, batch_size):  # a batch's noise depends on the seed and its first item only
+        x = add_noise(model, x, noise, utils.generator(seed, lo)).to(device)
         if int(y.max()) >= K or int(y.min()) < 0:
             raise ValueError(f"dataset labels must lie in [0, {K}), got values in [{int(y.min())}, {int(y.max())}]")
         for m in methods:
@@ -272,64 +258,13 @@ def evaluate(model: TARFlow, dataset, methods: Sequence[str] = ("one-step",), no
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-def load_model(ckpt: str | os.PathLike, weights: str = "ema",
-               device: str | torch.device = "cpu") -> tuple[TARFlow, dict]:
-    """A TARFlow in eval mode and {"file", "step", "weights", "data"} from a .safetensors file, a run folder
-    or a ckpt-*.pt file (see checkpoint.load_flow). "data" is the run's data config (dict), or None."""
-    from rrepa.checkpoint import load_flow
-
-    path = Path(ckpt)
-    if not path.exists():
-        raise FileNotFoundError(f"--ckpt {path} does not exist (give a .safetensors file, a run folder or a "
-                                f"ckpt-*.pt file)")
-    if path.is_file() and path.suffix not in (".safetensors", ".pt"):
-        raise ValueError(f"--ckpt {path} is neither a .safetensors file, a ckpt-*.pt file nor a run folder")
-    model, info = load_flow(path, weights, device, warn=lambda msg: tqdm.write(msg))
-    data = info["config"].get("data")
-    return model, {"file": info["file"], "step": info["step"], "weights": weights,
-                   "data": dict(data) if isinstance(data, dict) else None}
-
-
-def dataset_for(model: TARFlow, info: dict, split: str, data_dir: str | None, dataset_name: str | None):
-    """The split of the dataset the model was trained on: the run's data config, else Fashion-MNIST for a
-    1 x 28 x 28 model; --dataset / --data-dir override."""
-    from rrepa.data import DataConfig, build_dataset
-
-    data = dict(info.get("data") or {})
-    if dataset_name:
-        data["name"] = dataset_name
-    if "name" not in data:
-        cfg = model.cfg
-        if (cfg.in_channels, cfg.image_height, cfg.image_width) == (1, 28, 28):
-            data["name"] = "fmnist"
-        else:
-            raise ValueError("the checkpoint carries no dataset settings; give --dataset fmnist|folder|npz "
-                             "and --data-dir")
-    if data_dir:
-        data["path"] = data_dir
-    if data["name"] != "fmnist":
-        data.setdefault("image_size", model.cfg.image_height)
-    data["hflip"] = False
-    known = {"name", "path", "image_size", "hflip", "strict"}
-    return build_dataset(DataConfig(**{k: v for k, v in data.items() if k in known}), split)
-
-
-def default_out_dir(ckpt: str, stem: str) -> Path:
-    path = Path(ckpt)
-    return (path if path.is_dir() else path.parent) / stem
-
-
-# --------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------
 
 
 def save_confusion_png(confusion: Tensor, path: str | os.PathLike, title: str) -> None:
     """Row-normalised confusion matrix (rows: true class) as a PNG."""
-    import matplotlib
+    import matplotlib  # heavy; only for the plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -356,82 +291,3 @@ def save_confusion_png(confusion: Tensor, path: str | os.PathLike, title: str) -
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def cmd_classify(args: argparse.Namespace) -> None:
-    """`rrepa classify`: accuracy of the training-free classifiers on a dataset split."""
-    methods = list(METHODS) if args.method == "all" else [args.method]
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    device = resolve_device(args.device)
-    model, info = load_model(args.ckpt, args.weights, device)
-    K = num_classes(model)  # before loading any data: an unconditional model fails here
-    dataset = dataset_for(model, info, args.split, args.data_dir, args.dataset)
-    result = evaluate(model, dataset, methods, noise=args.noise, limit=args.limit, batch_size=args.batch_size,
-                      seed=args.seed, steps=args.steps, step_size=args.step_size, max_rows=args.bayes_rows)
-    out = Path(args.out) if args.out else default_out_dir(args.ckpt, f"classify-{args.split}")
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"ckpt": info["file"], "step": info["step"], "weights": info["weights"], "split": args.split,
-              "noise": args.noise, "sigma": model.cfg.sigma, "seed": args.seed, "images": result["images"],
-              "num_classes": K, "multi_step": {"steps": args.steps, "step_size": args.step_size},
-              "agreement": result["agreement"], "methods": {}}
-    for m, r in result["methods"].items():
-        report["methods"][m] = {k: v for k, v in r.items() if k != "confusion"}
-        png = out / f"confusion-{m}.png"
-        save_confusion_png(r["confusion"], png, f"{m}: top-1 {100 * r['top1']:.2f}% ({result['images']} images)")
-        report["methods"][m]["confusion_png"] = str(png)
-        if K <= 100:
-            report["methods"][m]["confusion"] = r["confusion"].tolist()
-        line = f"{m:>10}: top-1 {100 * r['top1']:6.2f}%"
-        if "top5" in r:
-            line += f"  top-5 {100 * r['top5']:6.2f}%"
-        print(line + f"  ({1000 * r['seconds_per_image']:.2f} ms/image, {result['images']} images, "
-                     f"noise {args.noise})")
-    for pair, frac in result["agreement"].items():
-        print(f"agreement {pair}: {100 * frac:.2f}%")
-    path = out / "classify.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path} and {len(methods)} confusion matrix PNG(s) in {out}")
-
-
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    """--ckpt, --weights, --noise, --seed, --data-dir, --dataset, --device (shared with `rrepa probe`)."""
-    p.add_argument("--ckpt", required=True,
-                   help="a .safetensors file, a run folder (its ema/model.safetensors or newest ckpt-*.pt) "
-                        "or a ckpt-*.pt file")
-    p.add_argument("--weights", choices=("ema", "raw"), default="ema",
-                   help="EMA or raw weights of a run folder / checkpoint (default ema)")
-    p.add_argument("--noise", choices=NOISE_MODES, default=DEFAULT_NOISE,
-                   help="classify x + sigma*eps with the model's training noise (train, default: the inputs "
-                        "the model was trained on) or the clean image (clean)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the input noise")
-    p.add_argument("--data-dir", help="dataset location (default: the run's data.path)")
-    p.add_argument("--dataset", choices=("fmnist", "folder", "npz"),
-                   help="dataset kind (default: the run's data.name; fmnist for a 1 x 28 x 28 model)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register `rrepa classify`."""
-    p = sub.add_parser("classify", help="training-free classification with a class-conditional flow",
-                       description="Training-free classification (R-REPA): one-step (one forward + backward "
-                                   "pass, argmax of dL/dlambda at the mean embedding), multi-step (gradient "
-                                   "ascent on the class logits) or the exact Bayes classifier argmax_k "
-                                   "log p(x | k) (K forward passes).")
-    add_common_args(p)
-    p.add_argument("--split", choices=("train", "test"), default="test")
-    p.add_argument("--method", choices=(*METHODS, "all"), default="one-step",
-                   help="classifier (default one-step; all runs the three on the same inputs)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="multi-step: ascent steps")
-    p.add_argument("--step-size", type=float, default=DEFAULT_STEP_SIZE,
-                   help="multi-step: logit change of the top class per step")
-    p.add_argument("--limit", type=int, help="only the first N images of the split")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    p.add_argument("--bayes-rows", type=int, help="bayes: (image, class) rows per forward pass "
-                                                  "(default 4 x batch size)")
-    p.add_argument("--out", help="output folder (default <run>/classify-<split>)")
-    p.set_defaults(func=cmd_classify)
-
-
-__all__ = ["METHODS", "NOISE_MODES", "add_cli", "add_noise", "class_log_likelihoods", "class_scores", "evaluate",
-           "load_model", "logit_gradient", "multi_step_logits", "num_classes", "one_step_scores", "predict"]

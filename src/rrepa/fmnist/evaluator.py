@@ -11,7 +11,7 @@ precision and recall; the softmax of ``fc2`` gives the Inception Score and the c
 conditional samples (is a sample drawn for label k classified as k?).
 
 Inputs are uint8 images, (N, C, H, W) tensors or (N, H, W, C) arrays (ADM's layout; see
-``metrics.as_nchw_uint8``). RGB is converted to grey (ITU-R 601 luma), other sizes are resized to 28 x 28
+``rrepa.utils.as_nchw_uint8``). RGB is converted to grey (ITU-R 601 luma), other sizes are resized to 28 x 28
 (bilinear, antialiased), then pixels are scaled to [0, 1] and standardised with the Fashion-MNIST
 training mean and std.
 
@@ -45,9 +45,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from rrepa.data import CACHE_ENV, cache_dir  # noqa: F401  (CACHE_ENV: the variable that moves the cache)
+from rrepa.fmnist.dataset import find_fashion_mnist, load_fashion_mnist
+from rrepa.run import run_lock
+from rrepa.utils import Interrupted, as_nchw_uint8, atomic_write, cache_dir, deferred_interrupts, torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +62,6 @@ FMNIST_MEAN = 0.2860
 FMNIST_STD = 0.3530
 NUM_CLASSES = 10
 FEATURE_DIM = 128
-
-
 
 
 def default_evaluator_path() -> Path:
@@ -122,7 +125,7 @@ def weights_hash(state: dict[str, Tensor]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# The evaluator object used by metrics
+# The evaluator as a feature network (rrepa.eval.samples)
 # --------------------------------------------------------------------------------------------
 
 
@@ -155,8 +158,6 @@ class FMNISTEvaluator:
                 progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
         """Features of uint8 images ((N, C, H, W) tensor or (N, H, W, C) array): {"pool": (N, 128)
         float32, "probs": (N, 10) float64}."""
-        from rrepa.metrics import as_nchw_uint8
-
         x = as_nchw_uint8(images)
         bs = batch_size or self.batch_size
         pools, probs = [], []
@@ -183,8 +184,6 @@ class FMNISTEvaluator:
 
 
 def _load_split(split: str, data_dir: str | None) -> tuple[Tensor, Tensor]:
-    from rrepa.data import find_fashion_mnist, load_fashion_mnist
-
     return load_fashion_mnist(find_fashion_mnist(data_dir), split)
 
 
@@ -218,12 +217,8 @@ def train_evaluator(epochs: int = 3, batch_size: int = 128, lr: float = 3e-3, se
     info = {test_accuracy, train_seconds, epochs, train_images, test_images, ...}.
 
     state_file: the training saves its exact state there every ``save_every`` steps and when SIGINT or SIGTERM
-    stops it (it then raises rrepa.checkpoint.Interrupted); a later call with the same settings continues from
+    stops it (it then raises rrepa.utils.Interrupted); a later call with the same settings continues from
     that state and ends with the weights an uninterrupted run gives. progress: a tqdm bar over the steps."""
-    from tqdm import tqdm
-
-    from rrepa.checkpoint import Interrupted, atomic_write, deferred_interrupts, torch_save
-
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     log = log or logger.info
@@ -318,8 +313,6 @@ def train_and_save_evaluator(path: str | os.PathLike, log: Callable[[str], None]
                              **train_kwargs) -> Path:
     """train_evaluator with its progress kept beside `path` (so an interrupted training continues), a progress
     bar, and the folder locked against a second process training into it; then save_evaluator(path)."""
-    from rrepa.checkpoint import run_lock
-
     path = Path(path)
     with run_lock(path.parent, warn=log or logger.warning):
         train_kwargs.setdefault("progress", True)
@@ -331,10 +324,6 @@ def train_and_save_evaluator(path: str | os.PathLike, log: Callable[[str], None]
 
 def save_evaluator(model: FMNISTCNN, info: dict, path: str | os.PathLike) -> Path:
     """Write the weights as safetensors (atomically), with ``info`` as JSON in the metadata."""
-    from safetensors.torch import save_file
-
-    from rrepa.checkpoint import atomic_write
-
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"rrepa_evaluator": json.dumps(info, sort_keys=True)}
@@ -345,9 +334,6 @@ def save_evaluator(model: FMNISTCNN, info: dict, path: str | os.PathLike) -> Pat
 def load_evaluator_file(path: str | os.PathLike, device: str | torch.device = "cpu",
                         batch_size: int = 500) -> FMNISTEvaluator:
     """Load weights written by save_evaluator."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"evaluator weights {path} not found (train them with `rrepa evaluator train`)")

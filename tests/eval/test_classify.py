@@ -14,13 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from rrepa.checkpoint import save_checkpoint, save_weights
-from rrepa.classify import (
-    add_cli,
+from rrepa.checkpoint import save_weights
+from rrepa.cli.classify import register
+from rrepa.eval.classify import (
     add_noise,
     class_log_likelihoods,
     evaluate,
-    load_model,
     logit_gradient,
     multi_step_logits,
     num_classes,
@@ -28,6 +27,7 @@ from rrepa.classify import (
     predict,
 )
 from rrepa.flow import FlowConfig, FlowOutput, TARFlow
+from rrepa.run import load_run
 
 torch.set_num_threads(1)
 
@@ -221,7 +221,7 @@ def test_unconditional_model_is_refused(tmp_path):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rrepa")
-    add_cli(p.add_subparsers(dest="command", required=True))
+    register(p.add_subparsers(dest="command", required=True))
     return p
 
 
@@ -266,44 +266,10 @@ def test_cli_writes_accuracy_json_and_confusion_pngs(tmp_path, capsys, monkeypat
     # the CLI's numbers are evaluate()'s on the same inputs
     from rrepa.data import DataConfig, build_dataset
 
-    model, _ = load_model(tmp_path / "w.safetensors")
+    model, _ = load_run(tmp_path / "w.safetensors")
     direct = evaluate(model, build_dataset(DataConfig(path=str(data)), "test"), ["one-step"], limit=11, batch_size=4,
                       progress=False)
     assert direct["methods"]["one-step"]["top1"] == report["methods"]["one-step"]["top1"]
-
-
-def test_load_model_resolves_run_folders(tmp_path):
-    torch.manual_seed(0)
-    raw, ema = randomised(TARFlow(FMNIST_TINY), seed=1), randomised(TARFlow(FMNIST_TINY), seed=2)
-    run = tmp_path / "run"
-    (run).mkdir()
-    (run / "config.yaml").write_text("data:\n  name: fmnist\n  path: /somewhere\n")
-    save_weights(run / "ema.safetensors", ema, {"step": "10", "weights": "ema"})
-    save_weights(run / "model.safetensors", raw, {"step": "10", "weights": "raw"})
-    key = "blocks.0.proj_out.weight"
-    for weights, source in (("ema", ema), ("raw", raw)):
-        model, info = load_model(run, weights)
-        assert torch.equal(model.state_dict()[key], source.state_dict()[key])
-        assert info["file"].endswith(f"{'ema' if weights == 'ema' else 'model'}.safetensors")
-        assert info["step"] == 10 and info["data"]["path"] == "/somewhere"
-    # a checkpoint newer than the export wins (the run went on after the export)
-    newer = randomised(TARFlow(FMNIST_TINY), seed=3)
-    save_checkpoint(run, {"model": raw.state_dict(), "ema": newer.state_dict(), "optimizer": {}, "scheduler": {},
-                          "step": 20, "config": {"model": asdict(FMNIST_TINY), "data": {"name": "fmnist"}}})
-    model, info = load_model(run, "ema")
-    assert torch.equal(model.state_dict()[key], newer.state_dict()[key]) and info["step"] == 20
-    model, info = load_model(run / "ema.safetensors")
-    assert torch.equal(model.state_dict()[key], ema.state_dict()[key])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_model(tmp_path / "nope")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither ema.safetensors"):
-        load_model(tmp_path / "empty")
-    (tmp_path / "w.txt").write_text("x")
-    with pytest.raises(ValueError, match="neither"):
-        load_model(tmp_path / "w.txt")
-    with pytest.raises(ValueError, match="weights"):
-        load_model(run, "best")
 
 
 def test_bad_arguments_are_one_line_value_errors():

@@ -1,4 +1,4 @@
-"""Tests for rrepa.evaluator (the embedded Fashion-MNIST CNN) and `rrepa evaluate` on top of it. CPU, offline;
+"""Tests for rrepa.fmnist.evaluator (the embedded Fashion-MNIST CNN) and `rrepa evaluate` on top of it. CPU, offline;
 the classifier is trained on a small subset for one epoch."""
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ import pytest
 import torch
 
 from flow_helpers import NEEDS_FMNIST
-from rrepa import evaluator as ev_mod
-from rrepa import metrics
-from rrepa.checkpoint import Interrupted
-from rrepa.evaluator import (
+from rrepa.cli.evaluate import register
+from rrepa.eval.in_training import evaluate_in_training
+from rrepa.eval.npz import write_samples_npz
+from rrepa.eval.reference import ReferenceStats
+from rrepa.eval.samples import evaluate_samples, samples_from_checkpoint
+from rrepa.fmnist import evaluator as ev_mod
+from rrepa.fmnist.dataset import find_fashion_mnist, load_fashion_mnist
+from rrepa.fmnist.evaluator import (
     FMNISTEvaluator,
     default_evaluator_path,
     load_evaluator,
@@ -26,6 +30,7 @@ from rrepa.evaluator import (
     save_evaluator,
     train_evaluator,
 )
+from rrepa.utils import Interrupted
 
 torch.set_num_threads(1)
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -49,8 +54,6 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fmnist_test():
-    from rrepa.data import find_fashion_mnist, load_fashion_mnist
-
     x, y = load_fashion_mnist(find_fashion_mnist(None), "test")
     return x[:400], y[:400]
 
@@ -147,7 +150,7 @@ def test_evaluate_that_must_train_the_evaluator_says_so_and_stops_cleanly(fmnist
     from rrepa import cli
 
     x, y = fmnist_test
-    metrics.write_samples_npz(tmp_path / "samples.npz", x[:20], y[:20])
+    write_samples_npz(tmp_path / "samples.npz", x[:20], y[:20])
     signal_at_step(monkeypatch, 2)
     with pytest.raises(SystemExit) as e:
         cli.main(["evaluate", "--samples", str(tmp_path / "samples.npz"), "--ref", "fmnist:test", "--device", "cpu"])
@@ -172,14 +175,14 @@ def test_bad_weights_file(tmp_path):
 def _parser():
     parser = argparse.ArgumentParser(prog="rrepa")
     sub = parser.add_subparsers(dest="command", required=True)
-    metrics.add_cli(sub)
+    register(sub)
     return parser
 
 
 def test_cli_evaluate_fmnist(tiny, fmnist_test, tmp_path, capsys):
     x, y = fmnist_test
-    metrics.write_samples_npz(tmp_path / "samples.npz", x[:200], y[:200])
-    metrics.write_samples_npz(tmp_path / "ref.npz", x[200:400])
+    write_samples_npz(tmp_path / "samples.npz", x[:200], y[:200])
+    write_samples_npz(tmp_path / "ref.npz", x[200:400])
     out = tmp_path / "res.json"
     args = _parser().parse_args(["evaluate", "--samples", str(tmp_path / "samples.npz"), "--ref",
                                  str(tmp_path / "ref.npz"), "--features", "fmnist", "--evaluator-weights",
@@ -198,21 +201,21 @@ def test_cli_evaluate_fmnist(tiny, fmnist_test, tmp_path, capsys):
 def test_fid_of_dataset_with_itself_is_zero(tiny, fmnist_test):
     ev = load_evaluator_file(tiny[0])
     x = fmnist_test[0][:300]
-    res = metrics.evaluate_samples(x, ev, metrics.ReferenceStats.from_features(ev.extract(x), ev.name))
+    res = evaluate_samples(x, ev, ReferenceStats.from_features(ev.extract(x), ev.name))
     assert abs(res["fid"]) < 1e-6 and res["precision"] == 1.0 and res["recall"] == 1.0
 
 
 def test_evaluate_in_training(tiny, fmnist_test):
     ev = load_evaluator_file(tiny[0])
     x, y = fmnist_test
-    ref = metrics.ReferenceStats.from_features(ev.extract(x[:300]), ev.name)
+    ref = ReferenceStats.from_features(ev.extract(x[:300]), ev.name)
     pos = [0]
 
     def sampler(m):  # the flow's output: floats in [-1, 1], plus the labels they were drawn for
         lo, pos[0] = pos[0], pos[0] + m
         return x[lo:lo + m].float() / 127.5 - 1, y[lo:lo + m]
 
-    res = metrics.evaluate_in_training(sampler, ev, ref, 120, batch_size=50)
+    res = evaluate_in_training(sampler, ev, ref, 120, batch_size=50)
     assert res["num_samples"] == 120 and res["feature_network"] == ev.name
     assert np.isfinite(res["fid"]) and res["class_accuracy"] > 0.5 and res["eval_seconds"] >= 0
 
@@ -230,4 +233,4 @@ def test_cli_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="--force"):
         args.func(args)
     with pytest.raises(FileNotFoundError, match="checkpoint run does not exist"):
-        metrics.samples_from_checkpoint("run", 10)
+        samples_from_checkpoint("run", 10)

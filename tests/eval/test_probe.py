@@ -10,19 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import rrepa.probe as probe
 from rrepa.checkpoint import save_weights
+from rrepa.cli.probe import parse_grid, register
+from rrepa.eval import linear
+from rrepa.eval.linear import fit_logistic, linear_probe, select_l2
+from rrepa.eval.probe import all_positions, extract_features, markdown_table, pool_tokens
 from rrepa.flow import FlowConfig, TARFlow
-from rrepa.probe import (
-    add_cli,
-    all_positions,
-    extract_features,
-    fit_logistic,
-    markdown_table,
-    pool_tokens,
-    probe_position,
-    select_l2,
-)
 
 torch.set_num_threads(1)
 
@@ -110,9 +103,9 @@ def separable(n: int, K: int = 4, F: int = 12, seed: int = 0, spread: float = 0.
 def test_probe_reaches_full_accuracy_on_separable_features():
     Xtr, ytr = separable(400)
     Xte, yte = separable(200, seed=1)
-    r = probe_position(Xtr, ytr, Xte, yte, 4)
+    r = linear_probe(Xtr, ytr, Xte, yte, 4)
     assert r["train_acc"] == 1.0 and r["test_acc"] >= 0.995
-    assert set(r["val_acc"]) == set(probe.DEFAULT_L2_GRID)
+    assert set(r["val_acc"]) == set(linear.DEFAULT_L2_GRID)
 
 
 def test_fit_logistic_solves_the_penalised_problem():
@@ -136,14 +129,14 @@ def test_l2_is_chosen_on_validation_never_on_test(monkeypatch):
     assert len(set(val_acc.values())) > 1  # the grid made a difference
     # spy: no fit ever sees the test rows, and the test split is scored exactly once, at the end
     seen = []
-    real_fit, real_acc = probe.fit_logistic, probe.accuracy
-    monkeypatch.setattr(probe, "fit_logistic", lambda X, *a, **k: seen.append(("fit", len(X))) or real_fit(X, *a, **k))
-    monkeypatch.setattr(probe, "accuracy", lambda X, *a: seen.append(("acc", len(X))) or real_acc(X, *a))
-    r = probe_position(Xtr, ytr, Xte, yte, 4, seed=3)
+    real_fit, real_acc = linear.fit_logistic, linear.accuracy
+    monkeypatch.setattr(linear, "fit_logistic", lambda X, *a, **k: seen.append(("fit", len(X))) or real_fit(X, *a, **k))
+    monkeypatch.setattr(linear, "accuracy", lambda X, *a: seen.append(("acc", len(X))) or real_acc(X, *a))
+    r = linear_probe(Xtr, ytr, Xte, yte, 4, seed=3)
     assert ("fit", 77) not in seen and seen[-1] == ("acc", 77) and seen.count(("acc", 77)) == 1
     assert r["l2"] == l2 and r["val_acc"] == val_acc
     # the choice does not move when the test labels are scrambled; only the test accuracy does
-    scrambled = probe_position(Xtr, ytr, Xte, (yte + 1) % 4, 4, seed=3)
+    scrambled = linear_probe(Xtr, ytr, Xte, (yte + 1) % 4, 4, seed=3)
     assert scrambled["l2"] == r["l2"] and scrambled["val_acc"] == r["val_acc"]
     assert scrambled["test_acc"] != r["test_acc"]
 
@@ -157,7 +150,7 @@ def test_split_and_grid_errors():
     with pytest.raises(ValueError, match="grid"):
         select_l2(X, y, 4, grid=[])
     with pytest.raises(ValueError, match="l2-grid"):
-        probe.parse_grid("1e-3,abc")
+        parse_grid("1e-3,abc")
 
 
 def test_markdown_table_marks_the_best():
@@ -192,7 +185,7 @@ def test_cli_probe_on_an_unconditional_model(tmp_path, capsys, monkeypatch):
                      num_blocks=2, layers_per_block=2, num_classes=0)
     save_weights(tmp_path / "w.safetensors", randomised(TARFlow(cfg)))
     parser = argparse.ArgumentParser(prog="rrepa")
-    add_cli(parser.add_subparsers(dest="command", required=True))
+    register(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "out"
     args = parser.parse_args(["probe", "--ckpt", str(tmp_path / "w.safetensors"), "--limit-train", "20",
                               "--limit-test", "10", "--batch-size", "8", "--data-dir", str(data), "--out", str(out),

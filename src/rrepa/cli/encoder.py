@@ -1,0 +1,63 @@
+"""`rrepa encoder train`: train the embedded fmnist-ssl encoder, cache it and report its linear probe."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rrepa.data import DataConfig, build_dataset
+from rrepa.distributed import resolve_device
+from rrepa.fmnist.encoder import (
+    EMBEDDED_FILE,
+    EmbeddedEncoder,
+    SSLTrainConfig,
+    embedded_encoder_path,
+    linear_probe,
+    save_embedded,
+    train_ssl_encoder,
+)
+
+
+def cmd_encoder_train(args: argparse.Namespace) -> None:
+    """Train the embedded fmnist-ssl encoder, cache it and report its linear-probe accuracy."""
+    out = Path(args.out) if args.out else embedded_encoder_path()
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to retrain it (or --out elsewhere)")
+    device = resolve_device(args.device)
+    cfg = SSLTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         max_images=args.max_images)
+    train_set = build_dataset(DataConfig(name="fmnist", path=args.data_path), "train")
+    backbone, info = train_ssl_encoder(train_set, cfg, device=device)
+    if not args.no_probe:
+        test_set = build_dataset(DataConfig(name="fmnist", path=args.data_path), "test")
+        enc = EmbeddedEncoder(backbone)
+        t = time.perf_counter()
+        info.update(linear_probe(enc, train_set, test_set, max_train=args.probe_max_train))
+        info["probe_seconds"] = round(time.perf_counter() - t, 1)
+        print(f"linear probe (logistic regression on mean-pooled tokens, fit on {info['probe_train_images']} "
+              f"train images): test accuracy {100 * info['probe_test_accuracy']:.2f} %")
+    save_embedded(out, backbone, info)
+    print(f"wrote {out}: fingerprint {EmbeddedEncoder(backbone).fingerprint[:16]}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Register `rrepa encoder train` on the top-level sub-parsers."""
+    p = sub.add_parser("encoder", help="frozen target encoders (train the embedded fmnist-ssl encoder)")
+    esub = p.add_subparsers(dest="encoder_command", required=True, metavar="ACTION")
+    t = esub.add_parser("train", help="train the embedded self-supervised Fashion-MNIST encoder (no labels)",
+                        description="Train fmnist-ssl (SimCLR on the Fashion-MNIST training split, labels unused), "
+                                    "cache it and report a linear-probe accuracy on the test split.")
+    t.add_argument("--out", help=f"output file (default <cache>/encoders/{EMBEDDED_FILE}, "
+                                 f"cache = $RREPA_CACHE_DIR or ~/.cache/rrepa)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    t.add_argument("--steps", type=int, default=SSLTrainConfig.steps, help="optimiser steps")
+    t.add_argument("--batch-size", type=int, default=SSLTrainConfig.batch_size, help="images per step (x2 views)")
+    t.add_argument("--lr", type=float, default=SSLTrainConfig.lr, help="AdamW learning rate")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-images", type=int, help="train on the first this many images only")
+    t.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    t.add_argument("--probe-max-train", type=int, help="fit the probe on the first this many train images")
+    t.add_argument("--data-path", help="folder with the Fashion-MNIST IDX files (default: system / cache)")
+    t.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
+    t.set_defaults(func=cmd_encoder_train)

@@ -1,0 +1,55 @@
+"""`rrepa train`: train a TARFlow (preset + YAML + --set), or continue a run with --resume."""
+
+from __future__ import annotations
+
+import argparse
+
+from rrepa.config import resolve
+from rrepa.run import stored_config
+from rrepa.train import train
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train a TARFlow: preset + YAML + --set overrides; or continue a run with --resume."""
+    # Shorthands for two keys, applied after the other overrides.
+    if args.data_dir:
+        args.set = [*args.set, f"data.path={args.data_dir}"]
+    if args.encoder_weights:
+        args.set = [*args.set, f"align.encoder_weights={args.encoder_weights}"]
+    if args.resume:
+        if args.init_from:
+            raise ValueError("--init-from starts a new run from given weights; --resume continues a run with its own")
+        if args.preset or args.config:
+            raise ValueError("--resume continues the run's own config.yaml; drop --preset/--config "
+                             "(--set still applies, e.g. --set train.steps=20000)")
+        cfg = stored_config(args.resume, args.set)
+    else:
+        cfg = resolve(args.preset or "fmnist", args.config, args.set)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return
+    train(cfg, args.resume or args.out, resume=bool(args.resume), overwrite=args.overwrite,
+          init_from=args.init_from, device=args.device)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a TARFlow (preset + --config YAML + --set key=value)",
+                       description="Train a TARFlow. The config is the preset, then --config, then each --set; "
+                                   "runs under torchrun as DDP.")
+    p.add_argument("--preset", default=None, help="model and run preset (default fmnist; see `rrepa presets`)")
+    p.add_argument("--config", help="YAML file with sections model:, data:, optim:, train: (only what differs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. --set optim.lr=3e-4 --set model.width=256 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--out", help="run folder (default runs/<date-time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest loadable checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--init-from", help="start from these weights (run folder, ckpt-*.pt or .safetensors); "
+                                       "optimiser and step start afresh")
+    p.add_argument("--data-dir", metavar="PATH", help="the dataset (Fashion-MNIST folder, image folder or .npz); "
+                                                      "the same as --set data.path=PATH")
+    p.add_argument("--encoder-weights", metavar="PATH",
+                   help="local weights of the alignment encoder (DINOv2: Meta's .pth or timm's .safetensors); "
+                        "the same as --set align.encoder_weights=PATH")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
+    p.set_defaults(func=cmd_train)

@@ -1,0 +1,233 @@
+"""Run folders: what `rrepa train` writes into one, its lock (one writer at a time), and the one way to open a
+trained model, `load_run`, from a run folder, a training checkpoint (ckpt-*.pt) or exported weights
+(.safetensors). Every command that takes --ckpt goes through it."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from rrepa import distributed
+from rrepa.checkpoint import (
+    CKPT_GLOB,
+    LAST_POINTER,
+    config_from_dict,
+    list_checkpoints,
+    load_state_checked,
+    load_weights,
+    resolve_checkpoint,
+    weights_step,
+)
+from rrepa.config import RunConfig, load_yaml, merge, parse_overrides
+from rrepa.distributed import Dist
+from rrepa.flow import TARFlow
+from rrepa.utils import naming
+
+CONFIG_FILE = "config.yaml"  # the resolved RunConfig of the run
+# What a run writes into its folder; --overwrite removes exactly these.
+RUN_FILES = (CONFIG_FILE, "metrics.jsonl", LAST_POINTER, "ema.safetensors", "model.safetensors", "loss.png",
+             "bpd.json")
+RUN_DIRS = ("samples", "tb")
+
+
+# --------------------------------------------------------------------------------------------
+# Opening a trained model
+# --------------------------------------------------------------------------------------------
+
+
+def load_run(path: str | os.PathLike, weights: str = "ema", device: str | torch.device = "cpu",
+              warn: Callable[[str], None] = print) -> tuple[TARFlow, dict]:
+    """A TARFlow from a run folder, a training checkpoint (.pt; weights "ema" or "raw") or exported
+    weights (.safetensors). A run folder gives its exported ema.safetensors / model.safetensors when they
+    are at least as new as its newest checkpoint (the same weights, a smaller file), else that checkpoint.
+    Returns the model in eval mode and {"file", "step", "weights", "config", "data"}: config is the run config
+    as a dict (for a safetensors file, {"model": ...} plus the sections of a config.yaml beside it; step from
+    its metadata), data its data section (a dict) or None."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (give a run folder, a ckpt-*.pt file or a "
+                                f".safetensors file)")
+    if path.is_file() and path.suffix not in (".safetensors", ".pt"):
+        raise ValueError(f"{path} is neither a .safetensors file, a ckpt-*.pt file nor a run folder")
+    if path.is_dir():
+        exported = path / ("ema.safetensors" if weights == "ema" else "model.safetensors")
+        ckpts = list_checkpoints(path)
+        newest = int(ckpts[-1].stem.split("-")[1]) if ckpts else None
+        if exported.is_file() and (newest is None or (weights_step(exported) or -1) >= newest):
+            path = exported
+        elif not ckpts:
+            raise FileNotFoundError(f"{path} holds neither {exported.name} nor {CKPT_GLOB} files; "
+                                    f"is it a run folder of `rrepa train`?")
+    if path.suffix == ".safetensors":
+        model = load_weights(path, device)
+        config = {"model": asdict(model.cfg)}
+        if (path.parent / CONFIG_FILE).is_file():
+            stored = yaml.safe_load((path.parent / CONFIG_FILE).read_text()) or {}
+            config = {**stored, **config}
+        return model.eval(), _info(path, weights_step(path), weights, config)
+    file, state = resolve_checkpoint(path, warn)
+    model = TARFlow(config_from_dict(state["config"]["model"]))
+    load_state_checked(model, state["ema" if weights == "ema" else "model"], source=str(file))
+    return model.to(device).eval(), _info(file, int(state["step"]), weights, state["config"])
+
+
+def _info(file: Path, step: int | None, weights: str, config: dict) -> dict:
+    data = config.get("data")
+    return {"file": str(file), "step": step, "weights": weights, "config": config,
+            "data": dict(data) if isinstance(data, dict) else None}
+
+
+
+
+def stored_config(run_dir: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """The RunConfig of an existing run folder (for --resume), with `key=value` overrides applied."""
+    run = Path(run_dir)
+    if run.is_file():
+        hint = f" (its run folder is {run.parent})" if run.parent.joinpath(CONFIG_FILE).is_file() else ""
+        raise ValueError(f"--resume takes a run folder (the --out of `rrepa train`), not the file {run}{hint}")
+    if not run.is_dir():
+        raise FileNotFoundError(f"--resume {run}: no such run folder")
+    stored = run / CONFIG_FILE
+    if not stored.is_file():
+        raise FileNotFoundError(f"--resume {run}: not a run folder of `rrepa train` (it has no {CONFIG_FILE})")
+    cfg = merge(RunConfig.from_dict(load_yaml(stored)), parse_overrides(list(overrides)), source="--set")
+    cfg.validate()
+    return cfg
+
+
+def init_weights(model: TARFlow, source: str, say: Callable[[str], None]) -> None:
+    """--init-from: the raw weights of a run folder, a checkpoint or a .safetensors file, into `model`."""
+    if not Path(source).exists():
+        raise FileNotFoundError(f"--init-from {source} does not exist")
+    loaded, info = load_run(source, "raw", warn=say)  # a .safetensors file holds one set of weights: those
+    load_state_checked(model, loaded.state_dict(), source=info["file"])
+    say(f"initialised the weights from {info['file']}")
+
+
+# --------------------------------------------------------------------------------------------
+# Run folders: one writer at a time
+# --------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class RunInUseError(ValueError):
+    """Another live process holds the run folder's lock."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike, warn: Callable[[str], None] = print, name: str = LOCK_FILE) -> Iterator[Path]:
+    """Hold the exclusive lock of a run folder: `RUN/.lock`, flock'ed, holding "PID@HOST". A second holder
+    is refused at once with RunInUseError naming the first one's PID. The kernel drops a flock when its
+    process dies, so a lock file left by a killed process is stale: it is taken over (and reported through
+    warn). Creates the folder when needed; on leaving removes the lock file, and the folder too when this
+    call created it and nothing was written into it. Any tool writing into a run folder may use it:
+
+        with run_lock("runs/x"):
+            ...  # the only writer of runs/x
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / name  # another name: a second, independent lock on the same folder
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                pid = holder.split("@")[0]
+                raise RunInUseError(f"{run_dir} is in use by process {pid} (lock file {path}: {holder}); wait for it "
+                                    f"to finish, stop it, or use another folder (--out)") from None
+            # The holder before us may have removed the file after we opened it: then ours is not the lock.
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+    except OSError as err:
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise naming(err, path) from err
+    try:
+        stale = os.read(fd, 200).decode(errors="replace").strip()
+        if stale:
+            warn(f"note: {path} was left by process {stale}, which no longer holds it (killed?); taking it over")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only when empty: a run that could not start leaves nothing behind
+
+
+@contextlib.contextmanager
+def locked_by_rank0(run_dir: Path, d: Dist) -> Iterator[None]:
+    """Rank 0 holds run_dir's lock; when it cannot take it, every process stops (none waits in a collective)."""
+    with contextlib.ExitStack() as stack:
+        refused: Exception | None = None
+        if d.is_main:
+            try:
+                stack.enter_context(run_lock(run_dir, warn=tqdm.write))
+            except (RunInUseError, OSError) as err:
+                refused = err
+        if distributed.any_true(refused is not None, d):
+            raise refused or RunInUseError(f"run folder {run_dir}: rank 0 could not lock it (see its error)")
+        yield
+
+
+def default_run_dir(d: Dist) -> Path:
+    """runs/<date-time>, chosen by rank 0 so every process agrees."""
+    name = [f"runs/{datetime.now():%Y%m%d-%H%M%S}"]
+    if d.world_size > 1:
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder: a non-empty folder needs --resume or --overwrite."""
+    if resume:
+        if not list_checkpoints(run_dir):
+            raise FileNotFoundError(f"--resume {run_dir}: no checkpoints (ckpt-*.pt) there to continue from")
+    elif run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not overwrite:
+        what = "a training run" if (run_dir / CONFIG_FILE).exists() else "files"
+        raise ValueError(f"output folder {run_dir} already holds {what}; continue it with --resume {run_dir}, "
+                         f"replace it with --overwrite, or choose another --out")
+
+
+def make_run_dir(run_dir: Path, resume: bool, overwrite: bool, d: Dist) -> None:
+    """Create the checked folder; with overwrite, first remove what an earlier run wrote there (only that)."""
+    if d.world_size > 1:
+        dist.barrier()  # every process checked the folder before rank 0 changes it
+    if d.is_main:
+        if overwrite and not resume and run_dir.exists():
+            for name in RUN_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+            for path in list_checkpoints(run_dir):
+                path.unlink()
+            for name in RUN_DIRS:
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,290 @@
+"""Helpers that every part of rrepa shares, one function per job: where the cache lives and whether the
+network may be used; atomic file writes (also of npz archives); 8-bit images to and from the flow's [-1, 1]
+scale; seeds and RNG states; interrupts deferred to a step boundary.
+
+Nothing here imports another rrepa module, so any module may import it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+CACHE_ENV = "RREPA_CACHE_DIR"  # moves the cache (datasets, embedded networks, feature caches, statistics)
+OFFLINE_ENV = "RREPA_OFFLINE"  # 1: rrepa downloads nothing (HF_HUB_OFFLINE=1 means the same)
+SEED_STRIDE = 1_000_003  # a prime: derive_seed(s, i) never collides for i < SEED_STRIDE
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where rrepa keeps what it downloads or trains once (datasets, the embedded encoder and evaluator,
+    feature caches, reference statistics): $RREPA_CACHE_DIR, else $XDG_CACHE_HOME/rrepa, else ~/.cache/rrepa."""
+    base = os.environ.get(CACHE_ENV)
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = os.path.join(xdg, "rrepa") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "rrepa")
+    return Path(base)
+
+
+def is_offline() -> bool:
+    """True when downloads are off: RREPA_OFFLINE or HF_HUB_OFFLINE is set to 1 / true / yes / on."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in (OFFLINE_ENV, "HF_HUB_OFFLINE"))
+
+
+# --------------------------------------------------------------------------------------------
+# Files: a write leaves the old content or the complete new one, never a part
+# --------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write a file so that `path` holds either its old content or the complete new one, never a part:
+    write(tmp) fills a temporary file in the same folder, which is synced and renamed over `path`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise naming(err, path) from err
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise naming(err, path) from err
+        code = _errno_in_message(err)
+        if code is not None:
+            raise OSError(code, os.strerror(code), str(path)) from err
+        raise
+
+
+def naming(err: OSError, path: str | os.PathLike) -> OSError:
+    """err as an OSError of the same kind (PermissionError, ...) whose filename is `path`."""
+    if err.errno is None:
+        return err
+    return OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))
+
+
+def _errno_in_message(err: BaseException) -> int | None:
+    """The errno that a library folded into its message: safetensors (Rust) says "(os error 28)"."""
+    m = re.search(r"os error (\d+)", str(err))
+    return int(m.group(1)) if m else None
+
+
+class _RecordingWriter:
+    """A file for torch.save that remembers the first OSError: PyTorch's zip writer replaces it by
+    "unexpected pos A vs B", which names neither the file nor the cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def torch_save(obj: object, path: str | os.PathLike) -> None:
+    """torch.save(obj, path), raising the OSError of a failed write (ENOSPC, EFBIG, EIO, ...) itself."""
+    with open(path, "wb") as f:
+        w = _RecordingWriter(f)
+        try:
+            torch.save(obj, w)
+        except OSError:
+            raise
+        except Exception:
+            if w.error is not None:
+                raise w.error from None
+            raise
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    """np.savez(path, **arrays), atomically (see atomic_write); the name is kept as given."""
+    path = Path(path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Images: uint8 pixels <-> the flow's scale x = pixel / 127.5 - 1 in [-1, 1]
+# --------------------------------------------------------------------------------------------
+
+
+def from_uint8(u: Tensor) -> Tensor:
+    """uint8 images (any shape) -> float32 in [-1, 1]: u / 127.5 - 1."""
+    return u.to(torch.float32) / 127.5 - 1.0
+
+
+def to_uint8(x: Tensor, strict: bool = True) -> Tensor:
+    """Images in [-1, 1] (any shape) -> uint8 (x + 1) * 127.5, rounded and clipped; uint8 input passes through.
+    strict: NaN or inf is an error (a diverged model or sampler) rather than a wrong pixel; pictures of a
+    training run in progress pass strict=False, so that a bad sample does not end the run."""
+    if x.dtype == torch.uint8:
+        return x
+    if strict and not torch.isfinite(x).all():
+        raise ValueError("images contain NaN or inf (a diverged model or sampler?)")
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def as_nchw_uint8(images) -> Tensor:
+    """uint8 (N, C, H, W) tensor, C in {1, 3}, from a torch tensor (N, C, H, W) or (N, H, W), or a numpy
+    array in ADM's layout (N, H, W, C) or (N, H, W)."""
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8, got {images.dtype}")
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"image arrays must be (N, H, W, C) with C = 1 or 3 (ADM's layout), got {images.shape}")
+        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    if not isinstance(images, Tensor):
+        raise ValueError(f"images must be a numpy array or torch tensor, got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"image tensors must be (N, C, H, W) with C = 1 or 3, got {tuple(images.shape)}")
+    return images
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds and RNG states
+# --------------------------------------------------------------------------------------------
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """The seed of stream `index` (a batch, an epoch, a step) of a run seeded with `seed`."""
+    return seed * SEED_STRIDE + index
+
+
+def generator(seed: int, index: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch.Generator seeded with derive_seed(seed, index): noise that depends on (seed, index) only, not on
+    the process count or on what else drew from the global RNG."""
+    return torch.Generator(device).manual_seed(derive_seed(seed, index))
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """What runs inside may draw from the global RNGs without changing what the training loop draws next: a run
+    then does not depend on whether an evaluation ran, or on whether its reference statistics were cached."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - the global state that data code may draw from
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """This process's RNG states, as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 - see seed_everything
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(s: dict, cuda: bool = True) -> None:
+    """Set this process's RNGs to a state of rng_state() (also as loaded back from a checkpoint)."""
+    torch.set_rng_state(s["torch"])
+    random.setstate(_as_tuple(s["python"]))
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
+    if "cuda" in s and cuda:
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def _as_tuple(x):
+    """random.setstate wants the tuples that a checkpoint may have turned into lists."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+
+# --------------------------------------------------------------------------------------------
+# Interrupts: SIGINT / SIGTERM stop a long job at a step boundary
+# --------------------------------------------------------------------------------------------
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a long job at a consistent point, after saving what it could. The message
+    is the one line for the user; exit_code is 128 + the signal's number (130 for Ctrl-C)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.message, self.signum = message, int(signum)
+        self.exit_code = 128 + int(signum)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InterruptFlag:
+    """Set by deferred_interrupts' handler: the signal's number once one has arrived, else None. While
+    `armed` is False a signal raises KeyboardInterrupt at once, as without the handler."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.armed = True
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+
+@contextlib.contextmanager
+def deferred_interrupts(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[InterruptFlag]:
+    """Turn SIGINT / SIGTERM into a flag that a loop checks between steps, so that it stops in a consistent
+    state (a KeyboardInterrupt raised inside an optimiser step would leave a half-updated model). A second
+    SIGINT raises KeyboardInterrupt at once, for a user who cannot wait for the step to end. Outside the
+    main thread (where signal handlers cannot be set) the flag is never set."""
+    flag = InterruptFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if not flag.armed or (flag.signum is not None and signum == signal.SIGINT):
+            raise KeyboardInterrupt
+        flag.signum = signum
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

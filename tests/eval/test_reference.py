@@ -1,0 +1,119 @@
+"""Reference statistics and their cache (rrepa.eval.reference), and the metrics of samples against them
+(rrepa.eval.samples), with a cheap stand-in feature network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rrepa.eval.in_training import evaluate_in_training
+from rrepa.eval.reference import ReferenceStats, reference_stats
+from rrepa.eval.samples import evaluate_samples, format_markdown
+from rrepa.utils import as_nchw_uint8
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
+# --------------------------------------------------------------------------------------------
+# Reference statistics and the cache (a cheap stand-in feature network)
+# --------------------------------------------------------------------------------------------
+
+
+class PixelNet:
+    """Stand-in feature network: 4 x 4 average-pooled grey pixels (16-d), softmax of the first 4."""
+
+    feature_dim = 16
+    has_spatial = False
+
+    def __init__(self, name="pixels-test"):
+        self.name = name
+        self.calls = 0
+
+    def extract(self, images, batch_size=None, progress=None):
+        self.calls += 1
+        x = as_nchw_uint8(images).float().mean(1, keepdim=True) / 255
+        pool = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+        if progress:
+            progress(x.shape[0])
+        return {"pool": pool.numpy(), "probs": torch.softmax(pool[:, :4].double() * 10, 1).numpy()}
+
+
+def _images(seed, n=64, size=8):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 1), dtype=np.uint8)
+
+
+def test_reference_stats_cache_reused_and_invalidated(tmp_path):
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=_images(0))
+    net = PixelNet()
+    st1 = reference_stats(str(ref), net)
+    assert net.calls == 1 and st1.network == "pixels-test" and st1.num_images == 64
+    cached = list((tmp_path / "cache" / "stats").glob("*.npz"))
+    assert len(cached) == 1 and "pixels-test" in cached[0].name
+    st2 = reference_stats(str(ref), net)  # reused: no new feature pass
+    assert net.calls == 1 and np.array_equal(st1.sigma, st2.sigma) and np.array_equal(st1.feats, st2.feats)
+    np.savez(ref, arr_0=_images(1))  # the source changes -> recomputed, same cache file overwritten
+    st3 = reference_stats(str(ref), net)
+    assert net.calls == 2 and not np.allclose(st3.mu, st1.mu)
+    assert list((tmp_path / "cache" / "stats").glob("*.npz")) == cached
+    other = PixelNet("pixels-other")  # another feature network -> its own entry
+    reference_stats(str(ref), other)
+    assert other.calls == 1 and len(list((tmp_path / "cache" / "stats").glob("*.npz"))) == 2
+    reference_stats(str(ref), net, cache=False)
+    assert net.calls == 3
+    reference_stats(str(ref), net, pr_max=10)  # a different precision / recall subset -> recomputed
+    assert net.calls == 4
+
+
+def test_reference_stats_from_saved_and_adm_files(tmp_path):
+    net = PixelNet()
+    st = ReferenceStats.from_features(net.extract(_images(2)), net.name, "x", pr_max=20)
+    assert st.feats.shape == (20, 16) and st.num_images == 64
+    st.save(tmp_path / "stats.npz")
+    loaded = reference_stats(str(tmp_path / "stats.npz"), net)
+    assert net.calls == 1 and np.allclose(loaded.sigma, st.sigma) and loaded.feats.shape == (20, 16)
+    with pytest.raises(ValueError, match="pixels-test, not of pixels-other"):
+        reference_stats(str(tmp_path / "stats.npz"), PixelNet("pixels-other"))
+    # ADM's statistics have no network entry: 2048-d means Inception
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "adm.npz", mu=rng.normal(size=2048), sigma=np.eye(2048), mu_s=np.zeros(2023),
+             sigma_s=np.eye(2023))
+    adm = ReferenceStats.load(tmp_path / "adm.npz")
+    assert adm.network == "inception-v3-fid" and adm.mu_s.shape == (2023,) and adm.feats is None
+    with pytest.raises(ValueError, match="inception-v3-fid, not of pixels-test"):
+        reference_stats(str(tmp_path / "adm.npz"), net)
+    # an ADM reference batch with images and statistics: stored stats, features of arr_0 for P / R
+    fake_inception = PixelNet("inception-v3-fid")
+    fake_inception.feature_dim = 16
+    np.savez(tmp_path / "batch.npz", arr_0=_images(4), mu=np.full(16, 7.0), sigma=np.eye(16),
+             network=np.array("inception-v3-fid"))
+    both = reference_stats(str(tmp_path / "batch.npz"), fake_inception)
+    assert np.all(both.mu == 7.0) and both.feats.shape == (64, 16) and fake_inception.calls == 1
+    # statistics of unknown origin beside images: the images are used
+    np.savez(tmp_path / "odd.npz", arr_0=_images(4), mu=np.full(16, 7.0), sigma=np.eye(16))
+    odd = reference_stats(str(tmp_path / "odd.npz"), net)
+    assert not np.all(odd.mu == 7.0) and odd.network == "pixels-test"
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        reference_stats(str(tmp_path / "nope.npz"), net)
+    np.savez(tmp_path / "empty.npz", other=np.zeros(3))
+    with pytest.raises(ValueError, match="neither images"):
+        reference_stats(str(tmp_path / "empty.npz"), net)
+
+
+def test_evaluate_features_self_and_in_training(tmp_path):
+    net = PixelNet()
+    images = _images(5, n=80)
+    ref = reference_stats(ReferenceStats.from_features(net.extract(images), net.name), net)
+    res = evaluate_samples(images, net, ref)
+    assert abs(res["fid"]) < 1e-6 and res["precision"] == 1.0 and res["recall"] == 1.0
+    assert res["sfid"] is None and res["class_accuracy"] is None and res["feature_network"] == "pixels-test"
+    table = format_markdown(res)
+    assert "| FID |" in table and "| sFID | n/a |" in table
+
+    def sampler(m):  # floats in [-1, 1], the flow's output
+        return torch.rand(m, 1, 8, 8) * 2 - 1
+
+    out = evaluate_in_training(sampler, net, ref, 30, batch_size=7)
+    assert out["num_samples"] == 30 and out["fid"] > 0 and "eval_seconds" in out
+    ref.save(tmp_path / "r.npz")
+    assert evaluate_in_training(sampler, net, str(tmp_path / "r.npz"), 10)["num_samples"] == 10

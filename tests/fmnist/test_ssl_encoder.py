@@ -1,0 +1,129 @@
+"""The embedded self-supervised fmnist-ssl encoder (rrepa.fmnist.encoder): training without labels, the cached
+file, the linear probe, `rrepa encoder train`."""
+
+import argparse
+import math
+
+import pytest
+import torch
+
+from flow_helpers import NEEDS_FMNIST
+from rrepa.cli.encoder import register
+from rrepa.data import TensorImageDataset
+from rrepa.encoders import build_encoder
+from rrepa.fmnist.dataset import find_fashion_mnist
+from rrepa.fmnist.encoder import (
+    EmbeddedEncoder,
+    SSLBackbone,
+    SSLConfig,
+    SSLTrainConfig,
+    linear_probe,
+    load_embedded,
+    save_embedded,
+    train_ssl_encoder,
+)
+
+torch.set_num_threads(1)
+
+
+class NoLabels(torch.utils.data.Dataset):
+    """Images only: any access to labels raises."""
+
+    def __init__(self, images):
+        self._images = images
+
+    def __len__(self):
+        return len(self._images)
+
+    def uint8(self, i):
+        return self._images[i]
+
+    def __getitem__(self, i):
+        raise AssertionError("the SSL trainer read an (image, label) pair")
+
+    def label(self, i):
+        raise AssertionError("the SSL trainer read a label")
+
+    @property
+    def targets(self):
+        raise AssertionError("the SSL trainer read the labels")
+
+
+SMALL = SSLConfig(widths=(8, 16), dim=16)
+
+
+def toy_images(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+
+
+def test_ssl_training_changes_weights_and_never_reads_labels():
+    cfg = SSLTrainConfig(steps=3, batch_size=16, max_images=48, seed=3)
+    torch.manual_seed(cfg.seed)
+    init = SSLBackbone(SMALL).state_dict()
+    backbone, info = train_ssl_encoder(NoLabels(toy_images()), cfg, SMALL, progress=False, log=lambda s: None)
+    trained = backbone.state_dict()
+    assert any(not torch.equal(init[k], trained[k]) for k in init if trained[k].is_floating_point())
+    assert info["steps"] == 3 and info["images"] == 48 and math.isfinite(info["final_loss"])
+    enc = EmbeddedEncoder(backbone)
+    x = torch.rand(5, 1, 28, 28) * 2 - 1
+    assert enc(x).shape == (5, 49, 16) and enc.grid((28, 28)) == (7, 7)
+    assert enc(torch.rand(2, 3, 56, 56) * 2 - 1).shape == (2, 49, 16)  # RGB -> gray, resized to 28
+
+
+def test_embedded_save_load_identity_and_cache(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    backbone = SSLBackbone(SMALL).eval()
+    with torch.no_grad():  # non-trivial BN statistics
+        for m in backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+    enc = EmbeddedEncoder(backbone, info={"probe_test_accuracy": 0.5})
+    monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path))
+    path = tmp_path / "encoders" / "fmnist-ssl.safetensors"
+    with pytest.raises(FileNotFoundError, match="rrepa encoder train"):
+        build_encoder("fmnist-ssl", train_if_missing=False)
+    save_embedded(path, backbone, enc.info)
+    loaded = build_encoder("fmnist-ssl")  # from the cache
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    assert torch.equal(loaded(x), enc(x))
+    assert loaded.fingerprint == enc.fingerprint and loaded.info == {"probe_test_accuracy": 0.5}
+    assert load_embedded(path).name == "fmnist-ssl"
+    with pytest.raises(ValueError, match="28 x 28"):
+        build_encoder("fmnist-ssl", image_size=224)
+
+
+def test_linear_probe_separates_easy_classes():
+    n = 40
+    y = torch.arange(n) % 2
+    imgs = torch.zeros(n, 1, 28, 28, dtype=torch.uint8)
+    imgs[y == 1, :, ::2, ::2] = 255  # class 1: a dotted pattern; class 0: black
+    imgs = (imgs.int() + torch.randint(0, 30, imgs.shape)).clamp(0, 255).to(torch.uint8)
+    train = TensorImageDataset(imgs[:30], y[:30], num_classes=2)
+    test = TensorImageDataset(imgs[30:], y[30:], num_classes=2)
+    torch.manual_seed(0)
+    result = linear_probe(EmbeddedEncoder(SSLBackbone(SMALL)), train, test)
+    assert result["probe_test_accuracy"] == 1.0 and result["probe_train_images"] == 30
+
+
+def _have_fashion_mnist() -> bool:
+    try:
+        find_fashion_mnist(None)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _have_fashion_mnist(), reason=NEEDS_FMNIST)
+def test_cli_encoder_train(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "enc.safetensors"
+    args = parser.parse_args(["encoder", "train", "--steps", "2", "--batch-size", "8", "--max-images", "32",
+                              "--no-probe", "--out", str(out), "--device", "cpu"])
+    args.func(args)
+    assert out.is_file() and "wrote" in capsys.readouterr().out
+    assert load_embedded(out).info["steps"] == 2
+    with pytest.raises(ValueError, match="--overwrite"):
+        args.func(args)
