@@ -271,8 +271,8 @@ def table_inputs(model: TARFlow, positions: list[Position], batch: int, hidden: 
 
 def last_positions(cfg: FlowConfig, layer: int | None = None) -> list[Position]:
     """Layer `layer` (default: the last) of the last two blocks (1-indexed)."""
-    T, L = cfg.num_blocks, cfg.layers_per_block
-    return [(t, layer or L) for t in range(max(1, T - 1), T + 1)]
+    T = cfg.num_blocks
+    return [(t, layer or cfg.layers(t)) for t in range(max(1, T - 1), T + 1)]
 
 
 def sequential_steps(cfg: FlowConfig, positions: list[Position]) -> int:

@@ -1,5 +1,7 @@
 """Run config: preset -> YAML -> --set, typed values, unknown keys with suggestions, round trips."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import yaml
@@ -27,12 +29,46 @@ def test_every_preset_is_complete_and_consistent(name):
     assert set(PRESETS[name]) == {"model", "data", "optim", "train", "align"}
     cfg = resolve(name)
     m, d, t = cfg.model, cfg.data, cfg.train
-    assert (d.image_size, d.image_size) == (m.image_height, m.image_width)
+    if d.vae:  # a latent preset: the model takes the VAE's 4-channel latents of the data's images, sigma 0.2
+        assert (d.image_size // LATENT_FACTOR[d.vae],) * 2 == (m.image_height, m.image_width)
+        assert m.in_channels == 4 and m.sigma == 0.2 and not t.dequantize and d.vae_fingerprint is None
+    else:
+        assert (d.image_size, d.image_size) == (m.image_height, m.image_width)
+        assert m.in_channels == (1 if d.name == "fmnist" else 3)
     assert (d.name == "fmnist") == (t.eval_features == "fmnist") == (m.num_classes == 10)
-    assert m.in_channels == (1 if d.name == "fmnist" else 3)
     m.check_positions(cfg.align.positions)  # alignment targets a position the model has
     assert (cfg.align.encoder == "fmnist-ssl") == (d.name == "fmnist")
+    if d.name != "fmnist":  # no Fashion-MNIST field (data, VAE, encoder, evaluator) leaks into another preset
+        assert "fmnist" not in cfg.to_yaml()
     resolve(name, overrides=["align.enabled=true"])  # and validates with alignment on
+
+
+LATENT_FACTOR = {"fmnist-vae": 4, "stabilityai/sd-vae-ft-ema": 8}  # spatial downsampling of each preset's VAE
+
+
+def test_latent_presets():
+    """fmnist-latent is fmnist's recipe on fmnist-vae's 4 x 7 x 7 latents with patch 1; the ImageNet 256 presets are
+    the paper's: SD-VAE latents 4 x 32 x 32 of 256 px ImageNet folders, patch 2 (256 tokens) or 1 (1024), sigma 0.2,
+    the imagenet64 model and recipe, FID-Inception, DINOv2 alignment online."""
+    fl, fm = PRESETS["fmnist-latent"], PRESETS["fmnist"]
+    assert all(fl[s] == fm[s] for s in ("optim", "train", "align"))
+    m = resolve("fmnist-latent").model
+    assert (m.in_channels, m.image_height, m.patch_size, m.num_tokens, m.token_dim) == (4, 7, 1, 49, 4)
+    a, b = resolve("imagenet256-latent"), resolve("imagenet256-latent-p1")
+    assert (a.data.name, a.data.image_size, a.data.vae, a.data.hflip) == ("folder", 256, "stabilityai/sd-vae-ft-ema",
+                                                                          True)
+    assert (a.model.in_channels, a.model.image_height, a.model.patch_size, a.model.num_tokens) == (4, 32, 2, 256)
+    assert (b.model.patch_size, b.model.num_tokens) == (1, 1024)
+    assert replace(b.model, patch_size=2) == a.model and (b.data, b.optim, b.train, b.align) == \
+        (a.data, a.optim, a.train, a.align)
+    i64 = resolve("imagenet64")
+    assert (a.model.width, a.model.num_blocks, a.model.layers_per_block) == (768, 8, 8) == \
+        (i64.model.width, i64.model.num_blocks, i64.model.layers_per_block)
+    assert (a.optim.batch_size, a.optim.lr, a.train.steps, a.train.ema_decay) == (256, 1e-4, 1_000_000, 0.9999)
+    assert a.train.eval_features == "inception" and a.align.encoder == "dinov2_vitb14" and not a.align.feature_cache
+    assert a.align.positions == i64.align.positions == [(7, 6), (8, 6)]
+    with pytest.raises(ValueError, match="train.dequantize is for 8-bit images"):
+        resolve("imagenet256-latent", overrides=["train.dequantize=true"])
 
 
 def test_preset_shapes():
@@ -150,3 +186,57 @@ def test_align_section_presets_lists_and_checks(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["align"]["encoder_weights"] == "/w/dinov2_vitb14.pth"
     assert printed["data"]["path"] == "/d/imagenet64.npz"
+
+
+# --- per-block layer counts (model.layers_per_block: int | tuple[int, ...]) ---------------------
+
+
+def test_layers_per_block_as_an_int_or_a_list_round_trips(tmp_path):
+    cfg = resolve(overrides=["model.layers_per_block=[1, 1, 1, 5]"])
+    assert cfg.model.layers_per_block == (1, 1, 1, 5)
+    assert yaml.safe_load(cfg.to_yaml())["model"]["layers_per_block"] == [1, 1, 1, 5]  # plain YAML list
+    back = RunConfig.from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert back == cfg and back.model.layers_per_block == (1, 1, 1, 5)
+    f = tmp_path / "run.yaml"
+    f.write_text("model:\n  layers_per_block: [2, 1, 1, 3]\n")
+    assert resolve(config_file=str(f)).model.layers_per_block == (2, 1, 1, 3)
+    assert resolve(config_file=str(f), overrides=["model.layers_per_block=3"]).model.layers_per_block == 3
+    assert RunConfig.from_dict(yaml.safe_load(resolve().to_yaml())).model.layers_per_block == 2
+
+
+@pytest.mark.parametrize("item, match", [
+    ("model.layers_per_block=deep", "expected int or a list of int, got 'deep'"),
+    ("model.layers_per_block=null", "expected int or a list of int, got None"),
+    ("model.layers_per_block=[1, x, 1, 1]", "expected int or a list of int"),
+    ("model.layers_per_block=[1, 1, 5]", r"lists 3 layer counts \[1, 1, 5\] for num_blocks = 4"),
+    ("model.layers_per_block=[1, 1, 0, 5]", r"entries must be >= 1"),
+])
+def test_bad_layers_per_block(item, match):
+    with pytest.raises(ValueError, match=match):
+        resolve(overrides=[item])
+
+
+def test_align_positions_are_checked_against_each_blocks_layers():
+    resolve(overrides=["model.layers_per_block=[1, 1, 1, 5]", "align.enabled=true", "align.positions=[[4, 5]]"])
+    with pytest.raises(ValueError, match=r"align.positions entry \(block 3, layer 2\) is outside.*block 3 has "
+                                         r"layers 1..1"):
+        resolve(overrides=["model.layers_per_block=[1, 1, 1, 5]", "align.enabled=true",
+                           "align.positions=[[4, 5], [3, 2]]"])
+
+
+def test_deep_shallow_preset_is_fmnist_with_its_layers_redistributed(capsys):
+    """fmnist-deep-shallow: fmnist's data, optimiser and loop, the same blocks, total layers and parameters, the
+    deep block last (STARFlow), and an alignment position inside it."""
+    ds, fm = PRESETS["fmnist-deep-shallow"], PRESETS["fmnist"]
+    assert all(ds[s] == fm[s] for s in ("data", "optim", "train"))
+    assert {k: v for k, v in ds["align"].items() if k != "positions"} == \
+        {k: v for k, v in fm["align"].items() if k != "positions"}
+    a, b = resolve("fmnist-deep-shallow", overrides=["align.enabled=true"]), resolve("fmnist")
+    m = a.model
+    assert m.layer_counts == (1, 1, 1, 5) and sum(m.layer_counts) == sum(b.model.layer_counts)
+    assert max(m.layer_counts) == m.layers(m.num_blocks)  # the deep block is block T, the first in generation
+    assert replace(m, layers_per_block=2) == b.model
+    assert TARFlow(m).num_params() == TARFlow(b.model).num_params() == 1_641_600
+    assert a.align.positions == [(4, 4)]
+    cli.main(["presets", "fmnist-deep-shallow"])
+    assert "| 4 x [1, 1, 1, 5] | 128 | 10 | 1.64 M |" in capsys.readouterr().out

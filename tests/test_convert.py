@@ -1,5 +1,5 @@
-"""Conversion of apple/ml-tarflow checkpoints, checked against an independent float64 implementation
-of their forward pass written here from their formulas."""
+"""Conversion of apple/ml-tarflow checkpoints (and STARFlow's per-block layer counts in the same layout), checked
+against an independent float64 implementation of their forward pass written here from their formulas."""
 
 from __future__ import annotations
 
@@ -39,10 +39,14 @@ class Arch:
     width: int
     head_dim: int
     blocks: int
-    layers: int
+    layers: int | tuple[int, ...]  # one count for every block, or one per block (STARFlow's deep-shallow models)
     classes: int
     nvp: bool
     expansion: int = 4
+
+    def block_layers(self, t: int) -> int:
+        """Layers of 0-indexed block t."""
+        return self.layers[t] if isinstance(self.layers, tuple) else self.layers
 
     @property
     def tokens(self) -> int:
@@ -60,8 +64,13 @@ ARCHS = [
     Arch(channels=3, patch=1, img=4, width=8, head_dim=8, blocks=1, layers=3, classes=0, nvp=False),
     Arch(channels=1, patch=2, img=6, width=12, head_dim=4, blocks=5, layers=1, classes=2, nvp=True, expansion=2),
     Arch(channels=4, patch=2, img=4, width=8, head_dim=2, blocks=2, layers=2, classes=0, nvp=True),
+    # STARFlow's deep-shallow layout (shallow blocks first, the deep one last), and a deep block first
+    Arch(channels=1, patch=2, img=8, width=16, head_dim=8, blocks=4, layers=(1, 1, 1, 3), classes=3, nvp=True),
+    Arch(channels=3, patch=2, img=4, width=8, head_dim=4, blocks=3, layers=(3, 1, 2), classes=0, nvp=False),
 ]
-IDS = [f"C{a.channels}-p{a.patch}-T{a.blocks}-K{a.classes}-{'nvp' if a.nvp else 'shift'}" for a in ARCHS]
+RAGGED = [a for a in ARCHS if isinstance(a.layers, tuple)]
+IDS = [f"C{a.channels}-p{a.patch}-T{a.blocks}-L{'-'.join(map(str, a.layers)) if a in RAGGED else a.layers}"
+       f"-K{a.classes}-{'nvp' if a.nvp else 'shift'}" for a in ARCHS]
 
 
 def their_state_dict(a: Arch, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -80,7 +89,7 @@ def their_state_dict(a: Arch, seed: int = 0) -> dict[str, torch.Tensor]:
         sd[b + "pos_embed"] = rnd(N, W, scale=0.5)
         if a.classes:
             sd[b + "class_embed"] = rnd(a.classes, 1, W, scale=0.5)
-        for l in range(a.layers):
+        for l in range(a.block_layers(t)):
             p = f"{b}attn_blocks.{l}."
             sd[p + "attention.norm.weight"] = 1 + rnd(W, scale=0.1)
             sd[p + "attention.norm.bias"] = rnd(W, scale=0.1)
@@ -132,7 +141,7 @@ def their_forward(sd, a: Arch, x: torch.Tensor, y: torch.Tensor | None):
             else:
                 null = (y < 0).to(h.dtype).view(-1, 1, 1)
                 h = h + (1 - null) * table[y.clamp(min=0)] + null * table.mean(0)
-        for l in range(a.layers):
+        for l in range(a.block_layers(t)):
             p = f"{b}attn_blocks.{l}."
             u = _layer_norm(h, sd[p + "attention.norm.weight"], sd[p + "attention.norm.bias"])
             qkv = _linear(u, sd, p + "attention.qkv").reshape(B, N, 3 * heads, a.head_dim).transpose(1, 2)
@@ -287,7 +296,7 @@ def test_ema_preferred_over_model():
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-@pytest.mark.parametrize("a", [ARCHS[0], ARCHS[2]], ids=[IDS[0], IDS[2]])
+@pytest.mark.parametrize("a", [ARCHS[0], ARCHS[2], RAGGED[0]], ids=[IDS[0], IDS[2], "ragged"])
 def test_convert_file_round_trip(tmp_path, a):
     sd = {k: v.float() for k, v in their_state_dict(a).items()}
     src, dst = tmp_path / "tarflow.pth", tmp_path / "out" / "flow.safetensors"
@@ -317,6 +326,60 @@ def test_cli_convert(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["convert", str(tmp_path / "missing.pt"), str(dst)])
     assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Per-block layer counts
+# --------------------------------------------------------------------------------------------
+
+
+def test_per_block_layer_counts_are_inferred():
+    """Each block's count comes from its own attn_blocks keys: a tuple when they differ, an int when they agree."""
+    a = RAGGED[0]
+    _, cfg, model = _converted(a)
+    assert cfg.layers_per_block == (1, 1, 1, 3) and [len(b.layers) for b in model.blocks] == [1, 1, 1, 3]
+    # The same blocks with equal counts: the int, as for ml-tarflow.
+    _, cfg, _ = _converted(Arch(**{**a.__dict__, "layers": (2, 2, 2, 2)}))
+    assert cfg.layers_per_block == 2
+    # Dropping the deep block's last layer makes it a 2-layer block (nothing else is missing).
+    sd = their_state_dict(a)
+    for key in [k for k in sd if k.startswith("blocks.3.attn_blocks.2.")]:
+        del sd[key]
+    cfg, _ = convert_state_dict(sd, in_channels=a.channels, head_dim=a.head_dim)
+    assert cfg.layers_per_block == (1, 1, 1, 2)
+
+
+def test_a_gap_in_a_blocks_layers_is_a_missing_key():
+    a = RAGGED[0]
+    sd = their_state_dict(a)
+    for key in [k for k in sd if k.startswith("blocks.3.attn_blocks.1.")]:
+        del sd[key]
+    with pytest.raises(ValueError, match=r"missing key blocks\.3\.attn_blocks\.1\."):
+        convert_state_dict(sd, in_channels=a.channels, head_dim=a.head_dim)
+
+
+def test_starflow_features_without_a_counterpart_are_refused():
+    a = RAGGED[0]
+    sd = their_state_dict(a)
+    # STARFlow's identity blocks (0 layers) store no weights: rrepa has no 0-layer block.
+    gap = {k: v for k, v in sd.items() if not k.startswith("blocks.1.")}
+    with pytest.raises(ValueError, match=r"block 1 has no weights .*identity blocks \(0 layers\)") as exc:
+        convert_state_dict(gap, in_channels=a.channels, head_dim=a.head_dim)
+    assert "\n" not in str(exc.value)
+    no_layers = {k: v for k, v in sd.items() if not k.startswith("blocks.2.attn_blocks.")}
+    with pytest.raises(ValueError, match=r"block 2 of the checkpoint has no transformer layers"):
+        convert_state_dict(no_layers, in_channels=a.channels, head_dim=a.head_dim)
+    W = a.width
+    extras = {"blocks.3.sos_embed": ("sos_embed", torch.zeros(1, 1, a.dim)),
+              "blocks.3.final_norm.weight": ("final_norm", torch.zeros(W)),
+              "blocks.3.proj_txt.weight": ("proj_txt", torch.zeros(W, 4)),
+              "learnable_self_denoiser.proj_in.weight": ("learnable_self_denoiser", torch.zeros(W, 4))}
+    for key, (named, value) in extras.items():
+        with pytest.raises(ValueError, match=rf"STARFlow features rrepa's TARFlow does not have: .*\({named}\)"):
+            convert_state_dict({**sd, key: value}, in_channels=a.channels, head_dim=a.head_dim)
+    rope = {k: v for k, v in sd.items() if not k.endswith(".pos_embed")}
+    with pytest.raises(ValueError, match="rotary position embeddings"):
+        convert_state_dict(rope, in_channels=a.channels, head_dim=a.head_dim)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Math is checked in float64 on tiny models whose proj_out is randomised: a fresh 
 identity, so a test at initialisation proves nothing.
 """
 
+import json
 import math
 
 import pytest
@@ -348,8 +349,9 @@ def test_float32_forward_reverse():
 # --- save / load -------------------------------------------------------------------------------
 
 
-def test_save_load_roundtrip(tmp_path):
-    cfg = tiny(3, 4, 4, 2, 3, K=4)
+@pytest.mark.parametrize("L", [2, (1, 3, 1)])
+def test_save_load_roundtrip(tmp_path, L):
+    cfg = tiny(3, 4, 4, 2, 3, L=L, K=4)
     model = random_flow(cfg).float()
     save_weights(tmp_path / "w.safetensors", model)
     loaded = load_weights(tmp_path / "w.safetensors")
@@ -423,12 +425,101 @@ def test_bad_inputs_raise_clear_errors():
     ({"width": 100}, "width 100 is not a multiple of head_dim 32"),
     ({"num_classes": -1}, "num_classes must be >= 0"),
     ({"num_blocks": 0}, "num_blocks must be >= 1"),
+    ({"layers_per_block": 0}, "layers_per_block must be >= 1, got 0"),
+    ({"layers_per_block": (1, 2, 3)}, r"lists 3 layer counts \[1, 2, 3\] for num_blocks = 2; give one count per block"),
+    ({"layers_per_block": (1, 0)}, r"entries must be >= 1, got \[1, 0\]"),
+    ({"layers_per_block": (1, 1.5)}, "an int or a list of ints"),
+    ({"layers_per_block": "2"}, "an int or a list of ints"),
 ])
 def test_bad_config_raises(kwargs, match):
     base = dict(in_channels=1, image_height=4, image_width=4, patch_size=2, width=64, num_blocks=2,
                 layers_per_block=1, head_dim=32, num_classes=3)
     with pytest.raises(ValueError, match=match):
         FlowConfig(**{**base, **kwargs})
+
+
+# --- per-block layer counts (STARFlow's deep-shallow design) ----------------------------------
+
+RAGGED = [  # (C, H, W, p, layers per block): a deep block last (STARFlow), first, in the middle; N = 16, 6, 4
+    (1, 4, 4, 1, (1, 1, 3)),
+    (3, 4, 6, 2, (3, 1)),
+    (1, 4, 4, 2, (2, 1, 4, 1)),
+]
+
+
+def test_layer_counts_and_positions_of_a_ragged_config():
+    cfg = tiny(T=3, L=[3, 1, 2])  # a list (as from JSON / YAML) is stored as a tuple
+    assert cfg.layers_per_block == (3, 1, 2) and cfg.layer_counts == (3, 1, 2)
+    assert [cfg.layers(t) for t in (1, 2, 3)] == [3, 1, 2]
+    assert cfg.positions == [(1, 1), (1, 2), (1, 3), (2, 1), (3, 1), (3, 2)]
+    assert cfg == tiny(T=3, L=(3, 1, 2)) and hash(cfg) == hash(tiny(T=3, L=(3, 1, 2)))
+    assert tiny(T=3, L=2).layer_counts == (2, 2, 2) and tiny(T=3, L=2).layers(3) == 2
+    assert [len(b.layers) for b in TARFlow(cfg).blocks] == [3, 1, 2]
+    with pytest.raises(ValueError, match=r"block 4 is outside this model's blocks 1..3"):
+        cfg.layers(4)
+    # A layer beyond its own block's count is refused, naming that block's range, even where another block has it.
+    cfg.check_positions([(1, 3), (2, 1), (3, 2)])
+    with pytest.raises(ValueError, match=r"\(block 2, layer 2\) is outside this model's blocks 1..3 \(layers per "
+                                         r"block \[3, 1, 2\]\); block 2 has layers 1..1"):
+        cfg.check_positions([(1, 3), (2, 2)])
+    with pytest.raises(ValueError, match=r"block 3 has layers 1..2 \(1-indexed\); e.g. \(3, 2\) is the deepest"):
+        TARFlow(cfg)(images(cfg), labels(cfg), hidden=[(3, 3)])
+    with pytest.raises(ValueError, match=r"\(block 4, layer 1\) is outside this model's blocks 1..3 \(layers"):
+        cfg.check_positions([(4, 1)])
+
+
+def test_a_ragged_config_round_trips_through_json():
+    """What save_weights stores (FlowConfig.to_dict as JSON) and load_run reads (FlowConfig.from_dict): the tuple
+    comes back."""
+    cfg = tiny(T=3, L=(3, 1, 2))
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["layers_per_block"] == [3, 1, 2]
+    assert FlowConfig.from_dict(d) == cfg and FlowConfig.from_dict(d).layers_per_block == (3, 1, 2)
+    assert FlowConfig.from_dict(json.loads(json.dumps(tiny(L=2).to_dict()))).layers_per_block == 2
+
+
+@pytest.mark.parametrize("C,H,W,p,L", RAGGED)
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_ragged_model_inverts_exactly(C, H, W, p, L, kv_cache):
+    cfg = tiny(C, H, W, p, T=len(L), L=L)
+    model = random_flow(cfg)
+    x, y = images(cfg), labels(cfg)
+    out = model(x, y)
+    assert not torch.allclose(out.z, x)
+    torch.testing.assert_close(model.reverse(out.z, y, kv_cache=kv_cache), x, atol=1e-10, rtol=0)
+    torch.testing.assert_close(model.reverse(out.z, y, guidance=0.5, kv_cache=kv_cache),
+                               model.reverse(out.z, y, guidance=0.5, kv_cache=not kv_cache), atol=1e-11, rtol=0)
+
+
+@pytest.mark.parametrize("C,H,W,p,L", RAGGED[:2])
+def test_ragged_logdet_equals_slogdet_of_autograd_jacobian(C, H, W, p, L):
+    cfg = tiny(C, H, W, p, T=len(L), L=L, K=3)
+    model = random_flow(cfg)
+    x, y = images(cfg, B=1), labels(cfg, B=1)
+    J = torch.autograd.functional.jacobian(lambda v: model(v.view(1, C, H, W), y).z.flatten(), x.flatten())
+    sign, logabsdet = torch.linalg.slogdet(J)
+    assert sign > 0 and abs(float(logabsdet)) > 1e-2
+    torch.testing.assert_close(model(x, y).logdet[0], logabsdet, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("C,H,W,p,L", RAGGED)
+def test_ragged_hidden_states_of_every_block(C, H, W, p, L):
+    """Every (block, layer) of a ragged model comes back, (B, N, width) in raster order: each equal to that block's
+    own transformer run on its input, the deepest layer of block t being its layer L_t."""
+    cfg = tiny(C, H, W, p, T=len(L), L=L)
+    model = random_flow(cfg)
+    x, y = images(cfg), labels(cfg)
+    out = model(x, y, hidden=cfg.positions)
+    assert list(out.hidden) == cfg.positions and len(out.hidden) == sum(L)
+    es = model.embeddings(y)
+    for t, block in enumerate(model.blocks, start=1):
+        _, hs = block.transformer(block.permute(out.inputs[t - 1]), es[t - 1], keep=range(1, L[t - 1] + 1))
+        assert sorted(hs) == list(range(1, L[t - 1] + 1))
+        for l, h in hs.items():
+            assert out.hidden[(t, l)].shape == (3, cfg.num_tokens, cfg.width)
+            torch.testing.assert_close(out.hidden[(t, l)], block.permute(h), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=f"block 2 has layers 1..{L[1]}"):
+        model(x, y, hidden=[(2, L[1] + 1)])
 
 
 # --- float32 / bf16 on each device ------------------------------------------------------------

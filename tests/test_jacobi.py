@@ -95,6 +95,25 @@ def test_jacobi_at_tol_zero_equals_the_sequential_sampler(C, H, W, p, T, K, chun
     assert stats.passes() == [N - 1] * T
 
 
+@pytest.mark.parametrize("L", [(1, 1, 3), (3, 1, 2)])  # STARFlow's deep-shallow layout, and a deep block first
+@pytest.mark.parametrize("chunk", [None, 1, 4])
+@pytest.mark.parametrize("w,anneal,attn_temp", [(0.0, False, 1.0), (1.0, True, 0.7)])
+@pytest.mark.parametrize("sequential_blocks", [0, 1])
+def test_jacobi_at_tol_zero_equals_the_sequential_sampler_with_per_block_layers(L, chunk, w, anneal, attn_temp,
+                                                                                 sequential_blocks):
+    cfg = tiny(1, 4, 4, 1, T=3, L=L)  # N = 16
+    model = random_flow(cfg, scale=0.2)  # (at 0.3 the 3-layer last block's sequential inverse overflows exp(alpha))
+    assert [len(b.layers) for b in model.blocks] == list(L)
+    z, y = noise(cfg), labels(cfg)
+    ref = model.reverse(z, y, w, anneal, attn_temp)
+    assert ref.abs().max() < 100 and not torch.allclose(ref, z, atol=1e-2)  # well-conditioned, not the identity
+    x, stats = model.reverse(z, y, w, anneal, attn_temp, return_stats=True,
+                             sampler=Jacobi(tol=0, chunk=chunk, sequential_blocks=sequential_blocks))
+    torch.testing.assert_close(x, ref, atol=1e-10, rtol=0)
+    assert stats.sequential == [g < sequential_blocks for g in range(3)]
+    assert stats.iters[-1] == chunk_lengths(cfg.num_tokens, chunk)  # block 1, generated last, by Jacobi
+
+
 @pytest.mark.parametrize("chunk", [None, 3])
 @pytest.mark.parametrize("w,anneal,attn_temp", [(0.0, False, 1.0), (1.0, True, 0.7)])
 def test_one_iteration_short_of_the_chunk_length_is_not_exact(chunk, w, anneal, attn_temp):

@@ -22,6 +22,7 @@ from rrepa.reverse import (
 torch.set_num_threads(1)  # tiny ops: a second OpenMP thread only adds contention (100x slower under load)
 
 T, L = 3, 2
+RAGGED = (3, 1, 2)  # per-block layer counts (STARFlow's deep-shallow design; here the deep block first)
 
 
 def tiny(T=T, L=L) -> FlowConfig:
@@ -95,10 +96,11 @@ def test_forward_output_carries_block_inputs_and_dropout_mask():
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_reverse_paths_reproduce_forward_values_and_features(method):
-    model = randomised()
+@pytest.mark.parametrize("layers", [L, RAGGED], ids=["uniform", "ragged"])
+def test_reverse_paths_reproduce_forward_values_and_features(method, layers):
+    model = randomised(tiny(L=layers))
     x, y = data(model.cfg)
-    pos = [(1, 1), (2, 2), (3, 1), (3, 2)]
+    pos = [(1, 1), (2, 2), (3, 1), (3, 2)] if layers == L else [(1, 3), (2, 1), (1, 1), (3, 2)]
     drop = torch.tensor([True, False, False])  # the reverse reuses the forward's (dropped) embeddings
     c = cache_of(model, x, y, pos, drop=drop)
     r = METHODS[method](model, c, pos)
@@ -133,9 +135,10 @@ def test_all_strategies_give_the_same_values():
 # --- gradients: jacobi, pseudo and naive ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("pos", [[(1, 1)], [(2, 2), (3, 1)], [(1, 2), (3, 2)]])
-def test_jacobi_N_gradients_equal_naive_gradients(pos):
-    model = randomised()
+@pytest.mark.parametrize("layers,pos", [(L, [(1, 1)]), (L, [(2, 2), (3, 1)]), (L, [(1, 2), (3, 2)]),
+                                        (RAGGED, [(1, 3), (2, 1)]), (RAGGED, [(3, 2)])])
+def test_jacobi_N_gradients_equal_naive_gradients(layers, pos):
+    model = randomised(tiny(L=layers))
     x, y = data(model.cfg)
     c = cache_of(model, x, y)
     g_naive = grads_of(model, lambda: naive_reverse(model, c, pos).features)
@@ -202,14 +205,17 @@ SCOPE = [("forward", None), ("detach", None), ("reverse", "naive"), ("reverse", 
 
 @pytest.mark.parametrize("t", [1, 2, 3])
 @pytest.mark.parametrize("strategy,rev", SCOPE)
-def test_parameter_scope(strategy, rev, t):
-    model = randomised()
+@pytest.mark.parametrize("layers,deepest", [(L, False), (RAGGED, False), (RAGGED, True)],
+                         ids=["uniform", "ragged-layer1", "ragged-deepest"])
+def test_parameter_scope(strategy, rev, t, layers, deepest):
+    model = randomised(tiny(L=layers))
     x, y = data(model.cfg)
-    pos = [(t, 1)]
+    l = model.cfg.layers(t) if deepest else 1
+    pos = [(t, l)]
     c = cache_of(model, x, y, pos)
     g = grads_of(model, lambda: aligned_features(model, x, y, pos, strategy, rev or "pseudo", 4, forward_out=c))
     for n, v in g.items():
-        if expected_nonzero(n, strategy, t, 1):
+        if expected_nonzero(n, strategy, t, l):
             assert float(v.abs().max()) > 1e-8, f"{strategy}/{rev}: {n} should receive a gradient"
         else:
             assert not v.any(), f"{strategy}/{rev}: {n} should receive no gradient"
@@ -290,6 +296,12 @@ def test_bad_arguments_raise():
         pseudo_reverse(model, c, [])
     with pytest.raises(ValueError, match=">= 1"):
         jacobi_reverse(model, c, [(1, 1)], 0)
+    # A ragged model: a layer its block lacks is refused, though other blocks have it.
+    ragged = randomised(tiny(L=RAGGED))
+    rc = cache_of(ragged, x, y)
+    for strategy in ("forward", "detach", "reverse"):
+        with pytest.raises(ValueError, match=r"\(block 2, layer 2\) is outside.*block 2 has layers 1..1"):
+            aligned_features(ragged, x, y, [(1, 3), (2, 2)], strategy, forward_out=rc)
 
 
 # --- float32 / bf16 on each device ------------------------------------------------------------

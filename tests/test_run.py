@@ -10,7 +10,7 @@ import torch
 from rrepa.checkpoint import save_checkpoint, save_weights
 from rrepa.config import resolve
 from rrepa.flow import FlowConfig, TARFlow
-from rrepa.run import RunInUseError, init_weights, load_run, run_lock, stored_config
+from rrepa.run import RunInUseError, export_pretrained, init_weights, load_run, run_lock, stored_config
 from rrepa.testing import random_flow
 
 TINY = FlowConfig(in_channels=1, image_height=8, image_width=8, patch_size=4, width=16, head_dim=8,
@@ -137,3 +137,43 @@ def test_run_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_path):
         pass
     assert len(notes) == 1 and "999999999@elsewhere" in notes[0] and "taking it over" in notes[0]
     assert run.is_dir() and not (run / ".lock").exists()
+
+
+def test_save_and_from_pretrained_round_trip(tmp_path):
+    cfg = FlowConfig(**{**TINY.to_dict(), "layers_per_block": (2, 1)})
+    model = random_flow(cfg, seed=4, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "p")
+    assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "p").iterdir()}
+    again = TARFlow.from_pretrained(tmp_path / "p")
+    assert again.cfg == cfg and again.cfg.layers_per_block == (2, 1)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_load_run_takes_a_pretrained_folder_and_export_writes_one(tmp_path):
+    model = saved(tmp_path / "run", 6)
+    cfg = resolve("fmnist", overrides=["data.path=/somewhere"])
+    (tmp_path / "run" / "config.yaml").write_text(cfg.to_yaml())
+    raw, _ = load_run(tmp_path / "run", weights="raw")
+    out = export_pretrained(raw, tmp_path / "shared", cfg)
+    loaded, info = load_run(out)
+    assert torch.equal(loaded.blocks[0].proj_out.weight, model.blocks[0].proj_out.weight)
+    assert info["data"]["path"] == "/somewhere" and info["step"] is None
+    with pytest.raises(ValueError, match="already exists"):
+        export_pretrained(raw, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "shared"]  # no temporary folder left behind
+
+
+def test_a_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not a local path, and the hub is off"):
+        load_run("someone/some-flow")
+
+
+def test_rrepa_export_then_load_by_folder(tmp_path, capsys):
+    from rrepa import cli
+
+    model = saved(tmp_path / "run", 2)
+    cli.main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "shared"), "--weights", "raw"])
+    assert "wrote" in capsys.readouterr().out
+    again = TARFlow.from_pretrained(tmp_path / "shared")
+    assert torch.equal(again.blocks[0].proj_out.weight, model.blocks[0].proj_out.weight)

@@ -18,7 +18,8 @@ from rrepa.config import resolve
 from rrepa.distributed import Dist, GlobalBatchSampler
 from rrepa.flow import TARFlow
 from rrepa.objective import Objective
-from rrepa.train import lr_factor, train
+from rrepa.train import train
+from rrepa.utils import lr_factor
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RREPA_OFFLINE": "1"}
 

@@ -13,7 +13,6 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -27,23 +26,11 @@ from rrepa.utils import atomic_write, torch_save
 CONFIG_KEY = "rrepa_flow_config"  # safetensors metadata key holding the FlowConfig as JSON
 
 
-def config_to_json(cfg: FlowConfig) -> str:
-    return json.dumps(asdict(cfg), sort_keys=True)
-
-
-def config_from_dict(d: Mapping) -> FlowConfig:
-    known = {f.name for f in fields(FlowConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"incompatible flow config: unknown keys {unknown}; was it written by a newer rrepa?")
-    return FlowConfig(**d)
-
-
 def save_weights(path: str | os.PathLike, model: TARFlow, metadata: Mapping[str, str] | None = None) -> None:
     """Export the flow's weights (only the flow: no optimiser, no projector) to a safetensors file,
     with its FlowConfig in the metadata."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {CONFIG_KEY: config_to_json(model.cfg), **(metadata or {})}
+    meta = {CONFIG_KEY: json.dumps(model.cfg.to_dict(), sort_keys=True), **(metadata or {})}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
@@ -61,7 +48,7 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise ValueError(f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupt") from err
     if CONFIG_KEY not in meta:
         raise ValueError(f"{path} has no rrepa flow config in its metadata; it was not written by rrepa")
-    model = TARFlow(config_from_dict(json.loads(meta[CONFIG_KEY])))
+    model = TARFlow(FlowConfig.from_dict(json.loads(meta[CONFIG_KEY])))
     load_state_checked(model, state, source=str(path))
     return model.to(device)
 

@@ -146,7 +146,16 @@ class RunConfig:
         if t.eval_features not in EVAL_FEATURES:
             raise ValueError(f"train.eval_features must be one of {', '.join(EVAL_FEATURES)}, got {t.eval_features!r}")
         a, m, d = self.align, self.model, self.data
-        if (d.image_size, d.image_size) != (m.image_height, m.image_width):
+        if d.vae:  # latents: the model's grid is the VAE's latent grid (checked against the VAE when it is loaded)
+            if t.dequantize:
+                raise ValueError("train.dequantize is for 8-bit images; a latent run (data.vae set) trains on "
+                                 "continuous latents: set train.dequantize=false")
+            ratio = d.image_size // max(m.image_height, 1)
+            if d.image_size != ratio * m.image_height or m.image_height != m.image_width or ratio & (ratio - 1):
+                raise ValueError(f"data.image_size {d.image_size} is not a power-of-two multiple of the model's "
+                                 f"{m.image_height} x {m.image_width} latent grid (a VAE halves the side per stage); "
+                                 f"set data.image_size or model.image_height / image_width")
+        elif (d.image_size, d.image_size) != (m.image_height, m.image_width):
             raise ValueError(f"data.image_size {d.image_size} does not match the model's {m.image_height} x "
                              f"{m.image_width} images; set data.image_size or model.image_height / image_width")
         if a.enabled:
@@ -248,15 +257,30 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """value (from YAML or a --set string) as type tp: int, float, bool, str, X | None, tuple[...] or list[X]."""
+    """value (from YAML or a --set string) as type tp: int, float, bool, str, X | None, X | Y (the first that fits),
+    tuple[...], tuple[X, ...] or list[X]."""
     if isinstance(value, str) and tp is not str:
         value = yaml.safe_load(value) if value.strip() else None
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):  # X | None
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+    if origin in (typing.Union, types.UnionType):  # X | None, or X | Y (model.layers_per_block: int | tuple[int, ...])
+        options = [a for a in args if a is not type(None)]
+        null = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if null and len(options) < len(args):
             return None
-        (tp,) = [a for a in args if a is not type(None)]
-        return _coerce(value, tp, where)
+        if len(options) == 1:
+            return _coerce(value, options[0], where)
+        for option in options:
+            try:
+                return _coerce(value, option, where)
+            except ValueError:
+                continue
+        names = [f"a list of {typing.get_args(a)[0].__name__}" if typing.get_origin(a) in (tuple, list)
+                 else getattr(a, "__name__", str(a)) for a in options]
+        raise ValueError(f"{where}: expected {' or '.join(names)}, got {value!r}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: a list of any length
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list like [4, 1, 1, 1], got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ValueError(f"{where}: expected a list of {len(args)} numbers like [0.9, 0.95], got {value!r}")
@@ -294,6 +318,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 # evaluation), so that no section falls back on a default meant for another dataset.
 # --------------------------------------------------------------------------------------------
 
+# The Fashion-MNIST presets share the default job's optimiser, loop and alignment: 2 CPU cores, at most 15 minutes.
+FMNIST_OPTIM = {"lr": 1e-3, "warmup_steps": 100, "batch_size": 128, "min_lr_ratio": 0.05}
+FMNIST_TRAIN = {"steps": 1200, "ema_decay": 0.995, "num_workers": 0, "log_every": 20, "sample_every": 300,
+                "ckpt_every": 300, "sample_guidance": 2.0, "sample_temperature": 0.8, "eval_features": "fmnist"}
+# Alignment (off unless align.enabled=true): the embedded self-supervised encoder (7 x 7 x 128 tokens,
+# the same grid as the 7 x 7 patch-4 flow tokens) with a cached target per training image (0.75 GB).
+# Position: the paper aligns layer 6 (of 8) of blocks 7 and 8 (of 8), i.e. the deep end of the last
+# blocks, the first ones on the generative path, where the reverse gradient reaches the fewest blocks
+# (blocks t..T) and the features are most semantic. For a 4 x 2 model the analogue is the deepest layer
+# of the last block: (4, 2) (one position, since the model has half the blocks and a quarter of the
+# layers). The projector is narrowed to 512 (REPA's 2048 would outweigh the 1.6 M parameter flow).
+FMNIST_ALIGN = {"encoder": "fmnist-ssl", "positions": [[4, 2]], "strategy": "reverse", "reverse": "pseudo",
+                "projector_hidden": 512, "feature_cache": True}
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The default job: Fashion-MNIST on 2 CPU cores in at most 15 minutes, end-of-run evaluation included.
     "fmnist": {
@@ -301,19 +339,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"in_channels": 1, "image_height": 28, "image_width": 28, "patch_size": 4, "width": 128,
                   "num_blocks": 4, "layers_per_block": 2, "num_classes": 10, "sigma": 0.05},
         "data": {"name": "fmnist", "image_size": 28},
-        "optim": {"lr": 1e-3, "warmup_steps": 100, "batch_size": 128, "min_lr_ratio": 0.05},
-        "train": {"steps": 1200, "ema_decay": 0.995, "num_workers": 0, "log_every": 20, "sample_every": 300,
-                  "ckpt_every": 300, "sample_guidance": 2.0, "sample_temperature": 0.8,
-                  "eval_features": "fmnist"},
-        # Alignment (off unless align.enabled=true): the embedded self-supervised encoder (7 x 7 x 128 tokens,
-        # the same grid as the 7 x 7 patch-4 flow tokens) with a cached target per training image (0.75 GB).
-        # Position: the paper aligns layer 6 (of 8) of blocks 7 and 8 (of 8), i.e. the deep end of the last
-        # blocks, the first ones on the generative path, where the reverse gradient reaches the fewest blocks
-        # (blocks t..T) and the features are most semantic. For a 4 x 2 model the analogue is the deepest layer
-        # of the last block: (4, 2) (one position, since the model has half the blocks and a quarter of the
-        # layers). The projector is narrowed to 512 (REPA's 2048 would outweigh the 1.6 M parameter flow).
-        "align": {"encoder": "fmnist-ssl", "positions": [[4, 2]], "strategy": "reverse", "reverse": "pseudo",
-                  "projector_hidden": 512, "feature_cache": True},
+        "optim": FMNIST_OPTIM,
+        "train": FMNIST_TRAIN,
+        "align": FMNIST_ALIGN,
     },
     # The paper's ImageNet 64 model (docs/DESIGN.md section 1): 8 blocks of 8 layers, width 768, patch 2, batch
     # 256, lr 1e-4, 1M steps, on the downsampled-ImageNet npz files (pass data.path), FID-Inception evaluation.
@@ -326,6 +354,65 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"name": "npz", "image_size": 64},
         "optim": {"lr": 1e-4, "warmup_steps": 1000, "batch_size": 256, "min_lr_ratio": 0.0},
         "train": {"steps": 1_000_000, "ema_decay": 0.9999, "eval_features": "inception"},
+        "align": {"encoder": "dinov2_vitb14", "positions": [[7, 6], [8, 6]], "strategy": "reverse",
+                  "reverse": "pseudo", "projector_hidden": 2048, "feature_cache": False},
+    },
+    # fmnist with STARFlow's deep-shallow layout (arXiv 2506.06276; apple/ml-starflow transformer_flow.py): there
+    # the LAST block of the x -> z direction is the deep one (Model builds num_blocks - 1 "bottom" blocks, then a
+    # "top" block of layers_per_block[-1] layers, which the reverse runs first), e.g. [2, 2, 2, 2, 2, 18]
+    # (TarFlow_XLv2_1, 1.4 B) or [2, 2, 2, 2, 2, 24] (TarFlow_XXLv2_1 and configs/starflow_3B_t2i_256x256.yaml):
+    # 64-71 % of the layers in the block nearest the noise. Here block T = 4, the first in generation, gets 5 of the
+    # same 8 layers (63 %) and blocks 1-3 one each: the same blocks, layers and width as fmnist, so the same
+    # 1,641,600 parameters, redistributed. Data, optimiser, loop and alignment are fmnist's (keep them in step;
+    # tests/test_config.py checks it) except the position: layer 4 of the 5-layer deep block, three quarters of the
+    # way up as the paper's layer 6 of 8 (fmnist's (4, 2) is the deepest layer of a 2-layer block).
+    "fmnist-deep-shallow": {
+        "model": {"in_channels": 1, "image_height": 28, "image_width": 28, "patch_size": 4, "width": 128,
+                  "num_blocks": 4, "layers_per_block": [1, 1, 1, 5], "num_classes": 10, "sigma": 0.05},
+        "data": {"name": "fmnist", "image_size": 28},
+        "optim": FMNIST_OPTIM,
+        "train": FMNIST_TRAIN,
+        "align": {**FMNIST_ALIGN, "positions": [[4, 4]]},
+    },
+    # Latent Fashion-MNIST: the flow on the 4 x 7 x 7 latents of the embedded autoencoder fmnist-vae
+    # (rrepa.fmnist.vae; trained on first use, ~10 CPU minutes, then cached), patch 1 on the 7 x 7 latent grid (49
+    # tokens of 4 values: the same token count as fmnist's patch 4, so about the same cost per step), sigma 0.2 on
+    # the unit-variance latents (fmnist-vae's scaling sets std 1; the paper's sigma on SD-VAE latents). Optimiser,
+    # loop and evaluation are fmnist's; grids, FID and class accuracy are of the decoded images. Alignment: fmnist-ssl
+    # on the CLEAN 28 x 28 images (7 x 7 tokens, the latent token grid 1:1) at fmnist's position (4, 2).
+    "fmnist-latent": {
+        "model": {"in_channels": 4, "image_height": 7, "image_width": 7, "patch_size": 1, "width": 128,
+                  "num_blocks": 4, "layers_per_block": 2, "num_classes": 10, "sigma": 0.2},
+        "data": {"name": "fmnist", "image_size": 28, "vae": "fmnist-vae"},
+        "optim": FMNIST_OPTIM,
+        "train": FMNIST_TRAIN,
+        "align": FMNIST_ALIGN,
+    },
+    # The paper's 256 x 256 Latent-TARFlow (docs/DESIGN.md section 4): SD-VAE (stabilityai/sd-vae-ft-ema, scaling
+    # 0.18215) latents 4 x 32 x 32 of ADM-cropped ImageNet 256 images from an ImageNet-layout folder (pass data.path;
+    # train/ and val/), patch 2 (256 tokens), sigma 0.2, the imagenet64 model (8 x 8, width 768) and recipe (batch
+    # 256, lr 1e-4, warm-up 1000, 1M steps, EMA 0.9999), random flips (the cache stores both mirrors' latents, 2 x
+    # 10.5 GB), FID-Inception on the decoded images. Alignment as imagenet64: DINOv2-B/14 tokens of the clean 256 px
+    # images (resized to 224: 16 x 16, pooled onto the 16 x 16 token grid 1:1) at layer 6 of blocks 7 and 8,
+    # R-REPA pseudo, targets online. Offline, give a local VAE copy with data.vae=PATH.
+    "imagenet256-latent": {
+        "model": {"in_channels": 4, "image_height": 32, "image_width": 32, "patch_size": 2, "width": 768,
+                  "num_blocks": 8, "layers_per_block": 8, "num_classes": 1000, "sigma": 0.2},
+        "data": {"name": "folder", "image_size": 256, "hflip": True, "vae": "stabilityai/sd-vae-ft-ema"},
+        "optim": {"lr": 1e-4, "warmup_steps": 1000, "batch_size": 256, "min_lr_ratio": 0.0},
+        "train": {"steps": 1_000_000, "ema_decay": 0.9999, "num_workers": 8, "eval_features": "inception"},
+        "align": {"encoder": "dinov2_vitb14", "positions": [[7, 6], [8, 6]], "strategy": "reverse",
+                  "reverse": "pseudo", "projector_hidden": 2048, "feature_cache": False},
+    },
+    # imagenet256-latent with patch 1 ("+Patch1", the paper's best 256 x 256 model): 1024 tokens of 4 values on the
+    # 32 x 32 latent grid; DINOv2's 16 x 16 tokens are upsampled onto it (each token gets the patch containing it).
+    # Everything else is imagenet256-latent's (tests/test_config.py keeps them in step).
+    "imagenet256-latent-p1": {
+        "model": {"in_channels": 4, "image_height": 32, "image_width": 32, "patch_size": 1, "width": 768,
+                  "num_blocks": 8, "layers_per_block": 8, "num_classes": 1000, "sigma": 0.2},
+        "data": {"name": "folder", "image_size": 256, "hflip": True, "vae": "stabilityai/sd-vae-ft-ema"},
+        "optim": {"lr": 1e-4, "warmup_steps": 1000, "batch_size": 256, "min_lr_ratio": 0.0},
+        "train": {"steps": 1_000_000, "ema_decay": 0.9999, "num_workers": 8, "eval_features": "inception"},
         "align": {"encoder": "dinov2_vitb14", "positions": [[7, 6], [8, 6]], "strategy": "reverse",
                   "reverse": "pseudo", "projector_hidden": 2048, "feature_cache": False},
     },

@@ -1,9 +1,17 @@
-"""Convert apple/ml-tarflow checkpoints to rrepa's TARFlow layout.
+"""Convert apple/ml-tarflow checkpoints (and apple/ml-starflow ones in the same layout) to rrepa's TARFlow layout.
 
 `convert_state_dict` maps their state dict to ours (and infers the FlowConfig from the tensors);
 `convert_file` reads their checkpoint and writes rrepa's safetensors weights (`rrepa convert`).
 
-Their conventions and ours (T blocks, L layers, N tokens of dimension D = C p^2, width W):
+Their conventions and ours (T blocks, L_t layers in block t, N tokens of dimension D = C p^2, width W):
+
+- Layers per block: read from each block's `attn_blocks.{l}` keys. ml-tarflow gives every block the same count;
+  STARFlow's deep-shallow models give each block its own (e.g. [2, 2, 2, 2, 2, 18], the deep block last). Equal
+  counts give FlowConfig.layers_per_block an int, different ones a tuple. STARFlow's RoPE (no pos_embed), SOS
+  token, final norm, text conditioning and self-denoiser have no counterpart in rrepa's TARFlow: a checkpoint with
+  any of them is refused with a list of them. Options that leave no trace in the weights cannot be checked and
+  must be STARFlow's defaults: use_softplus and soft_clip off, seq_order R2L (L2R swaps identity and flip in every
+  block).
 
 - Keys. Theirs: `blocks.{t}.proj_in`, `.pos_embed`, `.class_embed`, `.attn_blocks.{l}.attention.norm`,
   `.attention.qkv`, `.attention.proj`, `.mlp.norm`, `.mlp.main.0`, `.mlp.main.2`, `.proj_out`,
@@ -142,6 +150,7 @@ def convert_state_dict(theirs: Mapping[str, Tensor], in_channels: int = 3, head_
     state = unwrap_state_dict(theirs)
 
     # --- architecture from the tensors --------------------------------------------------------
+    _refuse_starflow_features(state)
     blocks: dict[int, set[int]] = {}
     for key in state:
         m = _BLOCK_KEY.fullmatch(key)
@@ -153,10 +162,17 @@ def convert_state_dict(theirs: Mapping[str, Tensor], in_channels: int = 3, head_
     if not blocks:
         raise ValueError("the checkpoint has no blocks.* keys; is it an apple/ml-tarflow checkpoint?")
     T = max(blocks) + 1
-    L = max(max(layers, default=-1) for layers in blocks.values()) + 1
-    if L == 0:
-        raise ValueError("missing key blocks.0.attn_blocks.0.attention.qkv.weight: the checkpoint has no "
-                         "transformer layers")
+    empty = [t for t in range(T) if t not in blocks]
+    if empty:
+        raise ValueError(f"block {empty[0]} has no weights (no blocks.{empty[0]}.* keys): STARFlow's identity blocks "
+                         f"(0 layers) have none, and every rrepa block has at least one layer")
+    # Block t's layers 0..max: a gap in between is reported below as a missing key.
+    counts = [max(blocks[t], default=-1) + 1 for t in range(T)]
+    if min(counts) == 0:
+        t = counts.index(0)
+        raise ValueError(f"missing key blocks.{t}.attn_blocks.0.attention.qkv.weight: block {t} of the checkpoint has "
+                         f"no transformer layers")
+    L: int | tuple[int, ...] = counts[0] if len(set(counts)) == 1 else tuple(counts)
 
     width, D = _shape_of(state, "blocks.0.proj_in.weight", 2)
     N = _shape_of(state, "blocks.0.pos_embed", 2)[0]
@@ -202,7 +218,7 @@ def convert_state_dict(theirs: Mapping[str, Tensor], in_channels: int = 3, head_
         if conditional:
             expected[b + "class_embed"] = (K, 1, width)
         optional[b + "attn_mask"] = (N, N)
-        for l in range(L):
+        for l in range(counts[t]):
             a = f"{b}attn_blocks.{l}."
             for name, (rows, cols) in {"attention.norm": (width, 0), "attention.qkv": (3 * width, width),
                                        "attention.proj": (width, width), "mlp.norm": (width, 0),
@@ -211,8 +227,9 @@ def convert_state_dict(theirs: Mapping[str, Tensor], in_channels: int = 3, head_
                 expected[a + name + ".bias"] = (rows,)
     for key in state:
         if key not in expected and key not in optional:
-            raise ValueError(f"unknown key {key} in the ml-tarflow checkpoint (expected {T} blocks of {L} "
-                             f"layers{', class-conditional' if conditional else ', unconditional'})")
+            layout = f"{T} blocks of {L} layers" if isinstance(L, int) else f"{T} blocks of {list(L)} layers"
+            raise ValueError(f"unknown key {key} in the ml-tarflow checkpoint (expected {layout}"
+                             f"{', class-conditional' if conditional else ', unconditional'})")
     for key, shape in {**expected, **optional}.items():
         if key not in state:
             if key in optional:
@@ -237,7 +254,7 @@ def convert_state_dict(theirs: Mapping[str, Tensor], in_channels: int = 3, head_
         ours[b + "pos_embed"] = state[b + "pos_embed"]
         if conditional:
             ours[b + "class_embed"] = state[b + "class_embed"].reshape(K, width)
-        for l in range(L):
+        for l in range(counts[t]):
             for their_name, our_name in _LAYER_KEYS.items():
                 for kind in ("weight", "bias"):
                     ours[f"{b}layers.{l}.{our_name}.{kind}"] = state[f"{b}attn_blocks.{l}.{their_name}.{kind}"]
@@ -252,6 +269,27 @@ def convert_state_dict(theirs: Mapping[str, Tensor], in_channels: int = 3, head_
         ours[b + "proj_out.bias"] = bias
     ours = {k: v.detach().contiguous() for k, v in ours.items()}
     return cfg, ours
+
+
+# STARFlow parts rrepa's TARFlow lacks: (pattern on a key, what it is).
+_STARFLOW_ONLY = (
+    (re.compile(r"blocks\.\d+\.sos_embed"), "a start-of-sequence token (sos_embed)"),
+    (re.compile(r"blocks\.\d+\.final_norm\..+"), "a final norm (final_norm)"),
+    (re.compile(r"blocks\.\d+\.proj_txt\..+"), "text conditioning (proj_txt)"),
+    (re.compile(r"learnable_self_denoiser\..+"), "a learned self-denoiser (learnable_self_denoiser)"),
+)
+
+
+def _refuse_starflow_features(state: Mapping[str, Tensor]) -> None:
+    """ValueError listing the STARFlow features of a checkpoint that rrepa's TARFlow cannot represent."""
+    found = [what for pattern, what in _STARFLOW_ONLY if any(pattern.fullmatch(k) for k in state)]
+    has_layers = any(_LAYER_KEY.fullmatch(m.group(2)) for m in map(_BLOCK_KEY.fullmatch, state) if m)
+    if has_layers and not any(_BLOCK_KEY.fullmatch(k) and k.endswith(".pos_embed") for k in state):
+        found.append("rotary position embeddings (no pos_embed in any block)")
+    if found:
+        raise ValueError(f"the checkpoint uses STARFlow features rrepa's TARFlow does not have: {'; '.join(found)}; "
+                         f"only checkpoints in ml-tarflow's layout (learned pos_embed, no SOS token, final norm or "
+                         f"text encoder) convert")
 
 
 def already_ours(obj: object, src: str | os.PathLike) -> None:

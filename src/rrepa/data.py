@@ -93,6 +93,15 @@ class DataConfig:
     image_size: int = 28  # folder / npz: output size after the ADM centre crop (fmnist: must be 28)
     hflip: bool = False  # random horizontal flip (training split only)
     strict: bool = False  # raise on an unreadable / corrupt image instead of skipping it
+    # Latent runs (rrepa.latent_run): the fields above name the IMAGES; with `vae` set the flow is trained on their
+    # VAE latents (the model's in_channels / image size are the latent grid), and everything shown is decoded.
+    vae: str | None = None  # None: pixels; else a diffusers AutoencoderKL folder, a hub id, or fmnist-vae (embedded)
+    # Set by training from the VAE it loaded (sha256 of weights + config): sampling, evaluation and resuming refuse
+    # a VAE that is not the one the run was trained with. None: not pinned yet.
+    vae_fingerprint: str | None = None
+    latent_cache: str | None = None  # caches in <it>/train, <it>/test; None: <cache>/latents/<vae>-<split>-<data>...
+    latent_sample: bool = False  # cache one posterior sample per image instead of the posterior mean
+    latent_dtype: str = "float16"  # storage dtype of the latent cache: float16 | float32
 
     def __post_init__(self) -> None:
         self._check_fields()
@@ -102,11 +111,13 @@ class DataConfig:
             raise ValueError(f"DataConfig.name must be one of {', '.join(DATASET_NAMES)}, got {self.name!r}")
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
             raise ValueError(f"DataConfig.image_size must be a positive int, got {self.image_size!r}")
+        if self.latent_dtype not in ("float16", "float32"):
+            raise ValueError(f"DataConfig.latent_dtype must be float16 or float32, got {self.latent_dtype!r}")
 
     def validate(self) -> None:
         """Cross-field checks, run by build_dataset (fields may be set one by one before that)."""
         self._check_fields()
-        if self.name == "fmnist" and self.image_size != 28:
+        if self.name == "fmnist" and self.image_size != 28 and not self.vae:  # latents: resized for the VAE
             raise ValueError(f"Fashion-MNIST images are 28 x 28; got image_size={self.image_size} "
                              f"(use image_size=28, or a folder / npz dataset for other sizes)")
         if self.name in ("folder", "npz") and not self.path:

@@ -4,7 +4,8 @@ Notation follows docs/DESIGN.md section 1 and the R-REPA paper:
 
     x      image in [-1, 1]^(C x H x W), cut into N = (H/p)(W/p) tokens of dimension D = C p^2
     t      block index, 1..T (block T is the last in the forward direction, the first in generation)
-    l      layer index inside a block, 1..L
+    l      layer index inside a block, 1..L_t (block t's own count, FlowConfig.layers(t): one L for every block,
+           or a per-block list as in STARFlow's deep-shallow design)
     h      hidden state of a block's transformer, (B, N, width)
     mu     shift, alpha log-scale of the affine transform, (B, N, D)
     z      z_i = (x_i - mu_i(x_<i)) * exp(-alpha_i(x_<i)); standard Gaussian prior
@@ -18,11 +19,13 @@ position, so token 0 gets (mu, alpha) = (0, 0). Block inputs and outputs are in 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from rrepa.jacobi import Jacobi, SampleStats, as_sampler
@@ -58,7 +61,10 @@ class FlowConfig:
     patch_size: int = 2  # p: tokens are p x p patches, D = C p^2 values each
     width: int = 768  # transformer width of every block
     num_blocks: int = 8  # T: flow blocks (permutations alternate identity / flip)
-    layers_per_block: int = 8  # L: transformer layers per block
+    # L: transformer layers of every block, or one count per block (block 1 first, forward order): STARFlow's
+    # deep-shallow design, e.g. (1, 1, 1, 5), puts a deep block last (nearest z, first in generation). A list (from
+    # JSON or YAML) is stored as a tuple.
+    layers_per_block: int | tuple[int, ...] = 8
     head_dim: int = 64  # attention head dimension; heads = width / head_dim
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * width
     num_classes: int = 1000  # K: class-conditional with K labels; 0 = unconditional
@@ -66,9 +72,10 @@ class FlowConfig:
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "image_height", "image_width", "patch_size", "width",
-                     "num_blocks", "layers_per_block", "head_dim", "mlp_ratio"):
+                     "num_blocks", "head_dim", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FlowConfig.{name} must be >= 1, got {getattr(self, name)}")
+        self._check_layers()
         if self.num_classes < 0:
             raise ValueError(f"FlowConfig.num_classes must be >= 0 (0 = unconditional), "
                              f"got {self.num_classes}")
@@ -83,6 +90,21 @@ class FlowConfig:
             raise ValueError(
                 f"width {self.width} is not a multiple of head_dim {self.head_dim}; use a width "
                 f"such as {max(1, round(self.width / self.head_dim)) * self.head_dim}")
+
+    def to_dict(self) -> dict:
+        """Plain values (lists for tuples), as stored in checkpoints, safetensors metadata and config.json."""
+        d = asdict(self)
+        if isinstance(d["layers_per_block"], tuple):
+            d["layers_per_block"] = list(d["layers_per_block"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d) -> FlowConfig:
+        """The inverse of to_dict; unknown keys are an error (a config written by a newer rrepa)."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"incompatible flow config: unknown keys {unknown}; was it written by a newer rrepa?")
+        return cls(**d)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -104,18 +126,57 @@ class FlowConfig:
         """C H W: dimensions of one image."""
         return self.in_channels * self.image_height * self.image_width
 
+    def _check_layers(self) -> None:
+        """layers_per_block: an int >= 1, or one int >= 1 per block (a list becomes a tuple)."""
+        L = self.layers_per_block
+        if isinstance(L, (list, tuple)):
+            if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in L):
+                raise ValueError(f"FlowConfig.layers_per_block must be an int or a list of ints (one per block), "
+                                 f"got {list(L)}")
+            L = tuple(int(v) for v in L)
+            object.__setattr__(self, "layers_per_block", L)  # frozen: normalise in place, once
+            if len(L) != self.num_blocks:
+                raise ValueError(f"FlowConfig.layers_per_block lists {len(L)} layer counts {list(L)} for "
+                                 f"num_blocks = {self.num_blocks}; give one count per block (block 1 first) or one int")
+            if min(L) < 1:
+                raise ValueError(f"FlowConfig.layers_per_block entries must be >= 1, got {list(L)}")
+        elif not isinstance(L, numbers.Integral) or isinstance(L, bool):
+            raise ValueError(f"FlowConfig.layers_per_block must be an int or a list of ints (one per block), got {L!r}")
+        elif L < 1:
+            raise ValueError(f"FlowConfig.layers_per_block must be >= 1, got {L}")
+
+    @property
+    def layer_counts(self) -> tuple[int, ...]:
+        """(L_1, ..., L_T): the layers of every block, block 1 first."""
+        L = self.layers_per_block
+        return L if isinstance(L, tuple) else (int(L),) * self.num_blocks
+
+    def layers(self, t: int) -> int:
+        """L_t: the transformer layers of block t (1-indexed, forward order)."""
+        if not 1 <= t <= self.num_blocks:
+            raise ValueError(f"block {t} is outside this model's blocks 1..{self.num_blocks} (1-indexed)")
+        return self.layer_counts[t - 1]
+
     @property
     def positions(self) -> list[Position]:
-        """Every 1-indexed (block t, layer l), block-major."""
-        return [(t, l) for t in range(1, self.num_blocks + 1) for l in range(1, self.layers_per_block + 1)]
+        """Every 1-indexed (block t, layer l), block-major; block t contributes layers 1..L_t."""
+        return [(t, l) for t, L in enumerate(self.layer_counts, start=1) for l in range(1, L + 1)]
 
     def check_positions(self, positions: Iterable[Position], what: str = "position") -> None:
-        """ValueError naming the first (block, layer) outside this model's blocks and layers."""
-        T, L = self.num_blocks, self.layers_per_block
+        """ValueError naming the first (block, layer) outside this model's blocks and layers (block t's own
+        layers 1..L_t when the blocks differ)."""
+        T, counts = self.num_blocks, self.layer_counts
         for t, l in positions:
-            if not (1 <= t <= T and 1 <= l <= L):
-                raise ValueError(f"{what} (block {t}, layer {l}) is outside this model's blocks 1..{T} and "
-                                 f"layers 1..{L} (1-indexed); e.g. ({T}, {L}) is the deepest layer of the last block")
+            if 1 <= t <= T and 1 <= l <= counts[t - 1]:
+                continue
+            if isinstance(self.layers_per_block, tuple):
+                own = f"; block {t} has layers 1..{counts[t - 1]}" if 1 <= t <= T else ""
+                raise ValueError(f"{what} (block {t}, layer {l}) is outside this model's blocks 1..{T} (layers per "
+                                 f"block {list(counts)}){own} (1-indexed); e.g. ({T}, {counts[-1]}) is the deepest "
+                                 f"layer of the last block")
+            L = counts[0]
+            raise ValueError(f"{what} (block {t}, layer {l}) is outside this model's blocks 1..{T} and "
+                             f"layers 1..{L} (1-indexed); e.g. ({T}, {L}) is the deepest layer of the last block")
 
 
 @dataclass
@@ -219,14 +280,17 @@ class Layer(nn.Module):
 class FlowBlock(nn.Module):
     """One autoregressive affine flow over the (permuted) token sequence."""
 
-    def __init__(self, cfg: FlowConfig, flip: bool):
+    def __init__(self, cfg: FlowConfig, flip: bool, num_layers: int):
+        """A block of `num_layers` transformer layers (cfg.layers(t) for block t) with cfg's widths."""
         super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"a flow block needs at least 1 transformer layer, got {num_layers}")
         N, D, width = cfg.num_tokens, cfg.token_dim, cfg.width
         self.flip = flip
         self.proj_in = nn.Linear(D, width)
         self.pos_embed = nn.Parameter(torch.randn(N, width) * 0.01)  # indexed by raster position
         self.class_embed = nn.Parameter(torch.randn(cfg.num_classes, width) * 0.01) if cfg.num_classes else None
-        self.layers = nn.ModuleList(Layer(width, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.layers_per_block))
+        self.layers = nn.ModuleList(Layer(width, cfg.head_dim, cfg.mlp_ratio) for _ in range(num_layers))
         self.proj_out = nn.Linear(width, 2 * D)  # -> (mu, alpha)
         # A fresh block is the identity: training starts from z = x.
         nn.init.zeros_(self.proj_out.weight)
@@ -428,14 +492,20 @@ def _stack_branches(e: Tensor | None, e_null: Tensor | None, B: int) -> Tensor |
 # --------------------------------------------------------------------------------------------
 
 
-class TARFlow(nn.Module):
-    """Transformer autoregressive flow over images (B, C, H, W) in [-1, 1]."""
+class TARFlow(nn.Module, PyTorchModelHubMixin, library_name="rrepa", tags=["normalizing-flow", "tarflow"]):
+    """Transformer autoregressive flow over images (B, C, H, W) in [-1, 1].
 
-    def __init__(self, cfg: FlowConfig):
+    Shared like any hub model (huggingface_hub's PyTorchModelHubMixin): `model.save_pretrained(dir)` writes
+    config.json (the FlowConfig) and model.safetensors; `TARFlow.from_pretrained(dir_or_hub_id)` reads them back.
+    Every command that takes --ckpt takes such a folder or hub id too (rrepa.run.load_run)."""
+
+    def __init__(self, cfg: FlowConfig | dict):
         super().__init__()
-        self.cfg = cfg
-        # Block t (1-indexed) flips when t is even: the first block reads raster order.
-        self.blocks = nn.ModuleList(FlowBlock(cfg, flip=bool(t % 2)) for t in range(cfg.num_blocks))
+        # A dict is a FlowConfig as from_pretrained reads it back from config.json.
+        self.cfg = cfg = FlowConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
+        # Block t (1-indexed) flips when t is even: the first block reads raster order. It has cfg.layers(t) layers.
+        self.blocks = nn.ModuleList(FlowBlock(cfg, flip=bool(t % 2), num_layers=cfg.layers(t + 1))
+                                    for t in range(cfg.num_blocks))
         # The value checks of the inputs (finite images and class weights, labels in range) each cost a device
         # sync and break torch.compile's graph; a training loop whose data were validated on loading turns them off.
         self.validate_inputs = True

@@ -19,6 +19,8 @@ from rrepa.distributed import Dist
 from rrepa.encoders import build_encoder
 from rrepa.features import FeatureCache, IndexedFlipDataset
 from rrepa.flow import TARFlow
+from rrepa.latent_run import LatentsWithImages, is_latent
+from rrepa.latents import LatentDataset
 from rrepa.utils import cache_dir
 
 
@@ -61,17 +63,26 @@ class Batches:
     """Loader batches -> (x clean, y, encoder targets (B, n, d) or None), on the device.
 
     Without alignment this only moves (x, y). With it, the targets come from the feature cache (the loader
-    then yields dataset indices and flip flags, see `wrap`) or from the frozen encoder, online."""
+    then yields dataset indices and flip flags, see `wrap`) or from the frozen encoder, online.
+
+    `dataset` is the CLEAN IMAGES the targets are computed from: the training images of a pixel run, or, for a
+    latent run (rrepa.latent_run), the images its latents were encoded from (image_dataset(cfg.data, "train"), index
+    for index); the encoder sees them at data.image_size, and its patch grid is matched onto the flow's latent token
+    grid as for pixels. A latent run's loader yields (z, y, index, flipped): the feature cache is looked up at that
+    index and flip, or (targets online) `wrap` adds the clean image of that index and flip to each item."""
 
     def __init__(self, cfg: RunConfig, dataset, d: Dist, say):
         self.device = d.device
         self.encoder, self.cache, self.dim, self.hw = None, None, None, None
+        self.images = dataset
         a = cfg.align
         if not a.enabled:
             return
         self.encoder = build_encoder(a.encoder, a.encoder_weights, a.encoder_image_size, d.device)
         self.dim = self.encoder.dim
-        self.hw = tuple(self.encoder.grid((cfg.model.image_height, cfg.model.image_width)))
+        pixels = (cfg.data.image_size, cfg.data.image_size) if is_latent(cfg.data) else \
+            (cfg.model.image_height, cfg.model.image_width)
+        self.hw = tuple(self.encoder.grid(pixels))
         if a.feature_cache:
             root = Path(a.feature_cache_dir) if a.feature_cache_dir else cache_dir() / "features"
             self.cache = FeatureCache.build_or_load(self.encoder, dataset, root, hflip=cfg.data.hflip,
@@ -87,17 +98,28 @@ class Batches:
         return self.dim is not None
 
     def wrap(self, dataset, hflip: bool):
-        """The training dataset as the loader should see it: with indices and flip flags for the cache."""
+        """The training dataset as the loader should see it: with indices and flip flags for the cache; a latent
+        dataset (which yields them itself, its flips drawn per item) with the clean images for online targets."""
+        if isinstance(dataset, LatentDataset):
+            return LatentsWithImages(dataset, self.images) if self.encoder is not None else dataset
         return IndexedFlipDataset(dataset, hflip) if self.cache is not None else dataset
 
     def split(self, batch) -> tuple[Tensor, Tensor, Tensor | None]:
-        """A loader batch -> (x clean, y, targets (B, n, d) or None), on the device."""
-        if self.cache is not None:
+        """A loader batch -> (x clean, y, targets (B, n, d) or None), on the device. Batches are (x, y), (x, y,
+        index, flipped) (feature cache, or a latent dataset) or (z, y, index, flipped, clean images) (a latent
+        dataset with online targets)."""
+        tokens, images = None, None
+        if len(batch) == 5:
+            x, y, index, flipped, images = batch
+        elif len(batch) == 4:
             x, y, index, flipped = batch
-            tokens = self.cache.lookup(index, flipped, self.device)
         else:
-            (x, y), tokens = batch, None
+            x, y = batch
+            images = x
+        if self.cache is not None:
+            tokens = self.cache.lookup(index, flipped, self.device)
+        same = images is x  # a pixel run: the encoder sees the training images themselves
         x = x.to(self.device, non_blocking=True)
         if self.encoder is not None:
-            tokens = self.encoder(x)  # no_grad, eval, float32
+            tokens = self.encoder(x if same else images.to(self.device, non_blocking=True))  # no_grad, eval, float32
         return x, y.to(self.device, non_blocking=True), tokens

@@ -7,10 +7,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
@@ -23,7 +24,6 @@ from rrepa import distributed
 from rrepa.checkpoint import (
     CKPT_GLOB,
     LAST_POINTER,
-    config_from_dict,
     list_checkpoints,
     load_state_checked,
     load_weights,
@@ -32,10 +32,12 @@ from rrepa.checkpoint import (
 )
 from rrepa.config import RunConfig, load_yaml, merge, parse_overrides
 from rrepa.distributed import Dist
-from rrepa.flow import TARFlow
-from rrepa.utils import naming
+from rrepa.flow import FlowConfig, TARFlow
+from rrepa.utils import is_offline, naming
 
 CONFIG_FILE = "config.yaml"  # the resolved RunConfig of the run
+PRETRAINED_CONFIG, PRETRAINED_WEIGHTS = "config.json", "model.safetensors"  # TARFlow.save_pretrained's files
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
 # What a run writes into its folder; --overwrite removes exactly these.
 RUN_FILES = (CONFIG_FILE, "metrics.jsonl", LAST_POINTER, "ema.safetensors", "model.safetensors", "loss.png",
              "bpd.json")
@@ -48,21 +50,26 @@ RUN_DIRS = ("samples", "tb")
 
 
 def load_run(path: str | os.PathLike, weights: str = "ema", device: str | torch.device = "cpu",
-              warn: Callable[[str], None] = print) -> tuple[TARFlow, dict]:
-    """A TARFlow from a run folder, a training checkpoint (.pt; weights "ema" or "raw") or exported
-    weights (.safetensors). A run folder gives its exported ema.safetensors / model.safetensors when they
-    are at least as new as its newest checkpoint (the same weights, a smaller file), else that checkpoint.
-    Returns the model in eval mode and {"file", "step", "weights", "config", "data"}: config is the run config
-    as a dict (for a safetensors file, {"model": ...} plus the sections of a config.yaml beside it; step from
-    its metadata), data its data section (a dict) or None."""
+             warn: Callable[[str], None] = print) -> tuple[TARFlow, dict]:
+    """A TARFlow from a run folder, a training checkpoint (.pt; weights "ema" or "raw"), exported weights
+    (.safetensors), a pretrained folder (TARFlow.save_pretrained / `rrepa export`: config.json +
+    model.safetensors) or a hub id ("owner/name", online only). A run folder gives its exported ema.safetensors /
+    model.safetensors when they are at least as new as its newest checkpoint (the same weights, a smaller file),
+    else that checkpoint. Returns the model in eval mode and {"file", "step", "weights", "config", "data"}: config
+    is the run config as a dict (for a safetensors file or a pretrained folder, {"model": ...} plus the sections
+    of a config.yaml beside it; step from its metadata), data its data section (a dict) or None."""
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     path = Path(path)
+    if not path.exists() and HUB_ID.fullmatch(str(path)):
+        return _from_pretrained(str(path), weights, device)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (give a run folder, a ckpt-*.pt file or a "
-                                f".safetensors file)")
+        raise FileNotFoundError(f"checkpoint {path} does not exist (give a run folder, a ckpt-*.pt file, a "
+                                f".safetensors file, a pretrained folder or a hub id)")
     if path.is_file() and path.suffix not in (".safetensors", ".pt"):
         raise ValueError(f"{path} is neither a .safetensors file, a ckpt-*.pt file nor a run folder")
+    if path.is_dir() and (path / PRETRAINED_CONFIG).is_file():
+        return _from_pretrained(path, weights, device)
     if path.is_dir():
         exported = path / ("ema.safetensors" if weights == "ema" else "model.safetensors")
         ckpts = list_checkpoints(path)
@@ -74,23 +81,59 @@ def load_run(path: str | os.PathLike, weights: str = "ema", device: str | torch.
                                     f"is it a run folder of `rrepa train`?")
     if path.suffix == ".safetensors":
         model = load_weights(path, device)
-        config = {"model": asdict(model.cfg)}
-        if (path.parent / CONFIG_FILE).is_file():
-            stored = yaml.safe_load((path.parent / CONFIG_FILE).read_text()) or {}
-            config = {**stored, **config}
-        return model.eval(), _info(path, weights_step(path), weights, config)
+        return model.eval(), _info(path, weights_step(path), weights, _config_beside(path.parent, model))
     file, state = resolve_checkpoint(path, warn)
-    model = TARFlow(config_from_dict(state["config"]["model"]))
+    model = TARFlow(FlowConfig.from_dict(state["config"]["model"]))
     load_state_checked(model, state["ema" if weights == "ema" else "model"], source=str(file))
     return model.to(device).eval(), _info(file, int(state["step"]), weights, state["config"])
+
+
+def export_pretrained(model: TARFlow, out: str | os.PathLike, run_config: RunConfig | dict | None = None) -> Path:
+    """model.save_pretrained(out) (config.json + model.safetensors, huggingface_hub's layout), plus the run's
+    config.yaml when given (so that commands reading the data section, e.g. `rrepa classify`, find it), written
+    into a temporary folder that is renamed into place: `out` is never half-written."""
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} already exists; choose another --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if run_config is not None:
+            d = run_config.to_dict() if isinstance(run_config, RunConfig) else dict(run_config)
+            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(d, sort_keys=False))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _from_pretrained(source: str | Path, weights: str, device: str | torch.device) -> tuple[TARFlow, dict]:
+    """TARFlow.from_pretrained of a local folder or a hub id. Such a folder holds one set of weights (the EMA ones
+    when written by `rrepa export`), whatever `weights` asks for."""
+    if not isinstance(source, Path) and is_offline():
+        raise FileNotFoundError(f"{source} is not a local path, and the hub is off (HF_HUB_OFFLINE / RREPA_OFFLINE); "
+                                f"download it first (huggingface-cli download {source} --local-dir DIR) and pass DIR")
+    model = TARFlow.from_pretrained(str(source), map_location=str(device)).to(device).eval()
+    folder = source if isinstance(source, Path) else None
+    config = _config_beside(folder, model) if folder is not None else {"model": model.cfg.to_dict()}
+    return model, _info(Path(str(source)) / PRETRAINED_WEIGHTS, None, weights, config)
+
+
+def _config_beside(folder: Path, model: TARFlow) -> dict:
+    """{"model": the weights' own FlowConfig} plus the other sections of a run config.yaml in `folder`."""
+    config = {"model": model.cfg.to_dict()}
+    if (folder / CONFIG_FILE).is_file():
+        stored = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
+        config = {**stored, **config}
+    return config
 
 
 def _info(file: Path, step: int | None, weights: str, config: dict) -> dict:
     data = config.get("data")
     return {"file": str(file), "step": step, "weights": weights, "config": config,
             "data": dict(data) if isinstance(data, dict) else None}
-
-
 
 
 def stored_config(run_dir: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:

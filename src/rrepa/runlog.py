@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ class Window:
     """Loss, grad norm, the objective's named terms (`keys`, e.g. nll, align_loss, align_t4_l2) and the
     throughput since the last log line, averaged over the steps that were not skipped."""
 
-    def __init__(self, device: torch.device, keys: list[str]):
+    def __init__(self, device: torch.device, keys: list[str], latent: bool = False):
+        self.latent = latent  # bits per latent dimension: no 8-bit offset
         self.keys = ["loss", "grad_norm", *keys]
         self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=device)
         self.steps = torch.zeros((), dtype=torch.float64, device=device)  # finite steps in the window
@@ -45,8 +47,9 @@ class Window:
         mean = {k: s / n if n else float("nan") for k, s in zip(self.keys, sums)}
         row = {"loss": mean["loss"], "nll": mean["nll"],
                # bits/dim of the noisy training images (nats -> bits, plus log2(128) for the 8-bit scale):
-               # a running proxy; bpd.json holds the dequantized test figure.
-               "bpd": mean["nll"] / math.log(2) + 7.0, "grad_norm": mean["grad_norm"],
+               # a running proxy; bpd.json holds the dequantized test figure. A latent run: bits per latent
+               # dimension of the noisy latents (no 8-bit scale).
+               "bpd": mean["nll"] / math.log(2) + (0.0 if self.latent else 7.0), "grad_norm": mean["grad_norm"],
                "images_per_s": self.images / max(self.seconds, 1e-9),
                **{k: v for k, v in mean.items() if k.startswith("align")}}  # unweighted -cos, in [-1, 1]
         self.sums.zero_()
@@ -58,8 +61,10 @@ class Window:
 class RunLog:
     """Rank 0's outputs: metrics.jsonl, TensorBoard, sample grids and the loss curve."""
 
-    def __init__(self, run_dir: Path, step: int):
+    def __init__(self, run_dir: Path, step: int, to_images: Callable[[Tensor], Tensor] | None = None):
+        """to_images: the run's model-space -> image map for the grids (rrepa.latent_run.ImageSpace; None: pixels)."""
         self.run_dir = run_dir
+        self.to_images = to_images
         self.metrics = run_dir / "metrics.jsonl"
         if self.metrics.exists():  # a resumed run rewrites the steps after its checkpoint
             rows = [r for r in self.metrics.read_text().splitlines() if r and json.loads(r)["step"] <= step]
@@ -92,9 +97,11 @@ class RunLog:
                     self.tb.add_scalar(f"eval/{k}", v, step)
 
     def grid(self, ema: TARFlow, z: Tensor, y: Tensor | None, cols: int, guidance: float, step: int) -> None:
-        """Samples of the EMA weights from the fixed noise z (rows x cols, one column per class)."""
+        """Samples of the EMA weights from the fixed noise z (rows x cols, one column per class), as images (a latent
+        run's samples are denoised in latent space, then decoded)."""
         device = next(ema.parameters()).device
         x = draw(ema, z.to(device), None if y is None else y.to(device), guidance)
+        x = x if self.to_images is None else self.to_images(x)
         path = self.run_dir / "samples" / f"step-{step:07d}.png"
         save_grid(x, path, cols)
         if self.tb is not None:
@@ -111,7 +118,8 @@ class RunLog:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["step"] for r in rows], [r["bpd"] for r in rows])
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss (bits/dim of noisy images)")
+        ax.set_ylabel("training loss (bits per latent dim of noisy latents)" if getattr(self.to_images, "latent", False)
+                      else "training loss (bits/dim of noisy images)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(self.run_dir / "loss.png", dpi=120)

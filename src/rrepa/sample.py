@@ -9,6 +9,7 @@ a run under torchrun gives the same file as a single process.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +52,16 @@ def grid_labels(model: TARFlow, rows: int) -> tuple[Tensor | None, int]:
 def generate(model: TARFlow, labels: Tensor | None, n: int, batch_size: int, seed: int, d: Dist,
              guidance: float = 0.0, anneal: bool = False, attn_temp: float = 1.0, temperature: float = 1.0,
              denoise: bool = True, progress: bool = True, sampler: str | Jacobi = "sequential",
-             return_stats: bool = False) -> dict[int, Tensor] | tuple[dict[int, Tensor], SampleStats | None]:
+             return_stats: bool = False, to_images: Callable[[Tensor], Tensor] | None = None,
+             ) -> dict[int, Tensor] | tuple[dict[int, Tensor], SampleStats | None]:
     """This process's share of n samples: {batch index j: images (b, C, H, W) in [-1, 1] on the CPU}.
 
     labels: (n,) int labels or None. Batch j holds samples [j * batch_size, (j + 1) * batch_size) and
     is drawn by process j % world_size with torch.Generator seeded (seed, j).
     temperature: std of the prior noise z (1 = the model's distribution).
     sampler: see TARFlow.reverse. return_stats: also return the SampleStats of this process's batches merged
-    (None when it drew none).
+    (None when it drew none). to_images: the run's model-space -> image map, applied per batch on the device
+    after the denoising step (rrepa.latent_run.ImageSpace: the VAE decoding of a latent run; None: as drawn).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -76,7 +79,7 @@ def generate(model: TARFlow, labels: Tensor | None, n: int, batch_size: int, see
         z = torch.randn((hi - lo, cfg.in_channels, cfg.image_height, cfg.image_width), generator=g, device=device,
                         dtype=param.dtype)
         x, s = draw(model, z * temperature, y, guidance, anneal, attn_temp, denoise, sampler, return_stats=True)
-        out[j] = x.cpu()
+        out[j] = (x if to_images is None else to_images(x)).cpu()
         stats = s if stats is None else stats.merge(s)
     return (out, stats) if return_stats else out
 

@@ -19,6 +19,11 @@ A run folder holds:
 Representation alignment (align.enabled, docs/DESIGN.md section 2) is one more term of the objective
 (rrepa.objective): NLL + align.weight * the alignment loss of the flow's hidden states against a frozen
 encoder's patch tokens of the CLEAN image (the flow sees x + sigma * eps).
+
+A latent run (data.vae set; rrepa.latent_run) trains on the cached VAE latents of the clean images (the VAE, the
+latent caches and the feature cache are made on first use), pins the VAE's fingerprint in the stored config, and
+decodes its grid and evaluation samples with that VAE after the latent-space score step; bpd.json is then in bits
+and nats per latent dimension.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import math
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -46,6 +52,8 @@ from rrepa.distributed import Dist, GlobalBatchSampler
 from rrepa.eval.bpd import describe_bpd, evaluate_bpd
 from rrepa.eval.in_training import InTrainingEval
 from rrepa.flow import TARFlow
+from rrepa.latent_run import ImageSpace, check_vae_matches_model, eval_dataset, is_latent, latent_dataset, load_run_vae
+from rrepa.latents import image_dataset
 from rrepa.objective import Batches, Objective
 from rrepa.run import check_run_dir, default_run_dir, init_weights, locked_by_rank0, make_run_dir
 from rrepa.runlog import RunLog, Window
@@ -56,6 +64,7 @@ from rrepa.utils import (
     atomic_write,
     deferred_interrupts,
     derive_seed,
+    lr_factor,
     restore_rng_state,
     rng_preserved,
     rng_state,
@@ -87,9 +96,21 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
     say = tqdm.write if d.is_main else (lambda msg: None)
 
     # ---- data (and, with alignment, the encoder targets of the clean images) -----------------
-    dataset = build_dataset(cfg.data, "train")
+    # A latent run (data.vae): the flow trains on the cached VAE latents of the clean images; the images themselves
+    # are what the alignment targets are computed from, and the VAE decodes what the run shows (rrepa.latent_run).
+    vae = None
+    if is_latent(cfg.data):
+        vae = load_run_vae(cfg.data, d.device, log=say)
+        check_vae_matches_model(vae, cfg.data, cfg.model)
+        # Pinned in the stored config: sampling, evaluation and --resume refuse another VAE under the same name.
+        cfg = replace(cfg, data=replace(cfg.data, vae_fingerprint=vae.fingerprint))
+        dataset = latent_dataset(cfg.data, vae, "train", hflip=cfg.data.hflip, device=d.device, progress=d.is_main,
+                                 log=say)
+        images = image_dataset(cfg.data, "train")
+    else:
+        dataset = images = build_dataset(cfg.data, "train")
     check_data_matches_model(dataset, cfg)
-    batches = Batches(cfg, dataset, d, say)
+    batches = Batches(cfg, images, d, say)
     sampler = GlobalBatchSampler(len(dataset), o.batch_size, t.seed, d, o.grad_accum)
     loader = torch.utils.data.DataLoader(
         batches.wrap(dataset, cfg.data.hflip), batch_sampler=sampler, num_workers=t.num_workers,
@@ -132,18 +153,21 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
     if d.is_main:
         atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(cfg.to_yaml()))
         proj = f" + {sum(p.numel() for p in head.parameters()) / 1e6:.2f} M projector" if head is not None else ""
-        say(f"run folder {run_dir}: {model.num_params() / 1e6:.2f} M parameters{proj}, {len(dataset)} training images, "
-            f"{d.world_size} process(es) x {o.grad_accum} x {micro} images per step on {d.device}")
+        what = f"latents of VAE {vae.name} (decoded for grids and evaluation)" if vae is not None else "images"
+        say(f"run folder {run_dir}: {model.num_params() / 1e6:.2f} M parameters{proj}, {len(dataset)} training {what}, "
+            f"{d.world_size} process(es) x {o.grad_accum} x {micro} {'latents' if vae else 'images'} per step on "
+            f"{d.device}")
 
     # ---- what a run shows ---------------------------------------------------------------------
-    log = RunLog(run_dir, step) if d.is_main else None
+    space = ImageSpace(vae) if vae is not None else None  # model outputs -> images, for grids and evaluation
+    log = RunLog(run_dir, step, space) if d.is_main else None
     grid_y, grid_cols = grid_labels(model, t.sample_rows)
     grid_z = torch.randn((len(grid_y) if grid_y is not None else t.sample_rows * grid_cols, cfg.model.in_channels,
                           cfg.model.image_height, cfg.model.image_width),
                          generator=torch.Generator().manual_seed(t.seed)) * t.sample_temperature  # fixed noise
-    window = Window(d.device, objective.log_keys)
+    window = Window(d.device, objective.log_keys, latent=vae is not None)
     with rng_preserved():  # building the evaluator (its random init, reference statistics) leaves training as is
-        evaluation = InTrainingEval(cfg, d, say) if t.eval_every and d.is_main else None
+        evaluation = InTrainingEval(cfg, d, say, vae=vae) if t.eval_every and d.is_main else None
 
     # ---- the loop -----------------------------------------------------------------------------
     t_run = time.time() - elapsed  # the run's wall clock started here, as far as its checkpoints tell
@@ -217,7 +241,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
         log.loss_curve()
         log.close()
     if t.eval_bpd:
-        summary["bpd"] = final_bpd(ema, cfg, step, run_dir, d, say)
+        summary["bpd"] = final_bpd(ema, cfg, step, run_dir, d, say, vae)
     summary["wall_s"] = time.time() - t_start
     say(f"done: {step} steps in {summary['wall_s'] / 60:.1f} min, {skipped} skipped; results in {run_dir}")
     return summary
@@ -234,14 +258,6 @@ def augment(x: Tensor, sigma: float, dequantize: bool) -> Tensor:
     if dequantize:
         x = ((x + 1) * 127.5 + torch.rand_like(x)) / 128 - 1
     return x + sigma * torch.randn_like(x)
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up over `warmup` steps, then cosine from 1 to min_ratio at step `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: RunConfig, d: Dist):
@@ -330,18 +346,20 @@ def checkpoint(run_dir: Path, model: TARFlow, ema: TARFlow, optimizer, scheduler
         }, keep_last=cfg.train.keep_last)
 
 
-def final_bpd(ema: TARFlow, cfg: RunConfig, step: int, run_dir: Path, d: Dist, say) -> float:
+def final_bpd(ema: TARFlow, cfg: RunConfig, step: int, run_dir: Path, d: Dist, say, vae=None) -> float:
     """Test bits/dim of the EMA weights into bpd.json. "bpd" follows rrepa bpd's default, the null label
     (TARFlow's protocol); a conditional model also gets the true-label figure. Both carry their protocol and
-    the training noise sigma."""
+    the training noise sigma. A latent run (vae given): bits and nats per latent dimension of the test split's
+    latents under the training noise (rrepa.eval.bpd.evaluate_latent_bpd), labelled so."""
     t = cfg.train
-    test_set = build_dataset(cfg.data, "test")
+    test_set = eval_dataset(cfg.data, "test", vae, device=d.device, progress=d.is_main, log=say)
     result = evaluate_bpd(ema, test_set, t.eval_batch_size, d, seed=t.seed, conditional=False)
     result.update(split="test", weights="ema", step=step, train_dequantize=t.dequantize)
     lines = [describe_bpd(result)]
     if cfg.model.num_classes > 0:
         cond = evaluate_bpd(ema, test_set, t.eval_batch_size, d, seed=t.seed, conditional=True)
-        result.update(bpd_conditional=cond["bpd"], protocol_conditional=cond["protocol"])
+        result.update(bpd_conditional=cond["bpd"], protocol_conditional=cond["protocol"],
+                      **({"nats_per_dim_conditional": cond["nats_per_dim"]} if "nats_per_dim" in cond else {}))
         lines.append(describe_bpd(cond))
     if d.is_main:
         atomic_write(run_dir / "bpd.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))

@@ -7,6 +7,7 @@ Nothing here imports another rrepa module, so any module may import it."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import re
@@ -234,6 +235,19 @@ def _as_tuple(x):
     """random.setstate wants the tuples that a checkpoint may have turned into lists."""
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
+
+
+# --------------------------------------------------------------------------------------------
+# Learning-rate schedule (the flow's, and the embedded networks' trainings)
+# --------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from 1 to min_ratio at step `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # --------------------------------------------------------------------------------------------

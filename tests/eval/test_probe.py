@@ -14,7 +14,7 @@ from rrepa.checkpoint import save_weights
 from rrepa.cli.probe import parse_grid, register
 from rrepa.eval import linear
 from rrepa.eval.linear import fit_logistic, linear_probe, select_l2
-from rrepa.eval.probe import all_positions, extract_features, markdown_table, pool_tokens
+from rrepa.eval.probe import all_positions, extract_features, markdown_table, pool_tokens, save_heatmap
 from rrepa.flow import FlowConfig, TARFlow
 
 torch.set_num_threads(1)
@@ -31,10 +31,10 @@ def randomised(model: TARFlow, seed: int = 0) -> TARFlow:
     return model.eval()
 
 
-def tiny(patch: int, num_classes: int = 3) -> TARFlow:
+def tiny(patch: int, num_classes: int = 3, layers: int | tuple[int, ...] = 2) -> TARFlow:
     torch.manual_seed(0)
     cfg = FlowConfig(in_channels=1, image_height=8, image_width=8, patch_size=patch, width=32, head_dim=16,
-                     num_blocks=3, layers_per_block=2, num_classes=num_classes)
+                     num_blocks=3, layers_per_block=layers, num_classes=num_classes)
     return randomised(TARFlow(cfg)).double()
 
 
@@ -87,6 +87,22 @@ def test_feature_errors():
         extract_features(model, x, "avg")
     with pytest.raises(ValueError, match="outside"):
         extract_features(model, x, positions=[(4, 1)])
+    with pytest.raises(ValueError, match=r"\(block 2, layer 2\) is outside.*block 2 has layers 1..1"):
+        extract_features(tiny(4, layers=(1, 1, 3)), x, positions=[(3, 3), (2, 2)])
+
+
+def test_one_pass_features_of_a_model_with_per_block_layers():
+    """A deep-shallow model: every block's own layers, one pass, equal to the flow's hidden states."""
+    model = tiny(4, layers=(1, 1, 3))
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    positions = all_positions(model)
+    assert positions == [(1, 1), (2, 1), (3, 1), (3, 2), (3, 3)]
+    feats = extract_features(model, x, "mean")
+    assert feats.shape == (4, 5, model.cfg.width)
+    hidden = model(x, hidden=positions).hidden
+    for p, pos in enumerate(positions):
+        torch.testing.assert_close(feats[:, p], hidden[pos].mean(1), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(feats[:, 3], feats[:, 4])
 
 
 # --- logistic regression and the choice of L2 ----------------------------------------------------------
@@ -161,6 +177,23 @@ def test_markdown_table_marks_the_best():
     assert table.count("**") == 2
 
 
+def test_markdown_table_and_heatmap_with_per_block_layers(tmp_path):
+    """Blocks with different layer counts: as many columns as the deepest block, "—" where a block has no layer
+    (an existing layer that was not probed stays empty)."""
+    counts = (1, 3, 2)
+    rows = [{"block": t, "layer": l, "test_acc": 0.1 * t + 0.01 * l} for t, L in enumerate(counts, start=1)
+            for l in range(1, L + 1) if (t, l) != (2, 2)]
+    lines = markdown_table(rows, 3, counts).splitlines()
+    assert lines[0] == "| block \\ layer | 1 | 2 | 3 |" and lines[1] == "|---|---|---|---|"
+    assert lines[2:] == ["| 1 | 11.00 | — | — |", "| 2 | 21.00 |  | 23.00 |", "| 3 | 31.00 | **32.00** | — |"]
+    assert markdown_table(rows, 3, list(counts)) == "\n".join(lines)
+    with pytest.raises(ValueError, match=r"got 2 layer counts \[1, 3\] for 3 blocks"):
+        markdown_table(rows, 3, (1, 3))
+    png = tmp_path / "probe.png"
+    save_heatmap(rows, 3, counts, png, "ragged")
+    assert png.stat().st_size > 1000
+
+
 # --- the CLI ---------------------------------------------------------------------------------------------
 
 
@@ -177,12 +210,14 @@ def write_fake_fmnist(folder: Path, n: int = 24) -> Path:
     return folder
 
 
-def test_cli_probe_on_an_unconditional_model(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("layers,positions", [(2, [(1, 1), (1, 2), (2, 1), (2, 2)]),
+                                              ((1, 2), [(1, 1), (2, 1), (2, 2)])], ids=["uniform", "per-block"])
+def test_cli_probe_on_an_unconditional_model(tmp_path, capsys, monkeypatch, layers, positions):
     monkeypatch.setenv("RREPA_OFFLINE", "1")
     data = write_fake_fmnist(tmp_path / "fmnist")
     torch.manual_seed(0)
     cfg = FlowConfig(in_channels=1, image_height=28, image_width=28, patch_size=7, width=32, head_dim=16,
-                     num_blocks=2, layers_per_block=2, num_classes=0)
+                     num_blocks=2, layers_per_block=layers, num_classes=0)
     save_weights(tmp_path / "w.safetensors", randomised(TARFlow(cfg)))
     parser = argparse.ArgumentParser(prog="rrepa")
     register(parser.add_subparsers(dest="command", required=True))
@@ -195,7 +230,8 @@ def test_cli_probe_on_an_unconditional_model(tmp_path, capsys, monkeypatch):
     assert "| block \\ layer | 1 | 2 |" in printed and "**" in printed and "best: block" in printed
     report = json.loads((out / "probe-max.json").read_text())
     assert report["train_images"] == 20 and report["test_images"] == 10 and report["num_classes"] == 10
-    assert [(r["block"], r["layer"]) for r in report["positions"]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert [(r["block"], r["layer"]) for r in report["positions"]] == positions
+    assert ("| 1 | " in printed and " | — |" in printed) == (layers != 2)  # block 1 lacks layer 2
     assert all(r["l2"] in (1e-3, 1e-1) and 0 <= r["test_acc"] <= 1 for r in report["positions"])
     assert report["best"]["test_acc"] == max(r["test_acc"] for r in report["positions"])
     assert (out / "probe-max.png").stat().st_size > 1000

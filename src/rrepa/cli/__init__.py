@@ -19,14 +19,26 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:  # importing torch takes seconds, during which Ctrl-C is likely
     # After the OpenMP default above (E402).
-    from rrepa.cli import classify, convert, encoder, evaluate, experiment, presets, probe, sample, train  # noqa: E402
+    from rrepa.cli import (  # noqa: E402
+        classify,
+        convert,
+        encoder,
+        evaluate,
+        experiment,
+        latents,
+        presets,
+        probe,
+        sample,
+        train,
+        vae,
+    )
     from rrepa.utils import Interrupted  # noqa: E402
 except KeyboardInterrupt:
     print("rrepa: interrupted", file=sys.stderr)
     sys.exit(130)
 
 # In the order of `rrepa --help`.
-GROUPS = (presets, convert, train, sample, experiment, classify, probe, evaluate, encoder)
+GROUPS = (presets, convert, train, sample, experiment, classify, probe, evaluate, encoder, vae, latents)
 
 
 def build_parser() -> argparse.ArgumentParser:

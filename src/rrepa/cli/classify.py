@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rrepa.data import DataConfig, build_dataset
+from rrepa.data import build_dataset
 from rrepa.distributed import resolve_device
 from rrepa.eval.classify import (
     DEFAULT_NOISE,
@@ -30,6 +30,7 @@ from rrepa.eval.classify import (
     save_confusion_png,
 )
 from rrepa.flow import TARFlow
+from rrepa.latent_run import data_config, eval_dataset, is_latent, load_run_vae
 from rrepa.run import load_run
 
 # --------------------------------------------------------------------------------------------
@@ -38,8 +39,8 @@ from rrepa.run import load_run
 
 
 def dataset_for(model: TARFlow, info: dict, split: str, data_dir: str | None, dataset_name: str | None):
-    """The split of the dataset the model was trained on: the run's data config, else Fashion-MNIST for a
-    1 x 28 x 28 model; --dataset / --data-dir override."""
+    """The split of the dataset the model was trained on (for a latent run, that split's latents): the run's data
+    config, else Fashion-MNIST for a 1 x 28 x 28 model; --dataset / --data-dir override."""
     data = dict(info.get("data") or {})
     if dataset_name:
         data["name"] = dataset_name
@@ -55,8 +56,10 @@ def dataset_for(model: TARFlow, info: dict, split: str, data_dir: str | None, da
     if data["name"] != "fmnist":
         data.setdefault("image_size", model.cfg.image_height)
     data["hflip"] = False
-    known = {"name", "path", "image_size", "hflip", "strict"}
-    return build_dataset(DataConfig(**{k: v for k, v in data.items() if k in known}), split)
+    cfg = data_config(data)
+    if is_latent(cfg):  # the split's latents (cached), as the model was trained on
+        return eval_dataset(cfg, split, load_run_vae(cfg, log=tqdm.write), log=tqdm.write)
+    return build_dataset(cfg, split)
 
 
 def default_out_dir(ckpt: str, stem: str) -> Path:

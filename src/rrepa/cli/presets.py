@@ -17,8 +17,10 @@ def cmd_presets(args: argparse.Namespace) -> None:
             continue
         cfg = resolve(name).model
         n = TARFlow(cfg).num_params()
+        # "4 x 2" when every block has 2 layers; "4 x [1, 1, 1, 5]" lists a deep-shallow model's counts, block 1 first.
+        layers = list(cfg.layers_per_block) if isinstance(cfg.layers_per_block, tuple) else cfg.layers_per_block
         print(f"| {name} | {cfg.in_channels} x {cfg.image_height} x {cfg.image_width} | {cfg.patch_size} | "
-              f"{cfg.num_tokens} | {cfg.token_dim} | {cfg.num_blocks} x {cfg.layers_per_block} | {cfg.width} | "
+              f"{cfg.num_tokens} | {cfg.token_dim} | {cfg.num_blocks} x {layers} | {cfg.width} | "
               f"{cfg.num_classes} | {n / 1e6:.2f} M |")
 
 

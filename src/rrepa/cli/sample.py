@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from rrepa import distributed
-from rrepa.data import DataConfig, build_dataset
-from rrepa.eval.bpd import evaluate_bpd
+from rrepa.eval.bpd import describe_bpd, evaluate_bpd
 from rrepa.jacobi import Jacobi, as_sampler
+from rrepa.latent_run import ImageSpace, data_config, eval_dataset, is_latent, load_run_vae
 from rrepa.run import load_run
 from rrepa.sample import generate, save_grid, save_npz
 from rrepa.utils import atomic_write
@@ -31,6 +32,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     sampler = None if sampler is None else Jacobi(**options)
     with distributed.process_group(args.device) as d:
         model, info = load_run(args.ckpt, args.weights, d.device)
+        space = ImageSpace.for_run(info["config"], d.device)  # a latent run: its VAE decodes the samples
         K = model.cfg.num_classes
         if args.class_label is not None and not 0 <= args.class_label < max(K, 1):
             raise ValueError(f"--class must lie in [0, {K}) for this model" if K else
@@ -45,7 +47,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
             labels = torch.arange(args.num_samples) % K  # one column per class in the grid
         mine = generate(model, labels, args.num_samples, args.batch_size, args.seed, d, guidance=args.guidance,
                         anneal=args.anneal, attn_temp=args.attn_temp, temperature=args.temperature,
-                        denoise=not args.no_denoise, sampler=sampler or "sequential", return_stats=True)
+                        denoise=not args.no_denoise, sampler=sampler or "sequential", return_stats=True,
+                        to_images=space)
         parts: dict = {}
         stats = None
         for shard, shard_stats in distributed.gather_objects(mine, d):
@@ -64,7 +67,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             save_npz(out.with_suffix(".npz"), x, labels)
             N, C, H, W = x.shape
             print(f"wrote {out.with_suffix('.npz')}: arr_0 ({N}, {H}, {W}, {C}) uint8"
-                  f"{', labels' if labels is not None else ''}")
+                  f"{', labels' if labels is not None else ''}{' (decoded latents)' if space.latent else ''}")
         if "png" in formats:
             save_grid(x, out.with_suffix(".png"), K if K and args.class_label is None else 10)
             print(f"wrote {out.with_suffix('.png')}")
@@ -74,12 +77,14 @@ def cmd_bpd(args: argparse.Namespace) -> None:
     """Bits/dim of a dataset split with uniform dequantization; the null label unless --conditional."""
     with distributed.process_group(args.device) as d:
         model, info = load_run(args.ckpt, args.weights, d.device)
-        data = DataConfig(**info["config"].get("data", {}))
+        data = data_config(info["config"].get("data", {}))
         if args.data_path:
             data.path = args.data_path
-        dataset = build_dataset(data, args.split)
         if args.conditional and args.unconditional:
             raise ValueError("give --conditional or --unconditional (the default), not both")
+        # A latent run: the split's latents (cached on first use) under the training noise, per latent dimension.
+        vae = load_run_vae(data, d.device) if is_latent(data) else None
+        dataset = eval_dataset(data, args.split, vae, device=d.device, progress=d.is_main)
         result = evaluate_bpd(model, dataset, args.batch_size, d, seed=args.seed,
                               conditional=args.conditional, max_images=args.max_images)
         result.update(split=args.split, weights=args.weights, step=info["step"], ckpt=info["file"],
@@ -87,6 +92,8 @@ def cmd_bpd(args: argparse.Namespace) -> None:
                       train_dequantize=(info["config"]["train"].get("dequantize", False)
                                         if "train" in info["config"] else None))
         if d.is_main:
+            if vae is not None:
+                print(describe_bpd(result), file=sys.stderr)
             print(json.dumps(result))
             if args.json:
                 atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
@@ -128,7 +135,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Bits/dim with uniform dequantization and, by default, the null label: "
                                    "TARFlow's protocol, comparable with published figures for models trained with "
                                    "train.dequantize=true and model.sigma=0. The JSON names the protocol and the "
-                                   "model's training noise sigma.")
+                                   "model's training noise sigma. A latent run (data.vae) reports nats and bits per "
+                                   "LATENT dimension of the split's VAE latents under the training noise, without "
+                                   "dequantization (\"unit\": \"bits per latent dimension\").")
     p.add_argument("--ckpt", required=True, help="run folder, ckpt-*.pt or .safetensors")
     p.add_argument("--split", choices=("train", "test"), default="test")
     p.add_argument("--batch-size", type=int, default=500)

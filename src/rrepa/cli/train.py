@@ -16,6 +16,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         args.set = [*args.set, f"data.path={args.data_dir}"]
     if args.encoder_weights:
         args.set = [*args.set, f"align.encoder_weights={args.encoder_weights}"]
+    if args.vae:
+        args.set = [*args.set, f"data.vae={args.vae}"]
     if args.resume:
         if args.init_from:
             raise ValueError("--init-from starts a new run from given weights; --resume continues a run with its own")
@@ -51,5 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder-weights", metavar="PATH",
                    help="local weights of the alignment encoder (DINOv2: Meta's .pth or timm's .safetensors); "
                         "the same as --set align.encoder_weights=PATH")
+    p.add_argument("--vae", metavar="PATH_OR_ID",
+                   help="train on this VAE's latents (a diffusers AutoencoderKL folder, a hub id, or fmnist-vae); the "
+                        "same as --set data.vae=PATH_OR_ID (latent presets name theirs; offline, give a local copy)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
     p.set_defaults(func=cmd_train)

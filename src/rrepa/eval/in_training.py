@@ -13,13 +13,13 @@ import torch
 from tqdm import tqdm
 
 from rrepa.config import RunConfig
-from rrepa.data import build_dataset
 from rrepa.distributed import Dist
 from rrepa.eval.bpd import evaluate_bpd
 from rrepa.eval.classify import evaluate as classify_images
 from rrepa.eval.reference import ReferenceStats, check_network, reference_stats
 from rrepa.eval.samples import build_feature_network, evaluate_features
 from rrepa.flow import TARFlow
+from rrepa.latent_run import ImageSpace, eval_dataset
 from rrepa.sample import draw
 from rrepa.utils import as_nchw_uint8, generator, to_uint8
 
@@ -32,8 +32,11 @@ class InTrainingEval:
     rrepa.eval.reference.reference_stats). With train.eval_test_images (conditional model), also the one-step and
     Bayes top-1 and the bits/dim of that many test images, with fixed noise too."""
 
-    def __init__(self, cfg: RunConfig, d: Dist, say):
+    def __init__(self, cfg: RunConfig, d: Dist, say, vae=None):
+        """vae: a latent run's VAE (rrepa.vae.VAE): samples are decoded before their features are taken, and the
+        classifiers and bits/dim read the test split's latents (bits per latent dimension)."""
         t = cfg.train
+        self.to_images = ImageSpace(vae)
         weights = {"inception_weights" if t.eval_features == "inception" else "evaluator_weights": t.eval_weights}
         self.net = build_feature_network(t.eval_features, device=d.device, log=say, **weights)
         ref = t.eval_ref or default_eval_ref(cfg)
@@ -42,7 +45,7 @@ class InTrainingEval:
         self.cfg, self.d = cfg, d
         self.test_set = None
         if t.eval_test_images and cfg.model.num_classes:
-            self.test_set = build_dataset(cfg.data, "test")
+            self.test_set = eval_dataset(cfg.data, "test", vae, device=d.device, log=say)
         say(f"evaluation every {t.eval_every} steps: {t.eval_samples} EMA samples vs {ref} "
             f"({self.ref.num_images} images) with {self.net.name}"
             + (f"; one-step and Bayes top-1 and bits/dim of {min(t.eval_test_images, len(self.test_set))} test "
@@ -59,7 +62,7 @@ class InTrainingEval:
             g = generator(t.seed, lo, device)
             z = torch.randn((b, m.in_channels, m.image_height, m.image_width), generator=g, device=device)
             y = torch.arange(lo, lo + b, device=device) % m.num_classes if m.num_classes else None
-            return draw(ema, z, y, t.eval_guidance), None if y is None else y.cpu()
+            return self.to_images(draw(ema, z, y, t.eval_guidance)), None if y is None else y.cpu()
 
         res = evaluate_in_training(sampler, self.net, self.ref, t.eval_samples, batch_size=t.eval_batch_size)
         if self.test_set is not None:
@@ -68,14 +71,15 @@ class InTrainingEval:
                    f"{res['is']:.3f}" + (f", class accuracy {res['class_accuracy']:.3f}"
                                          if res.get("class_accuracy") is not None else "")
                    + (f", one-step top-1 {res['one_step_top1']:.3f}, Bayes top-1 {res['bayes_top1']:.3f}, "
-                      f"bits/dim {res['bpd']:.4f}" if "bpd" in res else "")
+                      f"{'bits per latent dim' if self.to_images.latent else 'bits/dim'} {res['bpd']:.4f}"
+                      if "bpd" in res else "")
                    + f" [{res['eval_seconds']:.0f} s]")
         return res
 
     def test_scores(self, ema: TARFlow) -> dict:
         """One-step and Bayes top-1 (inputs x + sigma * eps, as trained) and dequantized bits/dim (true labels)
         of the first train.eval_test_images test images; seeded by train.seed, so every evaluation of a run
-        sees the same inputs."""
+        sees the same inputs. A latent run: the same on the test latents (x = z), bits per latent dimension."""
         t = self.cfg.train
         start = time.perf_counter()
         n = min(t.eval_test_images, len(self.test_set))
@@ -84,7 +88,7 @@ class InTrainingEval:
         bpd = evaluate_bpd(ema, self.test_set, t.eval_batch_size, self.d, seed=t.seed, conditional=True,
                            max_images=n, progress=False)
         return {"one_step_top1": cls["methods"]["one-step"]["top1"], "bayes_top1": cls["methods"]["bayes"]["top1"],
-                "bpd": bpd["bpd"], "bpd_protocol": "uniform dequantization, true labels", "test_images": n,
+                "bpd": bpd["bpd"], "bpd_protocol": bpd["protocol"], "test_images": n,
                 "eval_seconds_test": round(time.perf_counter() - start, 2)}
 
 

@@ -47,8 +47,8 @@ POOLS = ("mean", "max", "flatten-small")
 
 
 def all_positions(model: TARFlow) -> list[Position]:
-    """Every 1-indexed (block, layer), block-major."""
-    return [(t, l) for t in range(1, model.cfg.num_blocks + 1) for l in range(1, model.cfg.layers_per_block + 1)]
+    """Every 1-indexed (block t, layer l), block-major: layers 1..L_t of each block (blocks may differ)."""
+    return model.cfg.positions
 
 
 def pool_tokens(h: Tensor, grid: tuple[int, int], pool: str = "mean") -> Tensor:
@@ -74,10 +74,7 @@ def extract_features(model: TARFlow, x: Tensor, pool: str = "mean",
         raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
     positions = all_positions(model) if positions is None else list(positions)
     wanted = set(positions)
-    outside = sorted(wanted - set(all_positions(model)))
-    if outside:
-        raise ValueError(f"position (block {outside[0][0]}, layer {outside[0][1]}) is outside this model's blocks "
-                         f"1..{model.cfg.num_blocks} and layers 1..{model.cfg.layers_per_block} (1-indexed)")
+    model.cfg.check_positions(sorted(wanted))
     grid = model.cfg.grid
     feats: dict[Position, Tensor] = {}
     handles = []
@@ -185,15 +182,29 @@ def best_position(rows: Sequence[dict]) -> dict:
     return max(rows, key=lambda r: r["test_acc"])
 
 
-def markdown_table(rows: Sequence[dict], num_blocks: int, layers: int) -> str:
-    """Test accuracy (%) as blocks x layers; the best position in bold."""
+def layer_counts(num_blocks: int, layers: int | Sequence[int]) -> list[int]:
+    """Layers of every block: `layers` (FlowConfig.layers_per_block) is one count for all or one per block."""
+    counts = [int(layers)] * num_blocks if isinstance(layers, int) else [int(v) for v in layers]
+    if len(counts) != num_blocks:
+        raise ValueError(f"got {len(counts)} layer counts {counts} for {num_blocks} blocks; give one per block")
+    return counts
+
+
+def markdown_table(rows: Sequence[dict], num_blocks: int, layers: int | Sequence[int]) -> str:
+    """Test accuracy (%) as blocks x layers; the best position in bold. layers: FlowConfig.layers_per_block (one
+    count, or one per block: a block's row shows "—" under the layers it lacks)."""
     best = best_position(rows)
     acc = {(r["block"], r["layer"]): r["test_acc"] for r in rows}
-    lines = ["| block \\ layer | " + " | ".join(str(l) for l in range(1, layers + 1)) + " |",
-             "|---|" + "---|" * layers]
+    counts = layer_counts(num_blocks, layers)
+    columns = max(counts)
+    lines = ["| block \\ layer | " + " | ".join(str(l) for l in range(1, columns + 1)) + " |",
+             "|---|" + "---|" * columns]
     for t in range(1, num_blocks + 1):
         cells = []
-        for l in range(1, layers + 1):
+        for l in range(1, columns + 1):
+            if l > counts[t - 1]:
+                cells.append("—")
+                continue
             if (t, l) not in acc:
                 cells.append("")
                 continue
@@ -203,27 +214,34 @@ def markdown_table(rows: Sequence[dict], num_blocks: int, layers: int) -> str:
     return "\n".join(lines)
 
 
-def save_heatmap(rows: Sequence[dict], num_blocks: int, layers: int, path: str | os.PathLike, title: str) -> None:
-    """blocks x layers heatmap of test accuracy, values written in the cells, the best one boxed."""
+def save_heatmap(rows: Sequence[dict], num_blocks: int, layers: int | Sequence[int], path: str | os.PathLike,
+                 title: str) -> None:
+    """blocks x layers heatmap of test accuracy, values written in the cells, the best one boxed. layers as in
+    markdown_table: the cells of layers a block lacks are grey and marked "—"."""
     import matplotlib  # heavy; only for the plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = np.full((num_blocks, layers), np.nan)
+    counts = layer_counts(num_blocks, layers)
+    columns = max(counts)
+    grid = np.full((num_blocks, columns), np.nan)
     for r in rows:
         grid[r["block"] - 1, r["layer"] - 1] = 100 * r["test_acc"]
     best = best_position(rows)
-    fig, ax = plt.subplots(figsize=(2.0 + 0.9 * layers, 1.5 + 0.6 * num_blocks))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    fig, ax = plt.subplots(figsize=(2.0 + 0.9 * columns, 1.5 + 0.6 * num_blocks))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")  # NaN: a layer the block lacks, or not probed
+    im = ax.imshow(grid, cmap=cmap, aspect="auto")
     fig.colorbar(im, ax=ax, label="test accuracy (%)")
-    ax.set_xticks(range(layers), [str(l) for l in range(1, layers + 1)])
+    ax.set_xticks(range(columns), [str(l) for l in range(1, columns + 1)])
     ax.set_yticks(range(num_blocks), [str(t) for t in range(1, num_blocks + 1)])
     ax.set_xlabel("layer")
     ax.set_ylabel("block (forward order)")
     lo, hi = np.nanmin(grid), np.nanmax(grid)
     for (t, l), v in np.ndenumerate(grid):
-        if not np.isnan(v):
+        if l >= counts[t]:
+            ax.text(l, t, "—", ha="center", va="center", fontsize=8, color="dimgrey")
+        elif not np.isnan(v):
             ax.text(l, t, f"{v:.1f}", ha="center", va="center", fontsize=8,
                     color="black" if hi > lo and (v - lo) / (hi - lo) > 0.6 else "white")
     ax.add_patch(plt.Rectangle((best["layer"] - 1.5, best["block"] - 1.5), 1, 1, fill=False, edgecolor="red",

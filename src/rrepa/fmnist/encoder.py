@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from rrepa.encoder_base import FrozenEncoder, resize_square
 from rrepa.eval.linear import DEFAULT_L2_GRID
 from rrepa.eval.linear import linear_probe as fit_probe
 from rrepa.features import file_lock
-from rrepa.utils import atomic_write, cache_dir, from_uint8
+from rrepa.utils import atomic_write, cache_dir, from_uint8, lr_factor
 
 EMBEDDED_NAME = "fmnist-ssl"
 EMBEDDED_FILE = "fmnist-ssl.safetensors"
@@ -282,12 +283,7 @@ def train_ssl_encoder(dataset, cfg: SSLTrainConfig | None = None, arch: SSLConfi
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, min(cfg.warmup, cfg.steps // 5))
 
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup=warm, total=cfg.steps, min_ratio=0.0))
     batch = min(cfg.batch_size, images.shape[0])
     backbone.train()
     head.train()
