@@ -39,6 +39,18 @@ def test_grid_cells_are_seed_major_with_per_arm_seeds():
     assert cells[-1].cfg.train.seed == 7 and cells[-1].cfg.optim.lr == 1e-2
 
 
+def test_an_arm_may_name_its_own_preset():
+    g = grid_from_dict({"preset": "fmnist", "set": ["train.steps=10"],
+                        "arms": {"pixels": [], "ragged": {"preset": "fmnist-deep-shallow", "set": ["optim.lr=2e-3"]}}})
+    pixels, ragged = g.cells()
+    assert pixels.preset == "fmnist" and pixels.cfg.model.layers_per_block == 2
+    assert ragged.preset == "fmnist-deep-shallow" and ragged.cfg.model.layers_per_block == (1, 1, 1, 5)
+    assert ragged.cfg.train.steps == 10 and ragged.cfg.optim.lr == 2e-3  # common, then the arm's overrides
+    assert g.to_dict()["arms"]["ragged"]["preset"] == "fmnist-deep-shallow"
+    with pytest.raises(ValueError, match="arm 'bad' .*unknown preset"):
+        grid_from_dict({"arms": {"bad": {"preset": "cifar"}}}).cells()
+
+
 @pytest.mark.parametrize("grid, match", [
     ({"seeds": [0]}, "arms"),
     ({"arms": {"a": []}, "seed": [0]}, "unknown keys"),
@@ -46,6 +58,7 @@ def test_grid_cells_are_seed_major_with_per_arm_seeds():
     ({"arms": {"a": ["optim.lr"]}}, "key=value"),
     ({"arms": {"a/b": []}}, "names folders"),
     ({"arms": {"a": {"set": [], "seed": [1]}}}, "mapping with `set:`"),
+    ({"arms": {"a": {"presets": "fmnist"}}}, "`preset:`"),
 ])
 def test_bad_grid_files(grid, match):
     with pytest.raises(ValueError, match=match):

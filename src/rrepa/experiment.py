@@ -1,7 +1,8 @@
 """Experiment grids: arms x seeds of ordinary rrepa runs, resumable across sessions, with one evaluation log.
 
 A grid file (YAML) names a preset, the seeds, overrides common to every cell and the arms, each a list of
-`--set` overrides (or a mapping with its own `set` and `seeds`):
+`--set` overrides (or a mapping with its own `set`, `seeds` and `preset`, e.g. to compare a pixel and a latent
+preset):
 
     preset: fmnist
     seeds: [0, 1, 2]
@@ -10,6 +11,7 @@ A grid file (YAML) names a preset, the seeds, overrides common to every cell and
       baseline: []
       reverse: [align.enabled=true, align.strategy=reverse]
       jacobi4: {set: [align.enabled=true, align.reverse=jacobi, align.jacobi_steps=4], seeds: [0]}
+      latent: {preset: fmnist-latent}
 
 `rrepa experiment run GRID --out results/NAME` trains every cell `ARM-sSEED` as a separate `rrepa train`
 process into `RUNS/ARM-sSEED` (RUNS defaults to `results/NAME/runs`; checkpoints are large, keep them out of
@@ -59,7 +61,7 @@ class Cell:
 
     arm: str  # the arm's name in the grid file
     seed: int  # train.seed
-    preset: str  # the grid's preset
+    preset: str  # the arm's preset (the grid's unless the arm names its own)
     overrides: list[str]  # the grid's common overrides, then the arm's, then train.seed
     cfg: RunConfig = field(repr=False)  # the resolved config
 
@@ -70,10 +72,10 @@ class Cell:
 
 @dataclass
 class Grid:
-    preset: str  # the preset every cell starts from
+    preset: str  # the preset every cell starts from, unless its arm names another
     seeds: list[int]  # the default seeds of every arm
     common: list[str]  # overrides applied to every arm, before the arm's own
-    arms: dict[str, dict]  # name -> {"set": [...], "seeds": [...]}, in file order
+    arms: dict[str, dict]  # name -> {"set": [...], "seeds": [...][, "preset": name]}, in file order
 
     def cells(self) -> list[Cell]:
         """Every cell, resolved and validated, seed-major (all arms of the first seed first), so that a grid cut
@@ -84,12 +86,13 @@ class Grid:
             for arm, spec in self.arms.items():
                 if seed in spec["seeds"]:
                     overrides = [*self.common, *spec["set"], f"train.seed={seed}"]
+                    preset = spec.get("preset", self.preset)
                     try:
-                        cfg = resolve(self.preset, None, overrides)
+                        cfg = resolve(preset, None, overrides)
                     except (KeyError, ValueError) as err:
                         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
                         raise ValueError(f"arm {arm!r} (seed {seed}): {msg}") from err
-                    out.append(Cell(arm, seed, self.preset, overrides, cfg))
+                    out.append(Cell(arm, seed, preset, overrides, cfg))
         return out
 
     def _seed_order(self, seed: int) -> tuple[int, int]:
@@ -119,11 +122,13 @@ def grid_from_dict(d, where: str = "grid") -> Grid:
             raise ValueError(f"{where}: arm name {name!r} must be letters, digits, '_' or '.' (it names folders)")
         if spec is None or isinstance(spec, list):
             spec = {"set": spec or []}
-        if not isinstance(spec, dict) or set(spec) - {"set", "seeds"}:
-            raise ValueError(f"{where}: arm {name!r} must be a list of overrides or a mapping with `set:` and "
-                             f"`seeds:`")
+        if not isinstance(spec, dict) or set(spec) - {"set", "seeds", "preset"}:
+            raise ValueError(f"{where}: arm {name!r} must be a list of overrides or a mapping with `set:`, "
+                             f"`seeds:` and `preset:`")
         arms[name] = {"set": _str_list(spec.get("set", []), f"{where}: arm {name} set"),
                       "seeds": _int_list(spec.get("seeds", seeds), f"{where}: arm {name} seeds")}
+        if "preset" in spec:
+            arms[name]["preset"] = str(spec["preset"])
     return Grid(str(d.get("preset", "fmnist")), seeds, common, arms)
 
 

@@ -167,7 +167,8 @@ def _grid_section(grid: dict, arms: list[str], rows: list[dict]) -> list[str]:
     for a in arms:
         spec = grid["arms"][a]
         seeds = sorted({r["seed"] for r in rows if r["arm"] == a})
-        out.append(f"| {a} | `{' '.join(spec.get('set', [])) or '(none)'}` | {seeds} |")
+        preset = f"`--preset {spec['preset']}` " if "preset" in spec else ""
+        out.append(f"| {a} | {preset}`{' '.join(spec.get('set', [])) or '(none)'}` | {seeds} |")
     return [*out, ""]
 
 
