@@ -331,6 +331,11 @@ FMNIST_TRAIN = {"steps": 1200, "ema_decay": 0.995, "num_workers": 0, "log_every"
 # layers). The projector is narrowed to 512 (REPA's 2048 would outweigh the 1.6 M parameter flow).
 FMNIST_ALIGN = {"encoder": "fmnist-ssl", "positions": [[4, 2]], "strategy": "reverse", "reverse": "pseudo",
                 "projector_hidden": 512, "feature_cache": True}
+# The ImageNet presets share the paper's optimiser and alignment (DINOv2-B/14, layer 6 of blocks 7 and 8, R-REPA
+# pseudo; targets online: a cache of ImageNet would need ~0.5 TB).
+IMAGENET_OPTIM = {"lr": 1e-4, "warmup_steps": 1000, "batch_size": 256, "min_lr_ratio": 0.0}
+IMAGENET_ALIGN = {"encoder": "dinov2_vitb14", "positions": [[7, 6], [8, 6]], "strategy": "reverse",
+                  "reverse": "pseudo", "projector_hidden": 2048, "feature_cache": False}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The default job: Fashion-MNIST on 2 CPU cores in at most 15 minutes, end-of-run evaluation included.
@@ -352,10 +357,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"in_channels": 3, "image_height": 64, "image_width": 64, "patch_size": 2, "width": 768,
                   "num_blocks": 8, "layers_per_block": 8, "num_classes": 1000, "sigma": 0.05},
         "data": {"name": "npz", "image_size": 64},
-        "optim": {"lr": 1e-4, "warmup_steps": 1000, "batch_size": 256, "min_lr_ratio": 0.0},
+        "optim": IMAGENET_OPTIM,
         "train": {"steps": 1_000_000, "ema_decay": 0.9999, "eval_features": "inception"},
-        "align": {"encoder": "dinov2_vitb14", "positions": [[7, 6], [8, 6]], "strategy": "reverse",
-                  "reverse": "pseudo", "projector_hidden": 2048, "feature_cache": False},
+        "align": IMAGENET_ALIGN,
     },
     # fmnist with STARFlow's deep-shallow layout (arXiv 2506.06276; apple/ml-starflow transformer_flow.py): there
     # the LAST block of the x -> z direction is the deep one (Model builds num_blocks - 1 "bottom" blocks, then a
@@ -399,10 +403,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"in_channels": 4, "image_height": 32, "image_width": 32, "patch_size": 2, "width": 768,
                   "num_blocks": 8, "layers_per_block": 8, "num_classes": 1000, "sigma": 0.2},
         "data": {"name": "folder", "image_size": 256, "hflip": True, "vae": "stabilityai/sd-vae-ft-ema"},
-        "optim": {"lr": 1e-4, "warmup_steps": 1000, "batch_size": 256, "min_lr_ratio": 0.0},
+        "optim": IMAGENET_OPTIM,
         "train": {"steps": 1_000_000, "ema_decay": 0.9999, "num_workers": 8, "eval_features": "inception"},
-        "align": {"encoder": "dinov2_vitb14", "positions": [[7, 6], [8, 6]], "strategy": "reverse",
-                  "reverse": "pseudo", "projector_hidden": 2048, "feature_cache": False},
+        "align": IMAGENET_ALIGN,
     },
     # imagenet256-latent with patch 1 ("+Patch1", the paper's best 256 x 256 model): 1024 tokens of 4 values on the
     # 32 x 32 latent grid; DINOv2's 16 x 16 tokens are upsampled onto it (each token gets the patch containing it).
@@ -411,9 +414,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"in_channels": 4, "image_height": 32, "image_width": 32, "patch_size": 1, "width": 768,
                   "num_blocks": 8, "layers_per_block": 8, "num_classes": 1000, "sigma": 0.2},
         "data": {"name": "folder", "image_size": 256, "hflip": True, "vae": "stabilityai/sd-vae-ft-ema"},
-        "optim": {"lr": 1e-4, "warmup_steps": 1000, "batch_size": 256, "min_lr_ratio": 0.0},
+        "optim": IMAGENET_OPTIM,
         "train": {"steps": 1_000_000, "ema_decay": 0.9999, "num_workers": 8, "eval_features": "inception"},
-        "align": {"encoder": "dinov2_vitb14", "positions": [[7, 6], [8, 6]], "strategy": "reverse",
-                  "reverse": "pseudo", "projector_hidden": 2048, "feature_cache": False},
+        "align": IMAGENET_ALIGN,
     },
 }
