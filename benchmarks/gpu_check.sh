@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The checks a CPU machine cannot make, in one run on one CUDA GPU (each step has a time limit; together
-# they come to 9 min 20 s, inside one 10-minute device call):
+# they come to 9 min 40 s, inside one 10-minute device call):
 #   1. the CUDA tests (`pytest -m cuda`): float32 on the GPU against the float64 model, bf16 autocast of the flow
-#      and of every reverse path, and a bf16 training run with R-REPA whose checkpoint loads on the CPU;
+#      and of every reverse path, a bf16 training run with R-REPA whose checkpoint loads on the CPU, and the VAE
+#      wrapper in float32 and bf16 against the CPU;
 #   2. bench_align.py on the GPU at the benchmark size (float32, all three tables, the exact-gradient check) and
 #      at the paper's transformer size (bf16, tables 1 and 3): the pseudo-reverse's speed-up and memory against
 #      the naive reverse, where sequential steps are latency-bound (the paper's ~50x, ~50 % setting). At the
@@ -14,7 +15,9 @@
 #      FLOPs, max |difference|), on the fmnist shape and the 256-token model, without FID (the embedded evaluator
 #      is not on a fresh machine; the FID, a property of the images, is measured on the CPU). Set SAMPLE_CKPT to
 #      a copy of the default job's run folder for a trained model's iteration counts; without it the fmnist
-#      shape gets random weights, which converge faster.
+#      shape gets random weights, which converge faster;
+#   5. bench_latent.py: SD-VAE's encode and decode throughput at 256 px (its architecture, random weights: the
+#      cost does not depend on them), float32 and bf16 -- what encoding ImageNet's latent cache costs.
 # Each step's output goes to OUT_DIR (default gpu-check/) as Markdown; a failed step does not stop the others,
 # and the exit status is non-zero when any failed.
 #
@@ -42,9 +45,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to the s
 } | tee "$out/gpu.txt"
 
 step pytest-cuda.txt 80 $py -m pytest -q -m cuda -p no:cacheprovider tests/test_flow.py tests/test_reverse.py \
-    tests/test_train_align.py tests/test_jacobi.py
+    tests/test_train_align.py tests/test_jacobi.py tests/test_vae.py
 step bench_align_bench.md 130 $py benchmarks/bench_align.py --device cuda --batch 8 64 --exact-check
-step bench_align_paper_bf16.md 170 $py benchmarks/bench_align.py --device cuda --bf16 --scale paper --batch 8 16 \
+step bench_align_paper_bf16.md 150 $py benchmarks/bench_align.py --device cuda --bf16 --scale paper --batch 8 16 \
     --tables 1 3
 data=$(mktemp -d)
 $py -c "import sys; from pathlib import Path; from test_train import write_fake_fmnist; \
@@ -56,4 +59,8 @@ step bench_train_fmnist_compile.md 80 $py benchmarks/bench_train.py --device cud
 rm -rf "$data"
 step bench_sample.md 50 $py benchmarks/bench_sample.py --device cuda --no-fid --repeats 2 --batch 1000 100 \
     --batch-256 64 8 ${SAMPLE_CKPT:+--ckpt "$SAMPLE_CKPT"}
+for dt in float32 bfloat16; do
+    step "bench_latent_sd_$dt.md" 20 $py benchmarks/bench_latent.py --device cuda --skip-train --vae random-sd \
+        --image-size 256 --batch 32 --dtype $dt
+done
 exit $status

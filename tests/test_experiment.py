@@ -284,3 +284,46 @@ def test_report_from_a_fixture_log(tmp_path):
     assert "3 of 3 seeds" in line
     with pytest.raises(FileNotFoundError, match="experiment run"):
         write_report(tmp_path / "nothing")
+
+
+def test_report_compares_pixel_and_latent_arms(tmp_path):
+    """A grid with latent arms: their bits/dim are labelled per latent dimension, the claims keep to the
+    baseline's space, and a section compares the spaces with and without alignment."""
+    rng = np.random.default_rng(2)
+    fid = {"baseline": 130.0, "reverse": 128.0, "latent": 60.0, "latent_reverse": 58.0}
+    rows = []
+    for arm, f in fid.items():
+        latent = arm.startswith("latent")
+        for seed in range(2):
+            for step in (100, 200):
+                rows.append({"arm": arm, "seed": seed, "step": step, "fid": f * 200 / step + rng.normal(0, 1.0),
+                             "one_step_top1": 0.6 + rng.normal(0, 0.01), "bayes_top1": 0.7, "bpd": 2.0 if latent
+                             else 5.2, "bpd_protocol": "VAE latents + N(0, 0.2^2) noise, per latent dimension, no "
+                             "dequantization, true label" if latent else "uniform dequantization, true label",
+                             "wall_s": 60.0 * step})
+    (tmp_path / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "configs").mkdir()
+    for arm in fid:
+        for seed in range(2):
+            (tmp_path / "configs" / f"{arm}-s{seed}.yaml").write_text(yaml.safe_dump(
+                {"align": {"enabled": arm.endswith("reverse")}, "data": {"vae": "v" if arm.startswith("latent")
+                                                                                else None}}))
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"preset": "fmnist", "seeds": [0, 1], "set": [], "arms": {
+        "baseline": {"set": []}, "reverse": {"set": ["align.enabled=true"]},
+        "latent": {"preset": "fmnist-latent", "set": []},
+        "latent_reverse": {"preset": "fmnist-latent", "set": ["align.enabled=true"]}}}))
+    text = write_report(tmp_path).read_text()
+    lines = text.splitlines()
+    final_table = [x for x in lines if x.startswith("| latent |") and "per latent dim" in x]
+    assert len(final_table) == 1 and final_table[0].endswith("| 200 ± 0 |")  # wall-clock: 200 x 60 s = 200 min
+    assert not any("per latent dim" in x for x in lines if x.startswith("| baseline |"))
+    claims = text.split("## The paper's claims, tested")[1].split("## Pixels and latents")[0]
+    assert "| latent" not in claims and "| reverse |" in claims
+    row = next(x for x in lines if x.startswith("| latent - baseline |"))
+    f_l = [r["fid"] for r in rows if r["arm"] == "latent" and r["step"] == 200]
+    f_b = [r["fid"] for r in rows if r["arm"] == "baseline" and r["step"] == 200]
+    d, lo, hi = welch(f_l, f_b)
+    assert "latent - pixel" in row and f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" in row and "holds" in row
+    assert any(x.startswith("| latent_reverse - latent | aligned - not |") for x in lines)
+    assert not any(x.startswith("| latent_reverse - baseline |") for x in lines)  # alignment differs
+    assert "| latent | latents | none | 2 |" in text and "| reverse | pixels | R-REPA | 2 |" in text

@@ -86,3 +86,24 @@ def test_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("RREPA_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert utils.cache_dir() == tmp_path / "rrepa"
+
+
+@pytest.mark.parametrize("shape,expect", [((2, 5, 4, 3), (2, 5, 4, 3)), ((2, 5, 4, 1), (2, 5, 4, 1)),
+                                          ((2, 5, 4), (2, 5, 4, 1))])
+def test_image_layouts_nhwc_and_nchw_agree(shape, expect):
+    arr = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    nhwc = utils.check_nhwc_uint8(arr)
+    assert nhwc.shape == expect
+    nchw = utils.as_nchw_uint8(arr)
+    assert nchw.dtype == torch.uint8 and torch.equal(nchw.permute(0, 2, 3, 1), torch.from_numpy(nhwc))
+
+
+@pytest.mark.parametrize("arr,match", [(np.zeros((2, 5, 4, 3), np.float32), "must be uint8"),
+                                       (np.zeros((2, 5, 4, 2), np.uint8), r"C = 1 or 3"),
+                                       (np.zeros((5, 4), np.uint8), r"\(N, H, W, C\)")])
+def test_image_layout_errors_name_the_input(arr, match):
+    with pytest.raises(ValueError, match=match) as err:
+        utils.check_nhwc_uint8(arr, "samples.npz: arr_0")
+    assert str(err.value).startswith("samples.npz: arr_0 must be")
+    with pytest.raises(ValueError, match=match):
+        utils.as_nchw_uint8(arr)

@@ -53,7 +53,7 @@ META_FILE = "meta.json"
 DTYPE = np.float16
 
 
-def _clean_uint8(dataset, i: int) -> Tensor:
+def clean_uint8(dataset, i: int) -> Tensor:
     """The i-th image, unflipped, as uint8 (C, H, W)."""
     if hasattr(dataset, "uint8"):
         return dataset.uint8(i)
@@ -82,7 +82,7 @@ def dataset_fingerprint(dataset, samples: int = 64) -> str:
     if n == 0:
         raise ValueError("the dataset is empty; nothing to cache")
     h = hashlib.sha256(f"{type(dataset).__name__}|{n}|".encode())
-    first = _clean_uint8(dataset, 0)
+    first = clean_uint8(dataset, 0)
     h.update(f"{tuple(first.shape)}|{first.dtype}|".encode())
     if (isinstance(dataset, TensorImageDataset) and dataset.images.shape[-1] == dataset.image_size
             and dataset.images.numel() <= FULL_HASH_BYTES):
@@ -91,7 +91,7 @@ def dataset_fingerprint(dataset, samples: int = 64) -> str:
     else:
         for i in sorted({round(k * (n - 1) / max(1, samples - 1)) for k in range(samples)}):
             h.update(f"{i}|".encode())
-            h.update(_clean_uint8(dataset, i).contiguous().numpy().tobytes())
+            h.update(clean_uint8(dataset, i).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -139,7 +139,7 @@ class _CleanImages(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> Tensor:
-        return _clean_uint8(self.dataset, i)
+        return clean_uint8(self.dataset, i)
 
 
 class FeatureCache:
@@ -238,7 +238,7 @@ class FeatureCache:
     def _build(path: Path, encoder, dataset, hflip: bool, batch_size: int, num_workers: int, progress: bool,
                log: Callable[[str], None], meta: dict) -> None:
         n = len(dataset)
-        image_hw = tuple(_clean_uint8(dataset, 0).shape[-2:])
+        image_hw = tuple(clean_uint8(dataset, 0).shape[-2:])
         gh, gw = encoder.grid(image_hw)
         F = 2 if hflip else 1
         shape = (n, F, gh * gw, int(encoder.dim))

@@ -51,7 +51,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from rrepa.data import DataConfig, ImageDataset, TensorImageDataset, build_dataset
-from rrepa.features import _clean_uint8, dataset_fingerprint, dataset_tag, file_lock
+from rrepa.features import clean_uint8, dataset_fingerprint, dataset_tag, file_lock
 from rrepa.utils import Interrupted, atomic_write, from_uint8, generator
 
 FORMAT_VERSION = 1
@@ -110,7 +110,7 @@ class _Items(torch.utils.data.Dataset):
             img, label = self.dataset._get(i)
             return img, int(label), i
         d = self.dataset
-        return _clean_uint8(d, i), int(d.label(i) if hasattr(d, "label") else d[i][1]), i
+        return clean_uint8(d, i), int(d.label(i) if hasattr(d, "label") else d[i][1]), i
 
 
 def _shard_batches(todo: Sequence[int], shard_size: int, n: int, batch_size: int) -> Iterator[list[int]]:
@@ -136,7 +136,7 @@ def _request(vae, dataset, split: str | None, flip: bool, sample: bool | None, s
                       "shift_factor": float(vae.shift_factor or 0.0), "latent_channels": int(vae.latent_channels),
                       "factor": int(vae.factor)}
     if dataset is not None:
-        c, h, w = (int(s) for s in _clean_uint8(dataset, 0).shape)
+        c, h, w = (int(s) for s in clean_uint8(dataset, 0).shape)
         labels = getattr(dataset, "num_classes", None)
         req["data"] = {"tag": dataset_tag(dataset), "fingerprint": dataset_fingerprint(dataset), "len": len(dataset),
                        "image_size": h if h == w else [h, w], "channels": c,

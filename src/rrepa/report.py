@@ -7,6 +7,8 @@ The claims (R-REPA paper, tested on whatever the grid trained):
 3. The one-step classifier's accuracy matches the best layer of linear probing (needs `probes.jsonl`, from
    `rrepa experiment probe`).
 4. R-REPA reaches the baseline's final FID in fewer steps.
+The claims compare arms in the baseline's space. A grid whose arms also train on VAE latents (an arm naming a latent
+preset) gets a section of its own comparing the spaces, each with and without alignment (issue #12's table).
 
 Differences of means get Welch's t interval (95 %), which allows unequal variances and is honest about
 three seeds: its degrees of freedom are small, so its intervals are wide. A claim "holds" here when the
@@ -31,8 +33,19 @@ from rrepa.utils import atomic_write
 # (key in evals.jsonl, column title, format, lower is better)
 METRICS = [("fid", "FID", "{:.1f}", True), ("precision", "precision", "{:.3f}", False),
            ("recall", "recall", "{:.3f}", False), ("one_step_top1", "one-step top-1", "{:.1%}", False),
-           ("bayes_top1", "Bayes top-1", "{:.1%}", False), ("bpd", "bits/dim (true labels)", "{:.4f}", True)]
+           ("bayes_top1", "Bayes top-1", "{:.1%}", False), ("bpd", "bits/dim (true labels)", "{:.4f}", True),
+           ("wall_min", "wall-clock (min)", "{:.0f}", True)]
 LEVEL = 0.95
+LATENT_BPD = "per latent dimension"  # in the bpd_protocol of a latent run's evaluations (rrepa.eval.bpd)
+
+
+def value(row: dict, key: str) -> float | None:
+    """A metric of one evaluation row; wall_min is the run's wall clock at that evaluation (wall_s: training and
+    its evaluations so far, carried across resumes) in minutes."""
+    v = row.get("wall_s") if key == "wall_min" else row.get(key)
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v) / 60 if key == "wall_min" else float(v)
 
 
 def table(rows: list[dict]) -> dict[str, dict[int, dict[str, list[float]]]]:
@@ -40,9 +53,9 @@ def table(rows: list[dict]) -> dict[str, dict[int, dict[str, list[float]]]]:
     out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in sorted(rows, key=lambda r: (r["arm"], r["step"], r["seed"])):
         for key, *_ in METRICS:
-            v = r.get(key)
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                out[r["arm"]][r["step"]][key].append(float(v))
+            v = value(r, key)
+            if v is not None:
+                out[r["arm"]][r["step"]][key].append(v)
     return out
 
 
@@ -125,6 +138,7 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
     arms = [a for a in arm_order if any(r["arm"] == a for r in rows)]
     tab = table(rows)
     final = max(r["step"] for r in rows)
+    latent = latent_arms(rows)
     lines = [f"# Experiment `{folder.name}`", "",
              f"Written by `rrepa experiment report {folder}` from `{EVALS}` ({len(rows)} evaluations). "
              f"Every number is the mean ± standard deviation over seeds (n seeds in brackets where fewer than "
@@ -136,8 +150,14 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
     for a in arms:
         at = tab[a].get(final, {})
         n = max((len(v) for v in at.values()), default=0)
-        cells = [_fmt(f, *mean_std(at[k]), len(at[k])) if at.get(k) else "—" for k, _, f, _ in METRICS]
+        cells = [_fmt(f, *mean_std(at[k]), len(at[k])) + (" per latent dim" if k == "bpd" and a in latent else "")
+                 if at.get(k) else "—" for k, _, f, _ in METRICS]
         lines.append(f"| {a} | {n} | " + " | ".join(cells) + " |")
+    if latent:
+        lines += ["", f"Bits/dim of {', '.join(latent)} are bits per latent dimension (VAE latents plus the training "
+                  "noise): not comparable with the pixel arms' bits/dim."]
+    lines += ["", "Wall-clock: the run's, training and its evaluations, on the machine it ran on (shared with "
+              "other cells), so a guide to cost, not a benchmark."]
     lines += ["", "## FID during training", "",
               "| arm | " + " | ".join(f"{s:,}" for s in sorted({r['step'] for r in rows})) + " |",
               "|---|" + "---|" * len({r["step"] for r in rows})]
@@ -147,13 +167,69 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
             else "—" for s in sorted({r["step"] for r in rows})) + " |")
     lines += ["", "![FID against step](fid.png)", "", "![one-step top-1 against step](one_step.png)", ""]
     probes = read_evals(folder / PROBES) if (folder / PROBES).is_file() else []
-    lines += _claims(rows, tab, arms, baseline, final, probes)
+    same_space = [a for a in arms if (a in latent) == (baseline in latent)]
+    lines += _claims(rows, tab, same_space, baseline, final, probes)
+    if latent and len(latent) < len(arms):
+        lines += _spaces(tab, arms, latent, _aligned_arms(folder, grid, arms), final)
     _plot_curves(rows, arms, "fid", "FID (embedded evaluator)", folder / "fid.png")
     _plot_curves(rows, arms, "one_step_top1", "one-step top-1", folder / "one_step.png")
     _plot_steps_to_baseline(rows, arms, baseline, final, folder / "steps_to_baseline.png")
     path = folder / "README.md"
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return path
+
+
+def latent_arms(rows: list[dict]) -> list[str]:
+    """The arms whose evaluations are of latent runs (their bits/dim are per latent dimension), in row order."""
+    return list(dict.fromkeys(r["arm"] for r in rows if LATENT_BPD in str(r.get("bpd_protocol", ""))))
+
+
+def _aligned_arms(folder: Path, grid: dict, arms: list[str]) -> set[str]:
+    """The arms that train with alignment, read from the resolved configs the runner stores in folder/configs."""
+    out = set()
+    for a in arms:
+        for f in sorted((folder / "configs").glob(f"{a}-s*.yaml"))[:1]:
+            cfg = yaml.safe_load(f.read_text()) or {}
+            if cfg.get("align", {}).get("enabled"):
+                out.add(a)
+    return out
+
+
+def _spaces(tab, arms: list[str], latent: list[str], aligned: set[str], final: int) -> list[str]:
+    """Pixel against latent arms, each with and without alignment: final FID and classifier accuracy, and Welch
+    intervals of latent minus pixel (same alignment) and aligned minus not (same space)."""
+    def space(a):
+        return "latents" if a in latent else "pixels"
+
+    out = ["## Pixels and latents", "",
+           "The same comparison in both spaces: each arm's final evaluation, and the training time it took.", "",
+           "| arm | space | alignment | seeds | FID | one-step top-1 | Bayes top-1 | wall-clock (min) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for a in arms:
+        at = tab[a].get(final, {})
+        cells = [_fmt(f, *mean_std(at[k]), len(at[k])) if at.get(k) else "—"
+                 for k, f in (("fid", "{:.1f}"), ("one_step_top1", "{:.1%}"), ("bayes_top1", "{:.1%}"),
+                              ("wall_min", "{:.0f}"))]
+        n = max((len(v) for v in at.values()), default=0)
+        out.append(f"| {a} | {space(a)} | {'R-REPA' if a in aligned else 'none'} | {n} | " + " | ".join(cells) + " |")
+    pairs = [(b, a, "latent - pixel") for a in arms for b in arms
+             if space(a) == "pixels" and space(b) == "latents" and (a in aligned) == (b in aligned)]
+    pairs += [(b, a, "aligned - not") for a in arms for b in arms
+              if space(a) == space(b) and a not in aligned and b in aligned]
+    if pairs:
+        out += ["", "| comparison | kind | FID difference [95 % CI] | verdict (lower FID) | one-step difference "
+                "[95 % CI] | verdict (higher top-1) |", "|---|---|---|---|---|---|"]
+    for b, a, kind in pairs:
+        cells = []
+        for key, fmt, lower in (("fid", "{:+.1f}", True), ("one_step_top1", "{:+.1%}", False)):
+            vb, va = _final_values(tab, b, final, key), _final_values(tab, a, final, key)
+            if vb and va:
+                d, lo, hi = welch(vb, va)
+                cells += [_ci(fmt, d, lo, hi), verdict(lo, hi, lower)]
+            else:
+                cells += ["—", "—"]
+        out.append(f"| {b} - {a} | {kind} | " + " | ".join(cells) + " |")
+    return [*out, ""]
 
 
 def _grid_section(grid: dict, arms: list[str], rows: list[dict]) -> list[str]:
@@ -223,7 +299,7 @@ def _claims(rows, tab, arms, baseline: str, final: int, probes: list[dict]) -> l
             d, lo, hi = welch(o, q)
             where = ", ".join(sorted({f"({r['probe_block']}, {r['probe_layer']})" for r in p}))
             word = {"holds": "one-step is above the probe", "contradicted": "does not hold: one-step is below"}.get(
-                verdict(lo, hi, False), "consistent with matching (the interval contains 0)"
+                verdict(lo, hi, False), "not resolved (the interval contains 0)"
                 if not math.isnan(lo) else "not resolved (needs 2+ seeds)")
             out.append(f"| {a} | {_fmt('{:.1%}', *mean_std(o), len(o))} | {_fmt('{:.1%}', *mean_std(q), len(q))} | "
                        f"{where} | {_ci('{:+.1%}', d, lo, hi)} | {word} |")

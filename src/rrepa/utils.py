@@ -156,17 +156,23 @@ def to_uint8(x: Tensor, strict: bool = True) -> Tensor:
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def check_nhwc_uint8(images: np.ndarray, what: str = "image arrays") -> np.ndarray:
+    """A numpy image array in ADM's layout, (N, H, W, C) uint8 with C in {1, 3} ((N, H, W) grey gets C = 1);
+    ValueError naming `what` otherwise."""
+    if images.dtype != np.uint8:
+        raise ValueError(f"{what} must be uint8 images, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{what} must be (N, H, W, C) with C = 1 or 3 (ADM's layout), got {images.shape}")
+    return images
+
+
 def as_nchw_uint8(images) -> Tensor:
     """uint8 (N, C, H, W) tensor, C in {1, 3}, from a torch tensor (N, C, H, W) or (N, H, W), or a numpy
     array in ADM's layout (N, H, W, C) or (N, H, W)."""
     if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8, got {images.dtype}")
-        if images.ndim == 3:
-            images = images[..., None]
-        if images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise ValueError(f"image arrays must be (N, H, W, C) with C = 1 or 3 (ADM's layout), got {images.shape}")
-        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        return torch.from_numpy(np.ascontiguousarray(check_nhwc_uint8(images))).permute(0, 3, 1, 2)
     if not isinstance(images, Tensor):
         raise ValueError(f"images must be a numpy array or torch tensor, got {type(images).__name__}")
     if images.dtype != torch.uint8:

@@ -230,7 +230,7 @@ def test_cli_errors(tiny, tmp_path):
     with pytest.raises(FileNotFoundError):
         args.func(args)
     args = parser.parse_args(["evaluator", "train", "--out", str(tiny[0])])
-    with pytest.raises(ValueError, match="--force"):
+    with pytest.raises(ValueError, match="--overwrite"):
         args.func(args)
     with pytest.raises(FileNotFoundError, match="checkpoint run does not exist"):
         samples_from_checkpoint("run", 10)

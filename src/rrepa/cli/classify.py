@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rrepa.cli.options import add_data_dir, add_device
 from rrepa.data import build_dataset
 from rrepa.distributed import resolve_device
 from rrepa.eval.classify import (
@@ -120,10 +121,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="classify x + sigma*eps with the model's training noise (train, default: the inputs "
                         "the model was trained on) or the clean image (clean)")
     p.add_argument("--seed", type=int, default=0, help="seed of the input noise")
-    p.add_argument("--data-dir", help="dataset location (default: the run's data.path)")
+    add_data_dir(p, help="dataset location (default: the run's data.path)")
     p.add_argument("--dataset", choices=("fmnist", "folder", "npz"),
                    help="dataset kind (default: the run's data.name; fmnist for a 1 x 28 x 28 model)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
+    add_device(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

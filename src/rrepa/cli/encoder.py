@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from rrepa.cli.options import add_data_dir, add_device
 from rrepa.data import DataConfig, build_dataset
 from rrepa.distributed import resolve_device
 from rrepa.fmnist.encoder import (
@@ -27,10 +28,10 @@ def cmd_encoder_train(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     cfg = SSLTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          max_images=args.max_images)
-    train_set = build_dataset(DataConfig(name="fmnist", path=args.data_path), "train")
+    train_set = build_dataset(DataConfig(name="fmnist", path=args.data_dir), "train")
     backbone, info = train_ssl_encoder(train_set, cfg, device=device)
     if not args.no_probe:
-        test_set = build_dataset(DataConfig(name="fmnist", path=args.data_path), "test")
+        test_set = build_dataset(DataConfig(name="fmnist", path=args.data_dir), "test")
         enc = EmbeddedEncoder(backbone)
         t = time.perf_counter()
         info.update(linear_probe(enc, train_set, test_set, max_train=args.probe_max_train))
@@ -58,6 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-images", type=int, help="train on the first this many images only")
     t.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     t.add_argument("--probe-max-train", type=int, help="fit the probe on the first this many train images")
-    t.add_argument("--data-path", help="folder with the Fashion-MNIST IDX files (default: system / cache)")
-    t.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
+    add_data_dir(t)
+    add_device(t)
     t.set_defaults(func=cmd_encoder_train)

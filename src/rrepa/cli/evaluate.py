@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from rrepa.cli.options import add_data_dir, add_device
 from rrepa.distributed import resolve_device
 from rrepa.eval.inception import INCEPTION_FILENAME
 from rrepa.eval.npz import read_samples_npz
@@ -83,7 +84,7 @@ def cmd_evaluator_train(args: argparse.Namespace) -> None:
     """Train the embedded Fashion-MNIST evaluator and cache it; print its name and test accuracy as JSON."""
     out = Path(args.out) if args.out else default_evaluator_path()
     if out.exists() and not args.force:
-        raise ValueError(f"{out} exists (pass --force to retrain and replace it)")
+        raise ValueError(f"{out} exists (pass --overwrite to retrain and replace it)")
     if args.threads:
         torch.set_num_threads(args.threads)
     # Ctrl-C keeps the progress beside `out`: the same command continues from there.
@@ -133,11 +134,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fid-method", choices=("sqrtm", "eigh"), default="sqrtm",
                    help="sqrtm: scipy's matrix square root, the standard (ADM's) computation; eigh: the same "
                         "trace from symmetric eigenvalues, ~3x faster at 2048-d")
-    p.add_argument("--data-dir", help="Fashion-MNIST folder for --ref fmnist:*")
+    add_data_dir(p, help="Fashion-MNIST folder for --ref fmnist:*")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached reference statistics")
     p.add_argument("--save-ref-stats", metavar="PATH", help="also write the reference statistics to this npz")
     p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    add_device(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("evaluator", help="the embedded Fashion-MNIST evaluator (train, info)")
@@ -148,10 +149,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--data-dir", help="Fashion-MNIST folder (default: the usual search)")
+    add_data_dir(t, help="Fashion-MNIST folder (default: the usual search)")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     t.add_argument("--out", help="weights file (default $RREPA_CACHE_DIR/evaluator/fmnist-cnn.safetensors)")
-    t.add_argument("--force", action="store_true", help="replace an existing file")
+    t.add_argument("--overwrite", "--force", dest="force", action="store_true", help="replace an existing file")
     t.set_defaults(func=cmd_evaluator_train)
     i = esub.add_parser("info", help="print the cached evaluator's name, test accuracy and training settings")
     i.add_argument("path", nargs="?", help="weights file (default: the cache file)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rrepa.cli.options import add_data_dir, add_device
 from rrepa.data import DATASET_NAMES, DataConfig
 from rrepa.distributed import resolve_device
 from rrepa.latents import DTYPES, SHARD_SIZE, LatentCache, image_dataset
@@ -65,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--data", required=True, metavar="NAME_OR_PATH",
                    help="fmnist (with optional --data-dir), folder / npz with --data-dir, or a path: an ImageNet-"
                         "layout image folder, an .npz file or a folder of them")
-    e.add_argument("--data-dir", metavar="PATH", help="where the named dataset is (as `rrepa train --data-dir`)")
+    add_data_dir(e, help="where the named dataset is (as `rrepa train --data-dir`)")
     e.add_argument("--split", choices=("train", "test"), default="train")
     e.add_argument("--out", required=True, metavar="DIR", help="the cache folder (new, or a cache to finish)")
     e.add_argument("--image-size", type=int, help="image side in pixels (default 28 for fmnist, which is resized "
@@ -77,6 +78,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=64, help="images per VAE call")
     e.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="images per shard (the unit of resumption)")
     e.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes reading the images")
-    e.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
+    add_device(e)
     e.add_argument("--rebuild", action="store_true", help="re-encode a cache that does not match (or any)")
     e.set_defaults(func=cmd_encode)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from rrepa import distributed
+from rrepa.cli.options import add_data_dir, add_device
 from rrepa.eval.bpd import describe_bpd, evaluate_bpd
 from rrepa.jacobi import Jacobi, as_sampler
 from rrepa.latent_run import ImageSpace, data_config, eval_dataset, is_latent, load_run_vae
@@ -78,8 +79,8 @@ def cmd_bpd(args: argparse.Namespace) -> None:
     with distributed.process_group(args.device) as d:
         model, info = load_run(args.ckpt, args.weights, d.device)
         data = data_config(info["config"].get("data", {}))
-        if args.data_path:
-            data.path = args.data_path
+        if args.data_dir:
+            data.path = args.data_dir
         if args.conditional and args.unconditional:
             raise ValueError("give --conditional or --unconditional (the default), not both")
         # A latent run: the split's latents (cached on first use) under the training noise, per latent dimension.
@@ -128,7 +129,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which weights of a checkpoint")
     p.add_argument("--format", default="png,npz", help="png, npz or png,npz")
     p.add_argument("--out", help="output path without extension (default <run>/samples-seed<seed>)")
-    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    add_device(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bpd", help="bits/dim of a dataset split (uniform dequantization, null label)",
@@ -145,8 +146,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which weights of a checkpoint")
     p.add_argument("--conditional", action="store_true", help="use the true labels instead of the null label")
     p.add_argument("--unconditional", action="store_true", help="the null label (the default; kept for old scripts)")
-    p.add_argument("--data-path", help="dataset location (default: the run's data.path)")
+    add_data_dir(p, help="dataset location (default: the run's data.path)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise")
     p.add_argument("--json", help="also write the result to this JSON file")
-    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    add_device(p)
     p.set_defaults(func=cmd_bpd)

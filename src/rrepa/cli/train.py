@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from rrepa.cli.options import add_data_dir, add_device
 from rrepa.config import resolve
 from rrepa.run import stored_config
 from rrepa.train import train
@@ -48,13 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--init-from", help="start from these weights (run folder, ckpt-*.pt or .safetensors); "
                                        "optimiser and step start afresh")
-    p.add_argument("--data-dir", metavar="PATH", help="the dataset (Fashion-MNIST folder, image folder or .npz); "
-                                                      "the same as --set data.path=PATH")
+    add_data_dir(p, help="the dataset (Fashion-MNIST folder, image folder or .npz); the same as --set data.path=PATH")
     p.add_argument("--encoder-weights", metavar="PATH",
                    help="local weights of the alignment encoder (DINOv2: Meta's .pth or timm's .safetensors); "
                         "the same as --set align.encoder_weights=PATH")
     p.add_argument("--vae", metavar="PATH_OR_ID",
                    help="train on this VAE's latents (a diffusers AutoencoderKL folder, a hub id, or fmnist-vae); the "
                         "same as --set data.vae=PATH_OR_ID (latent presets name theirs; offline, give a local copy)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
+    add_device(p)
     p.set_defaults(func=cmd_train)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rrepa.cli.options import add_data_dir, add_device
 from rrepa.data import DataConfig, build_dataset
 from rrepa.distributed import resolve_device
 from rrepa.eval.samples import build_feature_network, evaluate_samples
@@ -75,8 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--loss", choices=("l2", "l1"), default=VAETrainConfig.loss, help="reconstruction loss")
     t.add_argument("--seed", type=int, default=VAETrainConfig.seed)
     t.add_argument("--max-images", type=int, help="train on the first this many images only")
-    t.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: system / cache)")
-    t.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
+    add_data_dir(t)
+    add_device(t)
     t.set_defaults(func=cmd_vae_train)
     e = vsub.add_parser("eval", help="PSNR and FID of a VAE's reconstructions of the Fashion-MNIST test split",
                         description="Reconstruct the Fashion-MNIST test split (posterior mean, decoded, 8-bit) and "
@@ -91,6 +92,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--evaluator-weights", help="the embedded evaluator's file (default: cache, trained if missing)")
     e.add_argument("--batch-size", type=int, default=500)
     e.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    e.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: system / cache)")
-    e.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
+    add_data_dir(e)
+    add_device(e)
     e.set_defaults(func=cmd_vae_eval)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from rrepa.utils import as_nchw_uint8, save_npz, to_uint8
+from rrepa.utils import as_nchw_uint8, check_nhwc_uint8, save_npz, to_uint8
 
 
 def open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
@@ -28,17 +28,6 @@ def open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
     return npz
 
 
-def check_images_array(arr: np.ndarray, where: str) -> np.ndarray:
-    """ADM's arr_0 as (N, H, W, C) uint8 ((N, H, W) grey gets C = 1); ValueError naming `where` otherwise."""
-    if arr.dtype != np.uint8:
-        raise ValueError(f"{where}: arr_0 must be uint8 images, got {arr.dtype}")
-    if arr.ndim == 3:
-        arr = arr[..., None]
-    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-        raise ValueError(f"{where}: arr_0 must be (N, H, W, C) with C = 1 or 3 (ADM's NHWC layout), got {arr.shape}")
-    return arr
-
-
 def check_labels(labels, n: int, where: str) -> np.ndarray:
     """Labels (N,) = (n,) of an integer dtype, as int64; ValueError naming `where` otherwise."""
     labels = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels)
@@ -52,7 +41,7 @@ def read_samples_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | 
     with open_npz(path) as npz:
         if "arr_0" not in npz.files:
             raise ValueError(f"{path}: no arr_0 (ADM's sample layout is arr_0 (N, H, W, C) uint8 [+ labels])")
-        images = check_images_array(npz["arr_0"], str(path))
+        images = check_nhwc_uint8(npz["arr_0"], f"{path}: arr_0")
         labels = check_labels(npz["labels"], images.shape[0], str(path)) if "labels" in npz.files else None
     return images, labels
 

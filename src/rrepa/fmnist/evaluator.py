@@ -346,7 +346,7 @@ def load_evaluator_file(path: str | os.PathLike, device: str | torch.device = "c
     info = json.loads(meta.get("rrepa_evaluator", "{}"))
     if info.get("arch", ARCH) != ARCH:
         raise ValueError(f"{path} holds a {info.get('arch')!r} evaluator; this rrepa expects {ARCH!r} "
-                         f"(retrain with `rrepa evaluator train --force`)")
+                         f"(retrain with `rrepa evaluator train --overwrite`)")
     model = FMNISTCNN()
     try:
         model.load_state_dict(state)

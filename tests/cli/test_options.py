@@ -1,0 +1,64 @@
+"""The arguments several commands share (rrepa.cli.options) are spelled, defaulted and read alike everywhere."""
+
+from __future__ import annotations
+
+import pytest
+
+from rrepa.cli import build_parser
+
+# A command line each (the required arguments only) for every command that reads a dataset folder.
+DATA_COMMANDS = [
+    ["train", "--preset", "fmnist"],
+    ["bpd", "--ckpt", "run"],
+    ["classify", "--ckpt", "run"],
+    ["probe", "--ckpt", "run"],
+    ["evaluate", "--samples", "s.npz", "--ref", "fmnist:test"],
+    ["evaluator", "train"],
+    ["encoder", "train"],
+    ["vae", "train"],
+    ["vae", "eval"],
+    ["latents", "encode", "--vae", "v", "--data", "fmnist", "--out", "o"],
+]
+# `rrepa evaluator train` has no --device: the evaluator trains on the CPU.
+DEVICE_COMMANDS = [*(a for a in DATA_COMMANDS if a[0] != "evaluator"), ["sample", "--ckpt", "run"]]
+
+
+def subcommand_parser(words: list[str]):
+    """The argparse parser of a (sub-)command, e.g. ["vae", "train"]."""
+    parser = build_parser()
+    for w in words:
+        action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+        parser = action.choices[w]
+    return parser
+
+
+@pytest.mark.parametrize("argv", DATA_COMMANDS, ids=lambda a: " ".join(a[:2]))
+@pytest.mark.parametrize("flag", ["--data-dir", "--data-path"])
+def test_data_dir_has_one_name_and_its_old_spelling(argv, flag):
+    assert build_parser().parse_args([*argv, flag, "/data"]).data_dir == "/data"
+    assert build_parser().parse_args(argv).data_dir is None
+
+
+@pytest.mark.parametrize("argv", DEVICE_COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_device_defaults_to_auto(argv):
+    assert build_parser().parse_args(argv).device == "auto"
+    assert build_parser().parse_args([*argv, "--device", "cpu"]).device == "cpu"
+
+
+def test_every_device_option_is_the_shared_one():
+    """No command defines --device or a data folder its own way (a new one would drift from the others)."""
+    def walk(parser, words):
+        for a in parser._actions:
+            if a.__class__.__name__ == "_SubParsersAction":
+                for name, sub in a.choices.items():
+                    yield from walk(sub, [*words, name])
+            elif "--device" in a.option_strings:
+                yield words, "device", a.default, a.help
+            elif "--data-dir" in a.option_strings or "--data-path" in a.option_strings:
+                yield words, "data", tuple(a.option_strings), a.dest
+    seen = list(walk(build_parser(), []))
+    devices = [s for s in seen if s[1] == "device"]
+    data = [s for s in seen if s[1] == "data"]
+    assert len(devices) >= len(DEVICE_COMMANDS)
+    assert {(d[2], d[3]) for d in devices} == {("auto", "auto (CUDA if available), cuda or cpu")}
+    assert {(d[2], d[3]) for d in data} == {(("--data-dir", "--data-path"), "data_dir")}
