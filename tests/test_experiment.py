@@ -254,7 +254,9 @@ def test_steps_to_reach_interpolates():
 
 def test_report_from_a_fixture_log(tmp_path):
     rows = fixture_rows()
-    (tmp_path / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # a fourth reverse seed still training (evaluated up to step 200): no final values, and no part in claim 4
+    unfinished = [{**r, "seed": 3} for r in rows if r["arm"] == "reverse" and r["seed"] == 0 and r["step"] <= 200]
+    (tmp_path / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + unfinished))
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"preset": "fmnist", "seeds": [0, 1, 2], "set": [],
                                                         "arms": {a: {"set": [], "seeds": [0, 1, 2]}
                                                                  for a in ("baseline", "forward", "detach",

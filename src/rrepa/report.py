@@ -68,6 +68,11 @@ def by_seed(rows: list[dict], arm: str, key: str) -> dict[int, list[tuple[int, f
     return {s: sorted(v) for s, v in sorted(out.items())}
 
 
+def finished_curves(rows: list[dict], arm: str, final: int) -> list[list[tuple[int, float]]]:
+    """The FID curves of an arm's seeds that were evaluated at the final step (a cell still training has none)."""
+    return [c for c in by_seed(rows, arm, "fid").values() if c and c[-1][0] == final]
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     a = np.asarray(values, dtype=np.float64)
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else float("nan")
@@ -314,7 +319,7 @@ def _claims(rows, tab, arms, baseline: str, final: int, probes: list[dict]) -> l
                 f"{final:,} / steps of the seeds that reached it:", "",
                 "| arm | steps per seed | speed-up (mean) |", "|---|---|---|"]
         for a in arms:
-            reached = [steps_to_reach(c, target) for c in by_seed(rows, a, "fid").values()]
+            reached = [steps_to_reach(c, target) for c in finished_curves(rows, a, final)]
             ok = [s for s in reached if s is not None]
             speed = f"{np.mean([final / s for s in ok]):.2f}x ({len(ok)} of {len(reached)} seeds)" if ok else "—"
             out.append(f"| {a} | " + ", ".join("—" if s is None else f"{s:,.0f}" for s in reached) + f" | {speed} |")
@@ -365,7 +370,7 @@ def _plot_steps_to_baseline(rows, arms, baseline: str, final: int, path: Path) -
     target = float(np.mean(base))
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for i, a in enumerate(arms):
-        reached = [steps_to_reach(c, target) for c in by_seed(rows, a, "fid").values()]
+        reached = [steps_to_reach(c, target) for c in finished_curves(rows, a, final)]
         ok = [s for s in reached if s is not None]
         if ok:
             ax.bar(i, np.mean(ok), color="C0", alpha=0.5)

@@ -121,9 +121,16 @@ def test_cli_encoder_train(tmp_path, capsys):
     register(parser.add_subparsers(dest="command"))
     out = tmp_path / "enc.safetensors"
     args = parser.parse_args(["encoder", "train", "--steps", "2", "--batch-size", "8", "--max-images", "32",
-                              "--no-probe", "--out", str(out), "--device", "cpu"])
+                              "--no-probe", "--out", str(out), "--device", "cpu", "--crop-min", "0.3", "--cutout",
+                              "0.5", "--temperature", "0.3", "--widths", "8", "16", "--convs-per-stage", "2",
+                              "--dim", "24"])
     args.func(args)
     assert out.is_file() and "wrote" in capsys.readouterr().out
-    assert load_embedded(out).info["steps"] == 2
+    info = load_embedded(out).info
+    assert info["steps"] == 2
+    assert {k: info["train_config"][k] for k in ("crop_min", "cutout", "temperature")} == \
+        {"crop_min": 0.3, "cutout": 0.5, "temperature": 0.3}
+    enc = build_encoder("fmnist-ssl", weights=str(out))  # the architecture travels with the weights
+    assert enc.dim == 24 and enc(torch.zeros(2, 3, 28, 28)).shape == (2, 49, 24)
     with pytest.raises(ValueError, match="--overwrite"):
         args.func(args)

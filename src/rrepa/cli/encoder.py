@@ -12,6 +12,7 @@ from rrepa.distributed import resolve_device
 from rrepa.fmnist.encoder import (
     EMBEDDED_FILE,
     EmbeddedEncoder,
+    SSLConfig,
     SSLTrainConfig,
     embedded_encoder_path,
     linear_probe,
@@ -26,10 +27,11 @@ def cmd_encoder_train(args: argparse.Namespace) -> None:
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to retrain it (or --out elsewhere)")
     device = resolve_device(args.device)
-    cfg = SSLTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         max_images=args.max_images)
+    cfg = SSLTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
+                         crop_min=args.crop_min, cutout=args.cutout, seed=args.seed, max_images=args.max_images)
     train_set = build_dataset(DataConfig(name="fmnist", path=args.data_dir), "train")
-    backbone, info = train_ssl_encoder(train_set, cfg, device=device)
+    arch = SSLConfig(widths=tuple(args.widths), convs_per_stage=args.convs_per_stage, dim=args.dim)
+    backbone, info = train_ssl_encoder(train_set, cfg, arch, device=device)
     if not args.no_probe:
         test_set = build_dataset(DataConfig(name="fmnist", path=args.data_dir), "test")
         enc = EmbeddedEncoder(backbone)
@@ -55,6 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=SSLTrainConfig.steps, help="optimiser steps")
     t.add_argument("--batch-size", type=int, default=SSLTrainConfig.batch_size, help="images per step (x2 views)")
     t.add_argument("--lr", type=float, default=SSLTrainConfig.lr, help="AdamW learning rate")
+    t.add_argument("--widths", type=int, nargs="+", default=list(SSLConfig.widths), metavar="W",
+                   help="channels of each stage (each halves the grid: two stages give 28 px -> 7 x 7)")
+    t.add_argument("--convs-per-stage", type=int, default=SSLConfig.convs_per_stage, help="3 x 3 convs per stage")
+    t.add_argument("--dim", type=int, default=SSLConfig.dim, help="token dimension (the alignment target's)")
+    t.add_argument("--temperature", type=float, default=SSLTrainConfig.temperature, help="NT-Xent temperature")
+    t.add_argument("--crop-min", type=float, default=SSLTrainConfig.crop_min,
+                   help="smallest area fraction of the random resized crop (lower: stronger augmentation)")
+    t.add_argument("--cutout", type=float, default=SSLTrainConfig.cutout, help="probability of the cutout rectangle")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-images", type=int, help="train on the first this many images only")
     t.add_argument("--no-probe", action="store_true", help="skip the linear probe")
