@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rrepa.cli import build_parser
+from rrepa.cli.options import output_path
 
 # A command line each (the required arguments only) for every command that reads a dataset folder.
 DATA_COMMANDS = [
@@ -62,3 +63,16 @@ def test_every_device_option_is_the_shared_one():
     assert len(devices) >= len(DEVICE_COMMANDS)
     assert {(d[2], d[3]) for d in devices} == {("auto", "auto (CUDA if available), cuda or cpu")}
     assert {(d[2], d[3]) for d in data} == {(("--data-dir", "--data-path"), "data_dir")}
+
+
+@pytest.mark.parametrize("argv", [["encoder", "train"], ["vae", "train"], ["evaluator", "train"]],
+                         ids=lambda a: a[0])
+@pytest.mark.parametrize("flag", ["--overwrite", "--force"])
+def test_trained_outputs_are_refused_unless_overwritten(argv, flag, tmp_path):
+    existing = tmp_path / "weights"
+    existing.write_text("old")
+    args = build_parser().parse_args([*argv, "--out", str(existing)])
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        output_path(args, tmp_path / "default")
+    assert output_path(build_parser().parse_args([*argv, "--out", str(existing), flag]), tmp_path / "x") == existing
+    assert output_path(build_parser().parse_args(argv), tmp_path / "default") == tmp_path / "default"

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from rrepa.cli.options import add_data_dir, add_device
+from rrepa.cli.options import add_data_dir, add_device, add_output, output_path
 from rrepa.data import DataConfig, build_dataset
 from rrepa.distributed import resolve_device
 from rrepa.fmnist.encoder import (
@@ -23,9 +22,7 @@ from rrepa.fmnist.encoder import (
 
 def cmd_encoder_train(args: argparse.Namespace) -> None:
     """Train the embedded fmnist-ssl encoder, cache it and report its linear-probe accuracy."""
-    out = Path(args.out) if args.out else embedded_encoder_path()
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to retrain it (or --out elsewhere)")
+    out = output_path(args, embedded_encoder_path())
     device = resolve_device(args.device)
     cfg = SSLTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
                          crop_min=args.crop_min, cutout=args.cutout, seed=args.seed, max_images=args.max_images)
@@ -51,9 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = esub.add_parser("train", help="train the embedded self-supervised Fashion-MNIST encoder (no labels)",
                         description="Train fmnist-ssl (SimCLR on the Fashion-MNIST training split, labels unused), "
                                     "cache it and report a linear-probe accuracy on the test split.")
-    t.add_argument("--out", help=f"output file (default <cache>/encoders/{EMBEDDED_FILE}, "
-                                 f"cache = $RREPA_CACHE_DIR or ~/.cache/rrepa)")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    add_output(t, f"<cache>/encoders/{EMBEDDED_FILE}, cache = $RREPA_CACHE_DIR or ~/.cache/rrepa")
     t.add_argument("--steps", type=int, default=SSLTrainConfig.steps, help="optimiser steps")
     t.add_argument("--batch-size", type=int, default=SSLTrainConfig.batch_size, help="images per step (x2 views)")
     t.add_argument("--lr", type=float, default=SSLTrainConfig.lr, help="AdamW learning rate")

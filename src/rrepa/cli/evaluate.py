@@ -6,11 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-from rrepa.cli.options import add_data_dir, add_device
+from rrepa.cli.options import add_data_dir, add_device, add_output, output_path
 from rrepa.distributed import resolve_device
 from rrepa.eval.inception import INCEPTION_FILENAME
 from rrepa.eval.npz import read_samples_npz
@@ -82,9 +81,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_evaluator_train(args: argparse.Namespace) -> None:
     """Train the embedded Fashion-MNIST evaluator and cache it; print its name and test accuracy as JSON."""
-    out = Path(args.out) if args.out else default_evaluator_path()
-    if out.exists() and not args.force:
-        raise ValueError(f"{out} exists (pass --overwrite to retrain and replace it)")
+    out = output_path(args, default_evaluator_path())
     if args.threads:
         torch.set_num_threads(args.threads)
     # Ctrl-C keeps the progress beside `out`: the same command continues from there.
@@ -151,8 +148,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     add_data_dir(t, help="Fashion-MNIST folder (default: the usual search)")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    t.add_argument("--out", help="weights file (default $RREPA_CACHE_DIR/evaluator/fmnist-cnn.safetensors)")
-    t.add_argument("--overwrite", "--force", dest="force", action="store_true", help="replace an existing file")
+    add_output(t, "$RREPA_CACHE_DIR/evaluator/fmnist-cnn.safetensors", what="weights file")
     t.set_defaults(func=cmd_evaluator_train)
     i = esub.add_parser("info", help="print the cached evaluator's name, test accuracy and training settings")
     i.add_argument("path", nargs="?", help="weights file (default: the cache file)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -14,3 +15,18 @@ def add_data_dir(p: argparse.ArgumentParser, help: str = "folder with the Fashio
                                                          "(default: system / cache)") -> None:
     """--data-dir (args.data_dir), where the dataset is; --data-path, its older spelling, still works."""
     p.add_argument("--data-dir", "--data-path", dest="data_dir", metavar="PATH", help=help)
+
+
+def add_output(p: argparse.ArgumentParser, default: str, what: str = "file") -> None:
+    """--out (default `default`, described) and --overwrite (--force, its older spelling), read with output_path."""
+    p.add_argument("--out", help=f"output {what} (default {default})")
+    p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
+                   help=f"replace an existing {what}")
+
+
+def output_path(args: argparse.Namespace, default: Path) -> Path:
+    """args.out or the default, refused in one line when it exists and --overwrite was not given."""
+    out = Path(args.out) if args.out else Path(default)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to retrain and replace it (or --out elsewhere)")
+    return out

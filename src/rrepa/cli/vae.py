@@ -4,9 +4,8 @@ the reconstructions of a VAE on the Fashion-MNIST test split."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from rrepa.cli.options import add_data_dir, add_device
+from rrepa.cli.options import add_data_dir, add_device, add_output, output_path
 from rrepa.data import DataConfig, build_dataset
 from rrepa.distributed import resolve_device
 from rrepa.eval.samples import build_feature_network, evaluate_samples
@@ -25,9 +24,7 @@ from rrepa.vae import DTYPES
 
 def cmd_vae_train(args: argparse.Namespace) -> None:
     """Train fmnist-vae, save it in diffusers layout and report its test PSNR."""
-    out = Path(args.out) if args.out else default_vae_path()
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to retrain it (or --out elsewhere)")
+    out = output_path(args, default_vae_path())
     cfg = VAETrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          kl_weight=args.kl_weight, loss=args.loss, max_images=args.max_images)
     info = train_and_save_vae(out, cfg, data_path=args.data_dir, device=resolve_device(args.device))
@@ -66,9 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "L2 + KL, no GAN / LPIPS) on the Fashion-MNIST training split, set its "
                                     "scaling to unit-variance latents, save it in diffusers layout and report "
                                     "its test PSNR. Ctrl-C keeps its progress: the same command continues.")
-    t.add_argument("--out", help=f"output folder (default <cache>/vae/{FMNIST_VAE_NAME}, "
-                                 f"cache = $RREPA_CACHE_DIR or ~/.cache/rrepa)")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing folder (once the new one is saved)")
+    add_output(t, f"<cache>/vae/{FMNIST_VAE_NAME}, cache = $RREPA_CACHE_DIR or ~/.cache/rrepa; an existing one "
+                  f"is replaced once the new one is saved", what="folder")
     t.add_argument("--steps", type=int, default=VAETrainConfig.steps, help="optimiser steps")
     t.add_argument("--batch-size", type=int, default=VAETrainConfig.batch_size, help="images per step")
     t.add_argument("--lr", type=float, default=VAETrainConfig.lr, help="AdamW learning rate")
