@@ -16,12 +16,14 @@ DATA_COMMANDS = [
     ["evaluate", "--samples", "s.npz", "--ref", "fmnist:test"],
     ["evaluator", "train"],
     ["encoder", "train"],
+    ["encoder", "probe", "enc.safetensors"],
     ["vae", "train"],
     ["vae", "eval"],
     ["latents", "encode", "--vae", "v", "--data", "fmnist", "--out", "o"],
 ]
-# `rrepa evaluator train` has no --device: the evaluator trains on the CPU.
-DEVICE_COMMANDS = [*(a for a in DATA_COMMANDS if a[0] != "evaluator"), ["sample", "--ckpt", "run"]]
+# `rrepa evaluator train` and `rrepa encoder probe` have no --device: they run on the CPU.
+DEVICE_COMMANDS = [*(a for a in DATA_COMMANDS if a[:2] not in (["evaluator", "train"], ["encoder", "probe"])),
+                   ["sample", "--ckpt", "run"]]
 
 
 def subcommand_parser(words: list[str]):

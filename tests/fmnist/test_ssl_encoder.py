@@ -2,6 +2,7 @@
 file, the linear probe, `rrepa encoder train`."""
 
 import argparse
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from flow_helpers import NEEDS_FMNIST
 from rrepa.cli.encoder import register
-from rrepa.data import TensorImageDataset
+from rrepa.data import DataConfig, TensorImageDataset, build_dataset
 from rrepa.encoders import build_encoder
 from rrepa.fmnist.dataset import find_fashion_mnist
 from rrepa.fmnist.encoder import (
@@ -134,3 +135,27 @@ def test_cli_encoder_train(tmp_path, capsys):
     assert enc.dim == 24 and enc(torch.zeros(2, 3, 28, 28)).shape == (2, 49, 24)
     with pytest.raises(ValueError, match="--overwrite"):
         args.func(args)
+
+
+@pytest.mark.skipif(not _have_fashion_mnist(), reason=NEEDS_FMNIST)
+@pytest.mark.parametrize("random", [False, True])
+def test_cli_encoder_probe(tmp_path, capsys, random):
+    """`rrepa encoder probe` gives the probe `linear_probe` gives, of the file's weights or of random ones."""
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "enc.safetensors"
+    torch.manual_seed(0)
+    save_embedded(out, SSLBackbone(SMALL), {"steps": 7})
+    argv = ["encoder", "probe", str(out), "--probe-max-train", "300", *(["--random", "--seed", "3"] if random else [])]
+    args = parser.parse_args(argv)
+    args.func(args)
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    enc = load_embedded(out)
+    if random:
+        torch.manual_seed(3)
+        enc = EmbeddedEncoder(SSLBackbone(SMALL))
+    train, test = (build_dataset(DataConfig(name="fmnist"), s) for s in ("train", "test"))
+    ref = linear_probe(enc, train, test, max_train=300)
+    assert row["probe_test_accuracy"] == ref["probe_test_accuracy"] and row["probe_train_images"] == 300
+    assert row["weights"] == ("random" if random else "trained") and row["architecture"]["widths"] == [8, 16]
+    assert row["fingerprint"] == enc.fingerprint[:16]

@@ -1,9 +1,14 @@
-"""`rrepa encoder train`: train the embedded fmnist-ssl encoder, cache it and report its linear probe."""
+"""`rrepa encoder train` trains the embedded fmnist-ssl encoder, caches it and reports its linear probe; `rrepa encoder
+probe` measures the probe of encoder files, or of random weights of their architecture (the floor training lifts)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from dataclasses import asdict
+
+import torch
 
 from rrepa.cli.options import add_data_dir, add_device, add_output, output_path
 from rrepa.data import DataConfig, build_dataset
@@ -11,10 +16,12 @@ from rrepa.distributed import resolve_device
 from rrepa.fmnist.encoder import (
     EMBEDDED_FILE,
     EmbeddedEncoder,
+    SSLBackbone,
     SSLConfig,
     SSLTrainConfig,
     embedded_encoder_path,
     linear_probe,
+    load_embedded,
     save_embedded,
     train_ssl_encoder,
 )
@@ -39,6 +46,23 @@ def cmd_encoder_train(args: argparse.Namespace) -> None:
               f"train images): test accuracy {100 * info['probe_test_accuracy']:.2f} %")
     save_embedded(out, backbone, info)
     print(f"wrote {out}: fingerprint {EmbeddedEncoder(backbone).fingerprint[:16]}")
+
+
+def cmd_encoder_probe(args: argparse.Namespace) -> None:
+    """One JSON line per file: its linear probe on the test split (random weights of its architecture: --random)."""
+    train_set = build_dataset(DataConfig(name="fmnist", path=args.data_dir), "train")
+    test_set = build_dataset(DataConfig(name="fmnist", path=args.data_dir), "test")
+    for path in args.files:
+        enc = load_embedded(path)
+        if args.random:
+            torch.manual_seed(args.seed)
+            enc = EmbeddedEncoder(SSLBackbone(enc.backbone.cfg), info={"random_init_seed": args.seed})
+        t = time.perf_counter()
+        r = linear_probe(enc, train_set, test_set, max_train=args.probe_max_train)
+        print(json.dumps({"file": str(path), "weights": "random" if args.random else "trained",
+                          "fingerprint": enc.fingerprint[:16], "steps": enc.info.get("steps"),
+                          "architecture": asdict(enc.backbone.cfg), **r,
+                          "probe_seconds": round(time.perf_counter() - t, 1)}), flush=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,3 +91,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_dir(t)
     add_device(t)
     t.set_defaults(func=cmd_encoder_train)
+    q = esub.add_parser("probe", help="linear-probe accuracy of encoder files (one JSON line each)",
+                        description="The linear probe `rrepa encoder train` reports, for existing files: logistic "
+                                    "regression on mean-pooled tokens of the training split, accuracy on the test "
+                                    "split. --random probes freshly initialised weights of each file's architecture.")
+    q.add_argument("files", nargs="+", metavar="FILE", help="encoder files written by `rrepa encoder train`")
+    q.add_argument("--random", action="store_true", help="probe random weights of the file's architecture instead")
+    q.add_argument("--seed", type=int, default=0, help="seed of --random's initialisation")
+    q.add_argument("--probe-max-train", type=int, help="fit the probe on the first this many train images")
+    add_data_dir(q)
+    q.set_defaults(func=cmd_encoder_probe)
