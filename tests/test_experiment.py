@@ -329,3 +329,60 @@ def test_report_compares_pixel_and_latent_arms(tmp_path):
     assert any(x.startswith("| latent_reverse - latent | aligned - not |") for x in lines)
     assert not any(x.startswith("| latent_reverse - baseline |") for x in lines)  # alignment differs
     assert "| latent | latents | none | 2 |" in text and "| reverse | pixels | R-REPA | 2 |" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Reusing another grid's cells
+# --------------------------------------------------------------------------------------------
+
+
+def fake_results(folder: Path, grid: dict, final_of: set[str], lr_of: dict[str, str] | None = None) -> list[dict]:
+    """A results folder as a runner leaves it, without training: the stored config of every cell (lr_of: other
+    overrides for some, so that their config differs), evaluations up to the final step for the cells in final_of
+    (else only the first), a probe per finished cell."""
+    (folder / "configs").mkdir(parents=True)
+    rows, probes = [], []
+    for c in grid_from_dict(grid).cells():
+        cfg = c.cfg if c.name not in (lr_of or {}) else grid_from_dict(
+            {**grid, "set": [*grid["set"], lr_of[c.name]]}).cells()[0].cfg
+        (folder / "configs" / f"{c.name}.yaml").write_text(cfg.to_yaml())
+        steps = (20, 40) if c.name in final_of else (20,)
+        rows += [{"arm": c.arm, "seed": c.seed, "step": s, "fid": 100.0 - s + c.seed, "wall_s": 1.0} for s in steps]
+        if c.name in final_of:
+            probes.append({"arm": c.arm, "seed": c.seed, "step": 40, "probe_top1": 0.5, "probe_block": 1,
+                           "probe_layer": 1})
+    (folder / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "probes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in probes))
+    return rows
+
+
+def test_cells_finished_elsewhere_with_the_same_config_are_reused(tmp_path):
+    from rrepa.experiment import EvalLog, reuse_cells, run_grid
+
+    common = ["model.width=32", "model.head_dim=16", "train.steps=40"]
+    source = {"preset": "fmnist", "seeds": [0, 1], "set": common, "arms": {"baseline": [], "fast": ["optim.lr=3e-3"]}}
+    rows = fake_results(tmp_path / "src", source, final_of={"baseline-s0", "baseline-s1", "fast-s0"},
+                        lr_of={"fast-s0": "optim.lr=1e-2"})
+    grid = {**source, "reuse": [str(tmp_path / "src")]}
+    out = tmp_path / "out"
+    out.mkdir()
+    logs = []
+    taken = reuse_cells(grid_from_dict(grid).cells(), grid["reuse"], EvalLog(out / "evals.jsonl"), out, logs.append)
+    # baseline: finished there, same config -> taken; fast-s0: finished but its config differs; fast-s1: unfinished
+    assert taken == {"baseline-s0", "baseline-s1"}
+    assert any("fast-s0: not reused" in m and "config differs" in m for m in logs)
+    copied = read_evals(out / "evals.jsonl")
+    assert copied == [r for r in rows if r["arm"] == "baseline"]
+    assert [(r["arm"], r["seed"]) for r in read_evals(out / "probes.jsonl")] == [("baseline", 0), ("baseline", 1)]
+    # Again: nothing is copied twice.
+    reuse_cells(grid_from_dict(grid).cells(), grid["reuse"], EvalLog(out / "evals.jsonl"), out, logs.append)
+    assert read_evals(out / "evals.jsonl") == copied and len(read_evals(out / "probes.jsonl")) == 2
+    # A grid made only of reused cells trains nothing.
+    only = {**grid, "arms": {"baseline": []}}
+    (tmp_path / "only.yaml").write_text(yaml.safe_dump(only))
+    logs.clear()
+    assert run_grid(tmp_path / "only.yaml", tmp_path / "out2", log=logs.append) == 0
+    assert any("2 done, 0 to run" in m for m in logs) and not (tmp_path / "out2" / "runs" / "baseline-s0").exists()
+    assert read_evals(tmp_path / "out2" / "evals.jsonl") == copied
+    with pytest.raises(ValueError, match="reuse must be a list"):
+        grid_from_dict({**source, "reuse": "results/x"})

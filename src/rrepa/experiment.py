@@ -12,12 +12,16 @@ preset):
       reverse: [align.enabled=true, align.strategy=reverse]
       jacobi4: {set: [align.enabled=true, align.reverse=jacobi, align.jacobi_steps=4], seeds: [0]}
       latent: {preset: fmnist-latent}
+    reuse: [results/other-grid]    # optional: cells finished there with the same resolved config are not retrained
 
 `rrepa experiment run GRID --out results/NAME` trains every cell `ARM-sSEED` as a separate `rrepa train`
 process into `RUNS/ARM-sSEED` (RUNS defaults to `results/NAME/runs`; checkpoints are large, keep them out of
 git), `jobs` at a time with `threads` intra-op threads each. It is resumable: finished cells are skipped (also
 when their run folder is gone but the log holds their final evaluation), a cell with checkpoints continues from
-the newest one, a cell killed before its first checkpoint restarts.
+the newest one, a cell killed before its first checkpoint restarts. A cell named in a `reuse` folder (another
+grid's results) with the same name, a resolved config equal to the one stored there (`configs/ARM-sSEED.yaml`) and
+its final evaluation logged there is not trained again: its evaluations and probes are copied, so that grids
+which share a baseline share its cells.
 Every in-training evaluation of every cell is appended, once, as one JSON line to `results/NAME/evals.jsonl`
 (keys arm, seed, step, fid, precision, recall, one_step_top1, bayes_top1, bpd, wall_s, ...): the runner copies
 them from the cells' metrics.jsonl, keyed by (arm, seed, step), so a cell that is killed and resumed, and so
@@ -76,6 +80,7 @@ class Grid:
     seeds: list[int]  # the default seeds of every arm
     common: list[str]  # overrides applied to every arm, before the arm's own
     arms: dict[str, dict]  # name -> {"set": [...], "seeds": [...][, "preset": name]}, in file order
+    reuse: list[str] = field(default_factory=list)  # results folders whose finished, identical cells are copied
 
     def cells(self) -> list[Cell]:
         """Every cell, resolved and validated, seed-major (all arms of the first seed first), so that a grid cut
@@ -99,7 +104,8 @@ class Grid:
         return (self.seeds.index(seed), seed) if seed in self.seeds else (len(self.seeds), seed)
 
     def to_dict(self) -> dict:
-        return {"preset": self.preset, "seeds": self.seeds, "set": self.common, "arms": self.arms}
+        d = {"preset": self.preset, "seeds": self.seeds, "set": self.common, "arms": self.arms}
+        return {**d, "reuse": self.reuse} if self.reuse else d
 
 
 def load_grid(path: str | os.PathLike) -> Grid:
@@ -111,9 +117,12 @@ def grid_from_dict(d, where: str = "grid") -> Grid:
     if not isinstance(d, dict) or not isinstance(d.get("arms"), dict) or not d["arms"]:
         raise ValueError(f"{where} must be a mapping with `arms:` (name -> list of key=value overrides), and "
                          f"optionally `preset:`, `seeds:` and `set:`")
-    unknown = set(d) - {"preset", "seeds", "set", "arms"}
+    unknown = set(d) - {"preset", "seeds", "set", "arms", "reuse"}
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; a grid has preset, seeds, set and arms")
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; a grid has preset, seeds, set, arms and reuse")
+    reuse = d.get("reuse", [])
+    if not isinstance(reuse, list) or not all(isinstance(x, str) and x for x in reuse):
+        raise ValueError(f"{where}: reuse must be a list of results folders like [results/fmnist-grid], got {reuse!r}")
     seeds = _int_list(d.get("seeds", [0]), f"{where}: seeds")
     common = _str_list(d.get("set", []), f"{where}: set")
     arms = {}
@@ -129,7 +138,7 @@ def grid_from_dict(d, where: str = "grid") -> Grid:
                       "seeds": _int_list(spec.get("seeds", seeds), f"{where}: arm {name} seeds")}
         if "preset" in spec:
             arms[name]["preset"] = str(spec["preset"])
-    return Grid(str(d.get("preset", "fmnist")), seeds, common, arms)
+    return Grid(str(d.get("preset", "fmnist")), seeds, common, arms, list(reuse))
 
 
 def _str_list(v, where: str) -> list[str]:
@@ -172,6 +181,14 @@ def eval_rows(run_dir: Path) -> list[dict]:
     return read_metrics(run_dir)[0]
 
 
+def _append_line(path: Path, row: dict) -> None:
+    """Append one JSON line in a single write, on disk before it returns (a kill leaves at most a partial line)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class EvalLog:
     """results/NAME/evals.jsonl: one line per (arm, seed, step), appended with a single write each."""
 
@@ -212,10 +229,7 @@ class EvalLog:
             row = {"arm": cell.arm, "seed": cell.seed, **row}
             if self.key(row) in self.keys:
                 continue
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            _append_line(self.path, row)
             self.keys.add(self.key(row))
             new += 1
         return new
@@ -233,6 +247,36 @@ def read_evals(path: str | os.PathLike) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # Running the grid
 # --------------------------------------------------------------------------------------------
+
+
+def reuse_cells(cells: list[Cell], sources: list[str], evals: EvalLog, out: Path, log=tqdm.write) -> set[str]:
+    """Copy the evaluations (and probes) of the cells another grid's results folder finished with the same resolved
+    config into this grid's logs; returns the names of the cells taken, which are not trained here."""
+    taken: set[str] = set()
+    for src in map(Path, sources):
+        if not (src / EVALS).is_file():
+            raise FileNotFoundError(f"reuse: {src / EVALS} does not exist; name a results folder of another grid")
+        rows, probes = read_evals(src / EVALS), read_evals(src / PROBES) if (src / PROBES).is_file() else []
+        for c in cells:
+            stored = src / "configs" / f"{c.name}.yaml"
+            if c.name in taken or not stored.is_file():
+                continue
+            if yaml.safe_load(stored.read_text()) != yaml.safe_load(c.cfg.to_yaml()):
+                log(f"{c.name}: not reused from {src}: its resolved config differs from {stored}")
+                continue
+            mine = [{k: v for k, v in r.items() if k not in ("arm", "seed")} for r in rows
+                    if (r["arm"], r["seed"]) == (c.arm, c.seed)]
+            if not any(r["step"] == c.cfg.train.steps for r in mine):
+                continue  # not finished there (yet): trained here
+            new = evals.add(c, mine)
+            with run_lock(out, warn=log, name=".probe.lock"):  # probes.jsonl is the prober's
+                have = {(r["arm"], r["seed"]) for r in read_evals(out / PROBES)} if (out / PROBES).is_file() else set()
+                for r in probes:
+                    if (r["arm"], r["seed"]) == (c.arm, c.seed) and (c.arm, c.seed) not in have:
+                        _append_line(out / PROBES, r)
+            taken.add(c.name)
+            log(f"{c.name}: reused from {src} ({new} evaluation(s) copied)")
+    return taken
 
 
 def cell_state(cell: Cell, run_dir: Path) -> str:
@@ -291,12 +335,13 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
             atomic_write(configs / f"{c.name}.yaml", lambda tmp, c=c: Path(tmp).write_text(c.cfg.to_yaml()))
         runs.mkdir(parents=True, exist_ok=True)
         evals = EvalLog(out / EVALS)
-        return _run(cells, runs, configs, evals, jobs, threads, poll, log)
+        reused = reuse_cells(cells, grid.reuse, evals, out, log)
+        return _run(cells, runs, configs, evals, jobs, threads, poll, log, reused)
 
 
 def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int, threads: int, poll: float,
-         log) -> int:
-    states = {c.name: cell_state(c, runs / c.name) for c in cells}
+         log, reused: set[str] = frozenset()) -> int:
+    states = {c.name: "done" if c.name in reused else cell_state(c, runs / c.name) for c in cells}
     for c in cells:  # the log is the record and run folders a cache: a cell whose final evaluation is logged is
         if states[c.name] == "new" and (c.arm, c.seed, c.cfg.train.steps) in evals.keys:  # done without them
             states[c.name] = "done"
@@ -413,10 +458,7 @@ def probe_grid(out: str | os.PathLike, runs: str | os.PathLike | None = None, li
                    "probe_block": best["block"], "probe_layer": best["layer"], "train_images": res["train_images"],
                    "test_images": res["test_images"], "pool": res["pool"], "noise": res["noise"],
                    "positions": [{k: r[k] for k in ("block", "layer", "test_acc")} for r in res["positions"]]}
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            _append_line(path, row)
             probed += 1
             log(f"{c.name}: best probe block {best['block']}, layer {best['layer']}: {best['test_acc']:.1%}")
     return probed
