@@ -281,6 +281,12 @@ def test_report_from_a_fixture_log(tmp_path):
     one = [r["one_step_top1"] for r in rows if r["arm"] == "baseline" and r["step"] == 400]
     d, lo, hi = welch(one, [p["probe_top1"] for p in probes if p["arm"] == "baseline"])
     assert f"{d:+.1%} [{lo:+.1%}, {hi:+.1%}]" in lines[0]
+    # FID minus the baseline's, step by step: reverse is ahead at every step, by its interval at step 400.
+    gap = text.split("FID minus the `baseline` arm's at each step")[1].split("![FID")[0]
+    row = next(x for x in gap.splitlines() if x.startswith("| reverse |")).split(" | ")
+    d, lo, hi = welch(final["reverse"], final["baseline"])
+    assert row[-1].rstrip(" |") == f"{d:+.1f} [{lo:+.0f}, {hi:+.0f}]" and len(row) == 5  # arm + 4 steps
+    assert "| baseline |" not in gap
     # Claim 4: reverse reaches the baseline's final mean FID (about 100) before its last evaluation.
     line = next(x for x in text.splitlines() if x.startswith("| reverse |") and "x (" in x)
     assert "3 of 3 seeds" in line

@@ -170,9 +170,10 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
         lines.append(f"| {a} | " + " | ".join(
             _fmt("{:.1f}", *mean_std(tab[a][s]["fid"]), len(tab[a][s]["fid"])) if tab[a].get(s, {}).get("fid")
             else "—" for s in sorted({r["step"] for r in rows})) + " |")
+    same_space = [a for a in arms if (a in latent) == (baseline in latent)]
+    lines += _gap_by_step(tab, same_space, baseline, sorted({r["step"] for r in rows}))
     lines += ["", "![FID against step](fid.png)", "", "![one-step top-1 against step](one_step.png)", ""]
     probes = read_evals(folder / PROBES) if (folder / PROBES).is_file() else []
-    same_space = [a for a in arms if (a in latent) == (baseline in latent)]
     lines += _claims(rows, tab, same_space, baseline, final, probes)
     if latent and len(latent) < len(arms):
         lines += _spaces(tab, arms, latent, _aligned_arms(folder, grid, arms), final)
@@ -182,6 +183,27 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
     path = folder / "README.md"
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return path
+
+
+def _gap_by_step(tab, arms: list[str], baseline: str, steps: list[int]) -> list[str]:
+    """Each arm's FID minus the baseline's at every evaluated step, with its Welch interval: where in training
+    an arm is ahead (convergence speed, claim 4) and whether the gap grows or closes."""
+    others = [a for a in arms if a != baseline and a in tab]
+    if baseline not in tab or not others:
+        return []
+    out = ["", f"FID minus the `{baseline}` arm's at each step (negative: ahead), Welch 95 % interval:", "",
+           "| arm | " + " | ".join(f"{s:,}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for a in others:
+        cells = []
+        for s in steps:
+            va, vb = tab[a].get(s, {}).get("fid", []), tab[baseline].get(s, {}).get("fid", [])
+            if not va or not vb:
+                cells.append("—")
+                continue
+            d, lo, hi = welch(va, vb)
+            cells.append(f"{d:+.1f}" if math.isnan(lo) else f"{d:+.1f} [{lo:+.0f}, {hi:+.0f}]")
+        out.append(f"| {a} | " + " | ".join(cells) + " |")
+    return out
 
 
 def latent_arms(rows: list[dict]) -> list[str]:
