@@ -107,3 +107,32 @@ def test_image_layout_errors_name_the_input(arr, match):
     assert str(err.value).startswith("samples.npz: arr_0 must be")
     with pytest.raises(ValueError, match=match):
         utils.as_nchw_uint8(arr)
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (restored after)."""
+    import os
+
+    old = os.umask(0o022)
+    yield lambda m: os.umask(m)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_published_files_and_folders_get_the_umask_mode(tmp_path, umask, mask):
+    """mkstemp / mkdtemp make private files (0600) and folders (0700); what rrepa publishes (caches, weights, run
+    folders) gets the mode a plain open() or mkdir would give, and an overwritten file keeps its own mode."""
+    import os
+    import stat
+
+    umask(mask)
+    new = tmp_path / "new.txt"
+    utils.atomic_write(new, lambda tmp: open(tmp, "w").write("x"))
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~mask
+    os.chmod(new, 0o640)
+    utils.atomic_write(new, lambda tmp: open(tmp, "w").write("y"))
+    assert stat.S_IMODE(new.stat().st_mode) == 0o640 and new.read_text() == "y"
+    folder = utils.temp_dir_beside(tmp_path / "cache")
+    assert folder.parent == tmp_path and folder.name.startswith(".cache.tmp-")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask

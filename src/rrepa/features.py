@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,7 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from rrepa.data import TensorImageDataset
-from rrepa.utils import from_uint8, to_uint8
+from rrepa.utils import from_uint8, temp_dir_beside, to_uint8
 
 try:
     import fcntl
@@ -251,7 +250,7 @@ class FeatureCache:
                              f"the targets online")
         log(f"feature cache {path}: encoding {n} images{' and their mirrors' if hflip else ''} with "
             f"{encoder.name} ({nbytes / 2**20:.0f} MiB)")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp = temp_dir_beside(path)
         start = time.perf_counter()
         try:
             arr = np.lib.format.open_memmap(tmp / FEATURES_FILE, mode="w+", dtype=DTYPE, shape=shape)

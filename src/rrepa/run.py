@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +32,7 @@ from rrepa.checkpoint import (
 from rrepa.config import RunConfig, load_yaml, merge, parse_overrides
 from rrepa.distributed import Dist
 from rrepa.flow import FlowConfig, TARFlow
-from rrepa.utils import is_offline, naming
+from rrepa.utils import is_offline, naming, temp_dir_beside
 
 CONFIG_FILE = "config.yaml"  # the resolved RunConfig of the run
 PRETRAINED_CONFIG, PRETRAINED_WEIGHTS = "config.json", "model.safetensors"  # TARFlow.save_pretrained's files
@@ -96,7 +95,7 @@ def export_pretrained(model: TARFlow, out: str | os.PathLike, run_config: RunCon
     if out.exists():
         raise ValueError(f"{out} already exists; choose another --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         model.save_pretrained(tmp)
         if run_config is not None:

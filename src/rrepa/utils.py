@@ -12,6 +12,7 @@ import os
 import random
 import re
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -66,6 +67,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        try:  # the mode an overwrite in place would keep, or a plain open() would give (mkstemp's is 0600)
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):
@@ -76,6 +81,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if code is not None:
             raise OSError(code, os.strerror(code), str(path)) from err
         raise
+
+
+def publish_mode(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a temporary file or folder (mkstemp's 0600, mkdtemp's 0700: private) the mode a plain open() or mkdir
+    would have given it under the process's umask, before it is renamed into place: caches and run folders are
+    shared on clusters."""
+    mask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+
+
+def temp_dir_beside(path: str | os.PathLike) -> Path:
+    """A new empty folder next to `path` (same file system, so it can be renamed onto `path`), with the mode mkdir
+    would give: where a folder is built before it is published whole."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    publish_mode(tmp, directory=True)
+    return tmp
 
 
 def naming(err: OSError, path: str | os.PathLike) -> OSError:

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -58,6 +57,8 @@ from rrepa.utils import (
     from_uint8,
     lr_factor,
     naming,
+    publish_mode,
+    temp_dir_beside,
     to_uint8,
     torch_save,
 )
@@ -304,7 +305,7 @@ def save_vae(model: AutoencoderKL, path: str | os.PathLike, info: dict | None = 
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp = temp_dir_beside(path)
     except OSError as err:
         raise naming(err, path) from err
     old = None
@@ -312,7 +313,7 @@ def save_vae(model: AutoencoderKL, path: str | os.PathLike, info: dict | None = 
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / INFO_FILE).write_text(json.dumps(info or {}, indent=2, sort_keys=True, default=str) + "\n")
         for f in tmp.iterdir():
-            os.chmod(f, 0o644)  # the safetensors file is written 0600; the cache may be shared
+            publish_mode(f)  # the safetensors file is written 0600; the cache may be shared
             fd = os.open(f, os.O_RDONLY)
             try:
                 os.fsync(fd)
