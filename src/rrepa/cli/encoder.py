@@ -66,8 +66,8 @@ def cmd_encoder_probe(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Register `rrepa encoder train` on the top-level sub-parsers."""
-    p = sub.add_parser("encoder", help="frozen target encoders (train the embedded fmnist-ssl encoder)")
+    """Register `rrepa encoder train` and `rrepa encoder probe` on the top-level sub-parsers."""
+    p = sub.add_parser("encoder", help="frozen target encoders (train and probe the embedded fmnist-ssl encoder)")
     esub = p.add_subparsers(dest="encoder_command", required=True, metavar="ACTION")
     t = esub.add_parser("train", help="train the embedded self-supervised Fashion-MNIST encoder (no labels)",
                         description="Train fmnist-ssl (SimCLR on the Fashion-MNIST training split, labels unused), "
