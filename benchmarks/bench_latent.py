@@ -19,17 +19,13 @@ The idle cores measured before each configuration are printed: other load distor
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from common import timed
+from common import timed, train_images_per_s
 from cpu import idle_cores
 from rrepa.fmnist.vae import load_vae
 from rrepa.vae import VAE, autoencoder_kl
@@ -79,22 +75,6 @@ def throughput(args: argparse.Namespace) -> None:
     print(f"| decode | {args.batch / t_dec:.0f} | {1e3 * t_dec:.1f} |")
 
 
-def train_rate(preset: str, sets: list[str], args: argparse.Namespace, out: Path) -> float:
-    cmd = [sys.executable, "-m", "rrepa.cli", "train", "--preset", preset, "--out", str(out), "--overwrite",
-           "--device", args.device, "--set", f"train.steps={args.steps}", "--set", f"train.log_every={args.log_every}",
-           "--set", "train.sample_every=0", "--set", "train.eval_bpd=false", "--set", f"train.ckpt_every={args.steps}",
-           *sum((["--set", s] for s in sets), [])]
-    done = subprocess.run(cmd, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    if done.returncode:
-        sys.exit(f"{preset} {sets} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
-    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "images_per_s" in r][1:]
-    if not rows:
-        sys.exit(f"need more than one log window: raise --steps above --log-every ({args.log_every})")
-    return statistics.mean(r["images_per_s"] for r in rows)
-
-
 def training(args: argparse.Namespace) -> None:
     rates: dict[str, list[float]] = {label: [] for label, _, _ in CONFIGS}
     idle: dict[str, list[float]] = {label: [] for label, _, _ in CONFIGS}
@@ -104,7 +84,8 @@ def training(args: argparse.Namespace) -> None:
                 free = idle_cores()
                 if free is not None:
                     idle[label].append(free)
-                rates[label].append(train_rate(preset, sets, args, Path(tmp) / f"c{k}"))
+                rates[label].append(train_images_per_s(preset, Path(tmp) / f"c{k}", args.steps, args.log_every,
+                                                       args.device, sets, args.threads, what=f"{label}")[0])
                 print(f"  round {r + 1}/{args.rounds} {label}: {rates[label][-1]:.1f} images/s", flush=True)
     median = {label: statistics.median(v) for label, v in rates.items()}
     base = median["pixel"]

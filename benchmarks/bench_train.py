@@ -14,32 +14,19 @@ distorts the numbers: run it on an idle machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from common import train_images_per_s
 
 
 def run(procs: int, args: argparse.Namespace, folder: Path) -> dict:
-    out = folder / f"procs{procs}"
-    train = ["-m", "rrepa.cli", "train", "--preset", args.preset, "--out", str(out), "--device", args.device,
-             "--set", f"train.steps={args.steps}", "--set", f"train.log_every={args.log_every}",
-             "--set", "train.sample_every=0", "--set", "train.eval_bpd=false",
-             "--set", f"train.ckpt_every={args.steps}", *sum((["--set", s] for s in args.set), [])]
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // procs))}
-    t0 = time.time()
-    done = subprocess.run([sys.executable, *launcher, *train], env=env, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"{procs} process(es) failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
-    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()][1:]
-    if not rows:
-        sys.exit(f"need more than one log window: raise --steps above --log-every ({args.log_every})")
-    return {"procs": procs, "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows),
-            "wall_s": time.time() - t0}
+    rate, wall = train_images_per_s(args.preset, folder / f"procs{procs}", args.steps, args.log_every, args.device,
+                                    args.set, max(1, (os.cpu_count() or 1) // procs), launcher,
+                                    what=f"{procs} process(es)")
+    return {"procs": procs, "images_per_s": rate, "wall_s": wall}
 
 
 def main() -> None:

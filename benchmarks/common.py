@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -34,3 +39,25 @@ def trained_like(cfg: FlowConfig, class_embed_std: float = 0.0) -> TARFlow:
             if class_embed_std > 0 and block.class_embed is not None:
                 block.class_embed.normal_(0, class_embed_std)
     return model.eval()
+
+
+def train_images_per_s(preset: str, out: Path, steps: int, log_every: int, device: str, sets: list[str],
+                       threads: int, launcher: list[str] | None = None, what: str = "") -> tuple[float, float]:
+    """Run `rrepa train --preset PRESET` for `steps` steps into `out` (no sample grids, bits/dim or checkpoints
+    before the end; `sets` are further --set overrides; `launcher` e.g. torch.distributed.run's arguments) with
+    `threads` intra-op threads per process. Returns (the mean images/s of its log windows after the first: start-up
+    and warm-up excluded, the command's wall seconds); exits with its output if it fails (`what` names it)."""
+    cmd = ["-m", "rrepa.cli", "train", "--preset", preset, "--out", str(out), "--overwrite", "--device", device,
+           "--set", f"train.steps={steps}", "--set", f"train.log_every={log_every}", "--set", "train.sample_every=0",
+           "--set", "train.eval_bpd=false", "--set", f"train.ckpt_every={steps}",
+           *sum((["--set", s] for s in sets), [])]
+    t0 = time.time()
+    done = subprocess.run([sys.executable, *(launcher or []), *cmd], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if done.returncode:
+        sys.exit(f"{what or preset} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "images_per_s" in r][1:]
+    if not rows:
+        sys.exit(f"need more than one log window: raise the steps above log_every ({log_every})")
+    return statistics.mean(r["images_per_s"] for r in rows), time.time() - t0

@@ -176,7 +176,7 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
     probes = read_evals(folder / PROBES) if (folder / PROBES).is_file() else []
     lines += _claims(rows, tab, same_space, baseline, final, probes)
     if latent and len(latent) < len(arms):
-        lines += _spaces(tab, arms, latent, _aligned_arms(folder, grid, arms), final)
+        lines += _spaces(tab, arms, latent, _aligned_arms(folder, arms), final)
     _plot_curves(rows, arms, "fid", "FID (embedded evaluator)", folder / "fid.png")
     _plot_curves(rows, arms, "one_step_top1", "one-step top-1", folder / "one_step.png")
     _plot_steps_to_baseline(rows, arms, baseline, final, folder / "steps_to_baseline.png")
@@ -211,14 +211,14 @@ def latent_arms(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["arm"] for r in rows if LATENT_BPD in str(r.get("bpd_protocol", ""))))
 
 
-def _aligned_arms(folder: Path, grid: dict, arms: list[str]) -> set[str]:
-    """The arms that train with alignment, read from the resolved configs the runner stores in folder/configs."""
+def _aligned_arms(folder: Path, arms: list[str]) -> set[str]:
+    """The arms that train with alignment, read from the resolved config of each arm's first stored seed (the runner
+    writes folder/configs/ARM-sSEED.yaml; an arm's seeds share every other setting)."""
     out = set()
     for a in arms:
-        for f in sorted((folder / "configs").glob(f"{a}-s*.yaml"))[:1]:
-            cfg = yaml.safe_load(f.read_text()) or {}
-            if cfg.get("align", {}).get("enabled"):
-                out.add(a)
+        stored = sorted((folder / "configs").glob(f"{a}-s*.yaml"))
+        if stored and (yaml.safe_load(stored[0].read_text()) or {}).get("align", {}).get("enabled"):
+            out.add(a)
     return out
 
 

@@ -26,15 +26,6 @@ DEVICE_COMMANDS = [*(a for a in DATA_COMMANDS if a[:2] not in (["evaluator", "tr
                    ["sample", "--ckpt", "run"]]
 
 
-def subcommand_parser(words: list[str]):
-    """The argparse parser of a (sub-)command, e.g. ["vae", "train"]."""
-    parser = build_parser()
-    for w in words:
-        action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-        parser = action.choices[w]
-    return parser
-
-
 @pytest.mark.parametrize("argv", DATA_COMMANDS, ids=lambda a: " ".join(a[:2]))
 @pytest.mark.parametrize("flag", ["--data-dir", "--data-path"])
 def test_data_dir_has_one_name_and_its_old_spelling(argv, flag):
