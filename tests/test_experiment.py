@@ -141,8 +141,12 @@ def test_grid_killed_and_resumed_loses_and_duplicates_nothing(grid_file, tmp_pat
     assert {"arm", "seed", "step", "fid", "precision", "recall", "one_step_top1", "bayes_top1", "bpd",
             "wall_s"} <= set(ref[0])
     assert keyed(ref)[("fast", 1, 40)] != keyed(ref)[("baseline", 1, 40)]  # the arms really differ
+    # The folder is meant to be committed as it fills: this machine's locks and run folders are ignored.
+    assert (tmp_path / "ref" / ".gitignore").read_text().split() == ["runs/", ".lock", ".probe.lock"]
     # The same grid, killed (runner and cells at once) while a cell is between checkpoints.
     out = tmp_path / "killed"
+    out.mkdir()
+    (out / ".gitignore").write_text("mine\n")  # a folder's own .gitignore is left alone
     proc = runner(grid_file, out)
     runs, grid = out / "runs", load_grid(grid_file)
     deadline = time.time() + 240
@@ -166,6 +170,7 @@ def test_grid_killed_and_resumed_loses_and_duplicates_nothing(grid_file, tmp_pat
     after = read_evals(out / "evals.jsonl")
     assert len(after) == len(expected) and set(keyed(after)) == expected  # no duplicate, none lost
     assert after[:len(before)] == before  # lines are only ever appended
+    assert (out / ".gitignore").read_text() == "mine\n"
     assert keyed(after) == keyed(ref)  # the resumed cells evaluate exactly as the uninterrupted ones
     # Run again: everything is done, nothing is trained or logged twice.
     log = finish(runner(grid_file, out))

@@ -329,6 +329,7 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
             raise ValueError(f"{out} holds the results of another grid ({stored} differs from {grid_file}); choose "
                              f"another --out, or delete {out} to start over")
         atomic_write(stored, lambda tmp: Path(tmp).write_text(yaml.safe_dump(grid.to_dict(), sort_keys=False)))
+        _ignore_local_files(out, runs)
         configs = out / "configs"
         configs.mkdir(exist_ok=True)
         for c in cells:  # the resolved config of every cell, beside its results
@@ -337,6 +338,17 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
         evals = EvalLog(out / EVALS)
         reused = reuse_cells(cells, grid.reuse, evals, out, log)
         return _run(cells, runs, configs, evals, jobs, threads, poll, log, reused)
+
+
+def _ignore_local_files(out: Path, runs: Path) -> None:
+    """OUT/.gitignore, unless the folder has one: results folders are meant to be committed while a grid runs,
+    and the locks (and run folders kept inside OUT) are this machine's, not results."""
+    if (out / ".gitignore").exists():
+        return
+    names = [".lock", ".probe.lock"]
+    if runs.resolve().is_relative_to(out.resolve()):
+        names.insert(0, runs.resolve().relative_to(out.resolve()).as_posix() + "/")
+    atomic_write(out / ".gitignore", lambda tmp: Path(tmp).write_text("".join(f"{n}\n" for n in names)))
 
 
 def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int, threads: int, poll: float,
