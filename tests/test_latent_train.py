@@ -231,3 +231,20 @@ def test_one_line_errors(data, cache, tmp_path):
     with pytest.raises(ValueError, match="the run was trained with") as err:
         ImageSpace.for_run(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_grid_probes_a_latent_cell_on_its_latents(data, tmp_path):
+    """`rrepa experiment probe` of a latent cell reads the split's latents (4 x 7 x 7), not the 28 x 28 images."""
+    from rrepa.experiment import probe_grid, read_evals, run_grid
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "preset": "fmnist-latent", "seeds": [0],
+        "set": [*TINY, f"data.path={data}", f"data.vae={tiny_vae(tmp_path / 'vae')}", "train.sample_every=0",
+                "train.eval_every=0", "train.eval_bpd=false"],
+        "arms": {"latent": []}}))
+    out = tmp_path / "out"
+    assert run_grid(grid, out, jobs=1, poll=0.2, log=lambda m: None) == 0
+    assert probe_grid(out, limit_train=16, limit_test=8, log=lambda m: None) == 1
+    (row,) = read_evals(out / "probes.jsonl")
+    assert row["arm"] == "latent" and row["step"] == 4 and row["test_images"] == 8 and 0 <= row["probe_top1"] <= 1

@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 from rrepa.checkpoint import list_checkpoints, weights_step
 from rrepa.config import RunConfig, read_yaml, resolve
-from rrepa.data import build_dataset
 from rrepa.eval.probe import probe_model
+from rrepa.latent_run import eval_dataset, is_latent, load_run_vae
 from rrepa.run import load_run, run_lock
 from rrepa.utils import atomic_write
 
@@ -463,7 +463,9 @@ def probe_grid(out: str | os.PathLike, runs: str | os.PathLike | None = None, li
         log(f"probing {len(todo)} finished cell(s) ({len(done)} probed before)")
         for c in todo:
             model, info = load_run(runs / c.name, "ema")
-            res = probe_model(model, build_dataset(c.cfg.data, "train"), build_dataset(c.cfg.data, "test"),
+            vae = load_run_vae(c.cfg.data, log=log) if is_latent(c.cfg.data) else None  # a latent cell's latents
+            train_set, test_set = (eval_dataset(c.cfg.data, split, vae, log=log) for split in ("train", "test"))
+            res = probe_model(model, train_set, test_set,
                               limit_train=limit_train, limit_test=limit_test, seed=c.cfg.train.seed)
             best = res["best"]
             row = {"arm": c.arm, "seed": c.seed, "step": info["step"], "probe_top1": best["test_acc"],
