@@ -51,10 +51,11 @@ from rrepa.checkpoint import list_checkpoints, weights_step
 from rrepa.config import RunConfig, read_yaml, resolve
 from rrepa.eval.probe import probe_model
 from rrepa.latent_run import eval_dataset, is_latent, load_run_vae
-from rrepa.run import load_run, run_lock
+from rrepa.run import LOCK_FILE, load_run, run_lock
 from rrepa.utils import atomic_write
 
 EVALS = "evals.jsonl"
+PROBE_LOCK = ".probe.lock"  # the prober's own lock: probing may run beside the runner, which holds LOCK_FILE
 PROBES = "probes.jsonl"
 GRID_COPY = "grid.yaml"
 
@@ -269,7 +270,7 @@ def reuse_cells(cells: list[Cell], sources: list[str], evals: EvalLog, out: Path
             if not any(r["step"] == c.cfg.train.steps for r in mine):
                 continue  # not finished there (yet): trained here
             new = evals.add(c, mine)
-            with run_lock(out, warn=log, name=".probe.lock"):  # probes.jsonl is the prober's
+            with run_lock(out, warn=log, name=PROBE_LOCK):  # probes.jsonl is the prober's
                 have = {(r["arm"], r["seed"]) for r in read_evals(out / PROBES)} if (out / PROBES).is_file() else set()
                 for r in probes:
                     if (r["arm"], r["seed"]) == (c.arm, c.seed) and (c.arm, c.seed) not in have:
@@ -345,9 +346,10 @@ def _ignore_local_files(out: Path, runs: Path) -> None:
     and the locks (and run folders kept inside OUT) are this machine's, not results."""
     if (out / ".gitignore").exists():
         return
-    names = [".lock", ".probe.lock"]
-    if runs.resolve().is_relative_to(out.resolve()):
-        names.insert(0, runs.resolve().relative_to(out.resolve()).as_posix() + "/")
+    names = [LOCK_FILE, PROBE_LOCK]
+    runs, out_dir = runs.resolve(), out.resolve()
+    if runs.is_relative_to(out_dir):
+        names.insert(0, runs.relative_to(out_dir).as_posix() + "/")
     atomic_write(out / ".gitignore", lambda tmp: Path(tmp).write_text("".join(f"{n}\n" for n in names)))
 
 
@@ -457,7 +459,7 @@ def probe_grid(out: str | os.PathLike, runs: str | os.PathLike | None = None, li
     cells = grid_from_dict(yaml.safe_load((out / GRID_COPY).read_text()), str(out / GRID_COPY)).cells()
     path = out / PROBES
     probed = 0
-    with run_lock(out, warn=log, name=".probe.lock"):  # not the runner's lock: probing may run beside training
+    with run_lock(out, warn=log, name=PROBE_LOCK):  # not the runner's lock: probing may run beside training
         done = {(r["arm"], r["seed"]) for r in read_evals(path)} if path.is_file() else set()
         todo = [c for c in cells if (c.arm, c.seed) not in done and cell_state(c, runs / c.name) == "done"]
         log(f"probing {len(todo)} finished cell(s) ({len(done)} probed before)")
