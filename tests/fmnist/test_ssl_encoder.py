@@ -12,6 +12,7 @@ from flow_helpers import NEEDS_FMNIST
 from rrepa.cli.encoder import register
 from rrepa.data import DataConfig, TensorImageDataset, build_dataset
 from rrepa.encoders import build_encoder
+from rrepa.eval.linear import linear_probe as fit_probe
 from rrepa.fmnist.dataset import find_fashion_mnist
 from rrepa.fmnist.encoder import (
     EmbeddedEncoder,
@@ -20,6 +21,7 @@ from rrepa.fmnist.encoder import (
     SSLTrainConfig,
     linear_probe,
     load_embedded,
+    pixel_probe,
     save_embedded,
     train_ssl_encoder,
 )
@@ -108,6 +110,24 @@ def test_linear_probe_separates_easy_classes():
     assert result["probe_test_accuracy"] == 1.0 and result["probe_train_images"] == 30
 
 
+def test_pixel_probe_is_the_probe_of_the_flattened_pixels():
+    """pixel_probe = rrepa.eval.linear's probe of (N, 784) pixels in [-1, 1]; a pattern that only position tells
+    apart (a pixel left or right of the centre, equal means) is separable by it, not by mean-pooled tokens."""
+    n = 60
+    y = torch.arange(n) % 2
+    imgs = torch.zeros(n, 1, 28, 28, dtype=torch.uint8)
+    bright = torch.randint(150, 256, (n,), dtype=torch.uint8)
+    imgs[y == 0, 0, 14, 4] = bright[y == 0]
+    imgs[y == 1, 0, 14, 23] = bright[y == 1]
+    train = TensorImageDataset(imgs[:40], y[:40], num_classes=2)
+    test = TensorImageDataset(imgs[40:], y[40:], num_classes=2)
+    r = pixel_probe(train, test, max_train=30)
+    pixels = imgs.float() / 127.5 - 1
+    ref = fit_probe(pixels[:30].flatten(1), y[:30], pixels[40:].flatten(1), y[40:], 2)
+    assert r["probe_test_accuracy"] == round(ref["test_acc"], 4) == 1.0
+    assert (r["probe_train_images"], r["probe_test_images"], r["probe_l2"]) == (30, 20, ref["l2"])
+
+
 def _have_fashion_mnist() -> bool:
     try:
         find_fashion_mnist(None)
@@ -159,3 +179,18 @@ def test_cli_encoder_probe(tmp_path, capsys, random):
     assert row["probe_test_accuracy"] == ref["probe_test_accuracy"] and row["probe_train_images"] == 300
     assert row["weights"] == ("random" if random else "trained") and row["architecture"]["widths"] == [8, 16]
     assert row["fingerprint"] == enc.fingerprint[:16]
+
+
+@pytest.mark.skipif(not _have_fashion_mnist(), reason=NEEDS_FMNIST)
+def test_cli_encoder_probe_pixels(capsys):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["encoder", "probe", "--pixels", "--probe-max-train", "200"])
+    args.func(args)
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    train, test = (build_dataset(DataConfig(name="fmnist"), s) for s in ("train", "test"))
+    assert row["weights"] == "pixels" and row["probe_test_accuracy"] == \
+        pixel_probe(train, test, max_train=200)["probe_test_accuracy"]
+    with pytest.raises(ValueError, match="--pixels"):
+        args = parser.parse_args(["encoder", "probe"])
+        args.func(args)

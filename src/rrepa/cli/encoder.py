@@ -22,6 +22,7 @@ from rrepa.fmnist.encoder import (
     embedded_encoder_path,
     linear_probe,
     load_embedded,
+    pixel_probe,
     save_embedded,
     train_ssl_encoder,
 )
@@ -49,9 +50,17 @@ def cmd_encoder_train(args: argparse.Namespace) -> None:
 
 
 def cmd_encoder_probe(args: argparse.Namespace) -> None:
-    """One JSON line per file: its linear probe on the test split (random weights of its architecture: --random)."""
+    """One JSON line per file: its linear probe on the test split (random weights of its architecture: --random);
+    with --pixels, first a line for the raw pixels."""
+    if not args.files and not args.pixels:
+        raise ValueError("rrepa encoder probe needs encoder files, --pixels, or both")
     train_set = build_dataset(DataConfig(name="fmnist", path=args.data_dir), "train")
     test_set = build_dataset(DataConfig(name="fmnist", path=args.data_dir), "test")
+    if args.pixels:
+        t = time.perf_counter()
+        r = pixel_probe(train_set, test_set, max_train=args.probe_max_train)
+        print(json.dumps({"file": None, "weights": "pixels", **r,
+                          "probe_seconds": round(time.perf_counter() - t, 1)}), flush=True)
     for path in args.files:
         enc = load_embedded(path)
         if args.random:
@@ -94,8 +103,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = esub.add_parser("probe", help="linear-probe accuracy of encoder files (one JSON line each)",
                         description="The linear probe `rrepa encoder train` reports, for existing files: logistic "
                                     "regression on mean-pooled tokens of the training split, accuracy on the test "
-                                    "split. --random probes freshly initialised weights of each file's architecture.")
-    q.add_argument("files", nargs="+", metavar="FILE", help="encoder files written by `rrepa encoder train`")
+                                    "split. --random probes freshly initialised weights of each file's architecture, "
+                                    "--pixels the flattened raw pixels.")
+    q.add_argument("files", nargs="*", metavar="FILE", help="encoder files written by `rrepa encoder train`")
+    q.add_argument("--pixels", action="store_true",
+                   help="also probe the raw pixels (flattened), the floor any representation is read against")
     q.add_argument("--random", action="store_true", help="probe random weights of the file's architecture instead")
     q.add_argument("--seed", type=int, default=0, help="seed of --random's initialisation")
     q.add_argument("--probe-max-train", type=int, help="fit the probe on the first this many train images")

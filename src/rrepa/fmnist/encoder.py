@@ -342,8 +342,22 @@ def linear_probe(encoder: FrozenEncoder, train_set, test_set, max_train: int | N
     held-out part of the training features, full-batch L-BFGS (max_iter). weight_decay: a fixed penalty
     weight_decay * ||W||^2 instead of the choice. Returns probe_{train,test}_accuracy (4 places),
     probe_{train,test}_images and probe_l2."""
-    xtr, ytr = pooled_features(encoder, train_set, batch_size, max_train), dataset_labels(train_set)[:max_train]
-    xte, yte = pooled_features(encoder, test_set, batch_size), dataset_labels(test_set)
+    xtr = pooled_features(encoder, train_set, batch_size, max_train)
+    xte = pooled_features(encoder, test_set, batch_size)
+    return _probe(xtr, xte, train_set, test_set, max_iter, weight_decay)
+
+
+def pixel_probe(train_set, test_set, max_train: int | None = None, max_iter: int = 100) -> dict:
+    """linear_probe's probe on the raw pixels, flattened to (N, C * H * W) in [-1, 1]: how far a linear classifier
+    gets with no representation at all, the floor every encoder's and every flow layer's probe is read against.
+    Unlike the pooled tokens it keeps where each value is. Same return keys as linear_probe."""
+    xtr = from_uint8(dataset_images(train_set)[:max_train]).flatten(1)
+    xte = from_uint8(dataset_images(test_set)).flatten(1)
+    return _probe(xtr, xte, train_set, test_set, max_iter, None)
+
+
+def _probe(xtr: Tensor, xte: Tensor, train_set, test_set, max_iter: int, weight_decay: float | None) -> dict:
+    ytr, yte = dataset_labels(train_set)[:xtr.shape[0]], dataset_labels(test_set)
     k = int(max(ytr.max(), yte.max())) + 1
     grid = DEFAULT_L2_GRID if weight_decay is None else (2 * weight_decay,)  # the probe's penalty is (l2 / 2) ||W||^2
     r = fit_probe(xtr, ytr, xte, yte, k, grid=grid, max_iter=max_iter)
