@@ -111,8 +111,8 @@ def test_linear_probe_separates_easy_classes():
 
 
 def test_pixel_probe_is_the_probe_of_the_flattened_pixels():
-    """pixel_probe = rrepa.eval.linear's probe of (N, 784) pixels in [-1, 1]; a pattern that only position tells
-    apart (a pixel left or right of the centre, equal means) is separable by it, not by mean-pooled tokens."""
+    """pixel_probe = rrepa.eval.linear's probe of (N, 784) pixels in [-1, 1], here on classes that only the position
+    of one bright pixel (left or right of the centre) tells apart."""
     n = 60
     y = torch.arange(n) % 2
     imgs = torch.zeros(n, 1, 28, 28, dtype=torch.uint8)
