@@ -337,6 +337,22 @@ IMAGENET_OPTIM = {"lr": 1e-4, "warmup_steps": 1000, "batch_size": 256, "min_lr_r
 IMAGENET_ALIGN = {"encoder": "dinov2_vitb14", "positions": [[7, 6], [8, 6]], "strategy": "reverse",
                   "reverse": "pseudo", "projector_hidden": 2048, "feature_cache": False}
 
+# The paper's 256 x 256 Latent-TARFlow (docs/DESIGN.md section 4): SD-VAE (stabilityai/sd-vae-ft-ema, scaling
+# 0.18215) latents 4 x 32 x 32 of ADM-cropped ImageNet 256 images from an ImageNet-layout folder (pass data.path;
+# train/ and val/), patch 2 (256 tokens), sigma 0.2, the imagenet64 model (8 x 8, width 768) and recipe (batch
+# 256, lr 1e-4, warm-up 1000, 1M steps, EMA 0.9999), random flips (the cache stores both mirrors' latents, 2 x
+# 10.5 GB), FID-Inception on the decoded images. Alignment as imagenet64: DINOv2-B/14 tokens of the clean 256 px
+# images (resized to 224: 16 x 16, pooled onto the 16 x 16 token grid 1:1) at layer 6 of blocks 7 and 8,
+# R-REPA pseudo, targets online. Offline, give a local VAE copy with data.vae=PATH.
+IMAGENET256_LATENT = {
+    "model": {"in_channels": 4, "image_height": 32, "image_width": 32, "patch_size": 2, "width": 768,
+              "num_blocks": 8, "layers_per_block": 8, "num_classes": 1000, "sigma": 0.2},
+    "data": {"name": "folder", "image_size": 256, "hflip": True, "vae": "stabilityai/sd-vae-ft-ema"},
+    "optim": IMAGENET_OPTIM,
+    "train": {"steps": 1_000_000, "ema_decay": 0.9999, "num_workers": 8, "eval_features": "inception"},
+    "align": IMAGENET_ALIGN,
+}
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The default job: Fashion-MNIST on 2 CPU cores in at most 15 minutes, end-of-run evaluation included.
     "fmnist": {
@@ -392,30 +408,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": FMNIST_TRAIN,
         "align": FMNIST_ALIGN,
     },
-    # The paper's 256 x 256 Latent-TARFlow (docs/DESIGN.md section 4): SD-VAE (stabilityai/sd-vae-ft-ema, scaling
-    # 0.18215) latents 4 x 32 x 32 of ADM-cropped ImageNet 256 images from an ImageNet-layout folder (pass data.path;
-    # train/ and val/), patch 2 (256 tokens), sigma 0.2, the imagenet64 model (8 x 8, width 768) and recipe (batch
-    # 256, lr 1e-4, warm-up 1000, 1M steps, EMA 0.9999), random flips (the cache stores both mirrors' latents, 2 x
-    # 10.5 GB), FID-Inception on the decoded images. Alignment as imagenet64: DINOv2-B/14 tokens of the clean 256 px
-    # images (resized to 224: 16 x 16, pooled onto the 16 x 16 token grid 1:1) at layer 6 of blocks 7 and 8,
-    # R-REPA pseudo, targets online. Offline, give a local VAE copy with data.vae=PATH.
-    "imagenet256-latent": {
-        "model": {"in_channels": 4, "image_height": 32, "image_width": 32, "patch_size": 2, "width": 768,
-                  "num_blocks": 8, "layers_per_block": 8, "num_classes": 1000, "sigma": 0.2},
-        "data": {"name": "folder", "image_size": 256, "hflip": True, "vae": "stabilityai/sd-vae-ft-ema"},
-        "optim": IMAGENET_OPTIM,
-        "train": {"steps": 1_000_000, "ema_decay": 0.9999, "num_workers": 8, "eval_features": "inception"},
-        "align": IMAGENET_ALIGN,
-    },
+    "imagenet256-latent": IMAGENET256_LATENT,
     # imagenet256-latent with patch 1 ("+Patch1", the paper's best 256 x 256 model): 1024 tokens of 4 values on the
     # 32 x 32 latent grid; DINOv2's 16 x 16 tokens are upsampled onto it (each token gets the patch containing it).
-    # Everything else is imagenet256-latent's (tests/test_config.py keeps them in step).
-    "imagenet256-latent-p1": {
-        "model": {"in_channels": 4, "image_height": 32, "image_width": 32, "patch_size": 1, "width": 768,
-                  "num_blocks": 8, "layers_per_block": 8, "num_classes": 1000, "sigma": 0.2},
-        "data": {"name": "folder", "image_size": 256, "hflip": True, "vae": "stabilityai/sd-vae-ft-ema"},
-        "optim": IMAGENET_OPTIM,
-        "train": {"steps": 1_000_000, "ema_decay": 0.9999, "num_workers": 8, "eval_features": "inception"},
-        "align": IMAGENET_ALIGN,
-    },
+    # Everything else is imagenet256-latent's.
+    "imagenet256-latent-p1": {**IMAGENET256_LATENT, "model": {**IMAGENET256_LATENT["model"], "patch_size": 1}},
 }
