@@ -304,13 +304,14 @@ def test_report_compares_pixel_and_latent_arms(tmp_path):
     baseline's space, and a section compares the spaces with and without alignment."""
     rng = np.random.default_rng(2)
     fid = {"baseline": 130.0, "reverse": 128.0, "latent": 60.0, "latent_reverse": 58.0}
+    bayes = {"baseline": 0.70, "reverse": 0.72, "latent": 0.85, "latent_reverse": 0.85}
     rows = []
     for arm, f in fid.items():
         latent = arm.startswith("latent")
         for seed in range(2):
             for step in (100, 200):
                 rows.append({"arm": arm, "seed": seed, "step": step, "fid": f * 200 / step + rng.normal(0, 1.0),
-                             "one_step_top1": 0.6 + rng.normal(0, 0.01), "bayes_top1": 0.7, "bpd": 2.0 if latent
+                             "one_step_top1": 0.6 + rng.normal(0, 0.01), "bayes_top1": bayes[arm] + rng.normal(0, 0.01), "bpd": 2.0 if latent
                              else 5.2, "bpd_protocol": "VAE latents + N(0, 0.2^2) noise, per latent dimension, no "
                              "dequantization, true label" if latent else "uniform dequantization, true label",
                              "wall_s": 60.0 * step})
@@ -337,6 +338,11 @@ def test_report_compares_pixel_and_latent_arms(tmp_path):
     f_b = [r["fid"] for r in rows if r["arm"] == "baseline" and r["step"] == 200]
     d, lo, hi = welch(f_l, f_b)
     assert "latent - pixel" in row and f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" in row and "holds" in row
+    b_l = [r["bayes_top1"] for r in rows if r["arm"] == "latent" and r["step"] == 200]
+    b_b = [r["bayes_top1"] for r in rows if r["arm"] == "baseline" and r["step"] == 200]
+    d, lo, hi = welch(b_l, b_b)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[6] == f"{d:+.1%} [{lo:+.1%}, {hi:+.1%}]" and cells[7] == verdict(lo, hi, False)
     assert any(x.startswith("| latent_reverse - latent | aligned - not |") for x in lines)
     assert not any(x.startswith("| latent_reverse - baseline |") for x in lines)  # alignment differs
     assert "| latent | latents | none | 2 |" in text and "| reverse | pixels | R-REPA | 2 |" in text

@@ -223,8 +223,9 @@ def _aligned_arms(folder: Path, arms: list[str]) -> set[str]:
 
 
 def _spaces(tab, arms: list[str], latent: list[str], aligned: set[str], final: int) -> list[str]:
-    """Pixel against latent arms, each with and without alignment: final FID and classifier accuracy, and Welch
-    intervals of latent minus pixel (same alignment) and aligned minus not (same space)."""
+    """Pixel against latent arms, each with and without alignment: final FID and classifier accuracies, and
+    Welch intervals (FID, one-step and Bayes top-1) of latent minus pixel (same alignment) and aligned minus
+    not (same space)."""
     def space(a):
         return "latents" if a in latent else "pixels"
 
@@ -245,10 +246,12 @@ def _spaces(tab, arms: list[str], latent: list[str], aligned: set[str], final: i
               if space(a) == space(b) and a not in aligned and b in aligned]
     if pairs:
         out += ["", "| comparison | kind | FID difference [95 % CI] | verdict (lower FID) | one-step difference "
-                "[95 % CI] | verdict (higher top-1) |", "|---|---|---|---|---|---|"]
+                "[95 % CI] | verdict (higher top-1) | Bayes difference [95 % CI] | verdict (higher top-1) |",
+                "|---|---|---|---|---|---|---|---|"]
     for b, a, kind in pairs:
         cells = []
-        for key, fmt, lower in (("fid", "{:+.1f}", True), ("one_step_top1", "{:+.1%}", False)):
+        for key, fmt, lower in (("fid", "{:+.1f}", True), ("one_step_top1", "{:+.1%}", False),
+                                ("bayes_top1", "{:+.1%}", False)):
             vb, va = _final_values(tab, b, final, key), _final_values(tab, a, final, key)
             if vb and va:
                 d, lo, hi = welch(vb, va)
