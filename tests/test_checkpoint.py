@@ -26,6 +26,17 @@ def test_keep_last_and_pointer(tmp_path):
     assert path.name == "ckpt-0000040.pt" and s["step"] == 40
 
 
+def test_a_lagging_pointer_loses_nothing(tmp_path):
+    """A kill between a checkpoint's rename and the pointer's update leaves `last` naming the older file; loading
+    still takes the newest complete one."""
+    save_checkpoint(tmp_path, state(1))
+    pointer = (tmp_path / "last").read_text()
+    save_checkpoint(tmp_path, state(2))
+    (tmp_path / "last").write_text(pointer)
+    path, s = load_latest_checkpoint(tmp_path)
+    assert path.name == "ckpt-0000002.pt" and s["step"] == 2
+
+
 def test_corrupt_checkpoint_error_and_fallback(tmp_path):
     save_checkpoint(tmp_path, state(1))
     newest = save_checkpoint(tmp_path, state(2))

@@ -273,9 +273,8 @@ def test_two_trainings_into_one_folder(data, tmp_path):
         first.kill()
         first.communicate()
     assert (run / ".lock").read_text().startswith(f"{first.pid}@")  # stale: its holder was killed
-    # the checkpoint `last` names: the kill may land between a checkpoint's rename and the pointer's update, and
-    # resume tries the pointer first, so the newest file on disk is not always the one resumed
-    n = int((run / "last").read_text().strip().removesuffix(".pt").split("-")[1])
+    # the newest file on disk, even when the kill landed between its rename and the `last` pointer's update
+    n = int(list_checkpoints(run)[-1].stem.split("-")[1])
     out = finish(spawn("train", "--resume", str(run), "--set", f"train.steps={n + 1}"))
     assert f"left by process {first.pid}@" in out and f"resumed {run / checkpoint_name(n)}" in out
     steps = [r["step"] for r in rows(run)]

@@ -76,7 +76,7 @@ def load_state_checked(model: nn.Module, state: Mapping[str, Tensor], source: st
 # --------------------------------------------------------------------------------------------
 
 CKPT_GLOB = "ckpt-*.pt"
-LAST_POINTER = "last"  # text file naming the newest complete checkpoint
+LAST_POINTER = "last"  # text file naming the newest complete checkpoint, for people and outside tools
 CKPT_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "config")
 
 
@@ -177,16 +177,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def load_latest_checkpoint(run_dir: str | os.PathLike, warn: Callable[[str], None] = print) -> tuple[Path, dict]:
-    """The newest checkpoint of a run that loads. The `last` pointer is tried first; a corrupt file is
-    reported through warn and the next older one is tried."""
+    """The newest checkpoint of a run that loads (by step); a corrupt file is reported through warn and the
+    next older one is tried. The `last` pointer is not consulted: every ckpt-*.pt is renamed into place whole,
+    and a kill between that rename and the pointer's update would otherwise lose a checkpoint interval."""
     run_dir = Path(run_dir)
     candidates = list_checkpoints(run_dir)[::-1]
-    pointer = run_dir / LAST_POINTER
-    if pointer.is_file():
-        named = run_dir / pointer.read_text().strip()
-        if named in candidates:
-            candidates.remove(named)
-            candidates.insert(0, named)
     if not candidates:
         raise FileNotFoundError(f"no checkpoints ({CKPT_GLOB}) in {run_dir}; is it a run folder of `rrepa train`?")
     errors = []
