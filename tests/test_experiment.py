@@ -18,7 +18,7 @@ import yaml
 from scipy import stats
 
 from rrepa.experiment import EvalLog, cell_state, grid_from_dict, load_grid, probe_grid, read_evals
-from rrepa.report import steps_to_reach, verdict, welch, write_report
+from rrepa.report import paired, steps_to_reach, verdict, welch, write_report
 from test_train import ENV, write_fake_fmnist
 
 TIMING = {"wall_s", "eval_seconds", "eval_seconds_test"}  # the only keys that differ between two identical runs
@@ -243,6 +243,23 @@ def test_welch_interval_matches_scipy():
     assert math.isnan(welch([1.0], [2.0, 3.0])[1])
 
 
+def test_paired_interval_matches_scipy():
+    """Only the shared seeds count, and the interval is scipy's paired t interval of their differences."""
+    rng = np.random.default_rng(3)
+    shared = rng.normal(0, 5, 4)  # a seed effect both arms have in common
+    a = {s: shared[s] + 1.0 + rng.normal(0, 0.3) for s in range(4)} | {7: 99.0}
+    b = {s: shared[s] + rng.normal(0, 0.3) for s in range(4)}
+    d, lo, hi, n = paired(a, b)
+    ci = stats.ttest_rel([a[s] for s in range(4)], [b[s] for s in range(4)]).confidence_interval(0.95)
+    assert n == 4 and d == pytest.approx(np.mean([a[s] - b[s] for s in range(4)]), abs=1e-12)
+    assert (lo, hi) == pytest.approx((ci.low, ci.high), abs=1e-9)
+    _, w_lo, w_hi = welch([a[s] for s in range(4)], list(b.values()))
+    assert hi - lo < (w_hi - w_lo) / 5  # the shared seed effect cancels in the pairs, not in the means
+    d, lo, hi, n = paired({0: 3.0, 1: 5.0}, {0: 1.0})
+    assert (d, n) == (2.0, 1) and math.isnan(lo) and math.isnan(hi)
+    assert paired({0: 1.0}, {1: 1.0})[3] == 0
+
+
 @pytest.mark.parametrize("lo, hi, want_negative, word", [
     (-3, -1, True, "holds"), (1, 3, True, "contradicted"), (-1, 1, True, "not resolved"),
     (1, 3, False, "holds"), (-3, -1, False, "contradicted"), (float("nan"), float("nan"), False, "not resolved")])
@@ -295,6 +312,15 @@ def test_report_from_a_fixture_log(tmp_path):
     # Claim 4: reverse reaches the baseline's final mean FID (about 100) before its last evaluation.
     line = next(x for x in text.splitlines() if x.startswith("| reverse |") and "x (" in x)
     assert "3 of 3 seeds" in line
+    # Paired by seed: against the baseline and against reverse, each cell the paired mean and interval.
+    section = text.split("## Paired by seed")[1]
+    row = next(x for x in section.splitlines() if x.startswith("| reverse - baseline |"))
+    fid = {a: {r["seed"]: r["fid"] for r in rows if r["arm"] == a and r["step"] == 400} for a in ("reverse",
+                                                                                                "baseline")}
+    d, lo, hi, n = paired(fid["reverse"], fid["baseline"])
+    assert n == 3 and f"| 3 | {d:+.1f} [{lo:+.1f}, {hi:+.1f}], {verdict(lo, hi, True).split(' (')[0]} |" in row
+    assert any(x.startswith("| forward - reverse | 3 |") for x in section.splitlines())
+    assert not any(x.startswith(("| baseline -", "| reverse - reverse")) for x in section.splitlines())
     with pytest.raises(FileNotFoundError, match="experiment run"):
         write_report(tmp_path / "nothing")
 

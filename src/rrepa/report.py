@@ -13,7 +13,8 @@ preset) gets a section of its own comparing the spaces, each with and without al
 Differences of means get Welch's t interval (95 %), which allows unequal variances and is honest about
 three seeds: its degrees of freedom are small, so its intervals are wide. A claim "holds" here when the
 interval excludes zero in the claimed direction, is "contradicted" when it excludes zero the other way, and
-is "not resolved" otherwise.
+is "not resolved" otherwise. Runs of one seed share their initial flow and data order, so a last section also
+gives same-seed differences against the baseline and `reverse`, with paired t intervals.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def by_seed(rows: list[dict], arm: str, key: str) -> dict[int, list[tuple[int, f
     return {s: sorted(v) for s, v in sorted(out.items())}
 
 
+def final_by_seed(rows: list[dict], arm: str, key: str, final: int) -> dict[int, float]:
+    """seed -> the arm's value of a metric at the final step (seeds not evaluated there are left out)."""
+    return {s: v for s, curve in by_seed(rows, arm, key).items() for step, v in curve if step == final}
+
+
 def finished_curves(rows: list[dict], arm: str, final: int) -> list[list[tuple[int, float]]]:
     """The FID curves of an arm's seeds that were evaluated at the final step (a cell still training has none)."""
     return [c for c in by_seed(rows, arm, "fid").values() if c and c[-1][0] == final]
@@ -91,6 +97,23 @@ def welch(a: list[float], b: list[float], level: float = LEVEL) -> tuple[float, 
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     h = float(stats.t.ppf(0.5 + level / 2, df)) * se
     return diff, diff - h, diff + h
+
+
+def paired(a: dict[int, float], b: dict[int, float], level: float = LEVEL) -> tuple[float, float, float, int]:
+    """mean over shared seeds of a[seed] - b[seed], its paired t confidence interval, and the number of shared
+    seeds (nan bounds with fewer than 2; nan everything with none). Runs of one seed share the flow's
+    initialisation and data order, so the seed-by-seed difference removes what the two runs have in common."""
+    d = np.asarray([a[s] - b[s] for s in sorted(set(a) & set(b))], dtype=np.float64)
+    if len(d) == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    mean = float(d.mean())
+    if len(d) < 2:
+        return mean, float("nan"), float("nan"), 1
+    se = float(d.std(ddof=1)) / math.sqrt(len(d))
+    if se == 0:
+        return mean, mean, mean, len(d)
+    h = float(stats.t.ppf(0.5 + level / 2, len(d) - 1)) * se
+    return mean, mean - h, mean + h, len(d)
 
 
 def verdict(lo: float, hi: float, want_negative: bool) -> str:
@@ -147,7 +170,8 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
     lines = [f"# Experiment `{folder.name}`", "",
              f"Written by `rrepa experiment report {folder}` from `{EVALS}` ({len(rows)} evaluations). "
              f"Every number is the mean ± standard deviation over seeds (n seeds in brackets where fewer than "
-             f"the grid's); intervals are Welch 95 % confidence intervals of a difference of means.", ""]
+             f"the grid's); intervals are Welch 95 % confidence intervals of a difference of means, except in "
+             f"the section paired by seed.", ""]
     lines += _grid_section(grid, arms, rows)
     lines += [f"## At the last evaluation (step {final:,})", "",
               "| arm | seeds | " + " | ".join(t for _, t, _, _ in METRICS) + " |",
@@ -175,6 +199,7 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
     lines += ["", "![FID against step](fid.png)", "", "![one-step top-1 against step](one_step.png)", ""]
     probes = read_evals(folder / PROBES) if (folder / PROBES).is_file() else []
     lines += _claims(rows, tab, same_space, baseline, final, probes)
+    lines += _paired_section(rows, same_space, baseline, final)
     if latent and len(latent) < len(arms):
         lines += _spaces(tab, arms, latent, _aligned_arms(folder, arms), final)
     _plot_curves(rows, arms, "fid", "FID (embedded evaluator)", folder / "fid.png")
@@ -352,6 +377,35 @@ def _claims(rows, tab, arms, baseline: str, final: int, probes: list[dict]) -> l
     else:
         out += [f"Needs the `{baseline}` arm at step {final:,}.", ""]
     return out
+
+
+def _paired_section(rows, arms: list[str], baseline: str, final: int) -> list[str]:
+    """Each arm against the baseline and against `reverse` (R-REPA, the arm exploratory grids vary), seed by seed:
+    the mean of same-seed differences at the final step with its paired t interval. One seed gives a
+    difference without an interval, still fairer than a single run set against another arm's mean."""
+    refs = [r for r in (baseline, "reverse") if r in arms]
+    pairs = [(a, r) for r in refs for a in arms if a not in (r, baseline)]
+    if not pairs:
+        return []
+    keys = (("fid", "FID", "{:+.1f}", True), ("one_step_top1", "one-step top-1", "{:+.1%}", False),
+            ("bayes_top1", "Bayes top-1", "{:+.1%}", False))
+    out = ["## Paired by seed", "",
+           "Runs of one seed start from the same initial flow and see the data in the same order, so differences "
+           "taken seed by seed remove that shared part. Each cell: the mean over shared seeds of (arm - reference) at the final "
+           "step, with a paired t 95 % interval and its verdict where 2 or more seeds are shared (`holds`: the interval "
+           "excludes 0 in the better direction: lower FID, higher top-1).", "",
+           "| comparison | seeds | " + " | ".join(f"{t} difference" for _, t, _, _ in keys) + " |",
+           "|---|---|" + "---|" * len(keys)]
+    for a, r in pairs:
+        cells, n = [], 0
+        for key, _, fmt, lower in keys:
+            d, lo, hi, n_key = paired(final_by_seed(rows, a, key, final), final_by_seed(rows, r, key, final))
+            n = max(n, n_key)
+            word = verdict(lo, hi, lower).split(" (")[0]  # the reason in brackets is the table's caption
+            cells.append("—" if n_key == 0 else _ci(fmt, d, lo, hi) + (f", {word}" if n_key > 1 else ""))
+        if n:
+            out.append(f"| {a} - {r} | {n} | " + " | ".join(cells) + " |")
+    return [*out, ""]
 
 
 def _plot_curves(rows, arms, key: str, ylabel: str, path: Path) -> None:
