@@ -175,13 +175,22 @@ def test_grid_killed_and_resumed_loses_and_duplicates_nothing(grid_file, tmp_pat
     # Run again: everything is done, nothing is trained or logged twice.
     log = finish(runner(grid_file, out))
     assert "4 done, 0 to run" in log and read_evals(out / "evals.jsonl") == after
-    # Linear probes of the finished cells, once each.
-    assert probe_grid(out, limit_train=48, limit_test=16, log=lambda m: None) == 4
+    # The runner probed each finished cell once, killed run or not, on the test images of its evaluations
+    # (the fake split's 32, fewer than the default 2,000), and as the uninterrupted grid did.
     probes = read_evals(out / "probes.jsonl")
     assert sorted((r["arm"], r["seed"]) for r in probes) == [(a, s) for a in ("baseline", "fast") for s in (0, 1)]
-    assert all(r["step"] == 80 and r["test_images"] == 16 and len(r["positions"]) == 2 and 0 <= r["probe_top1"] <= 1
+    assert all(r["step"] == 80 and r["test_images"] == 32 and len(r["positions"]) == 2 and 0 <= r["probe_top1"] <= 1
                for r in probes)
+    untimed = [{k: v for k, v in r.items() if k not in TIMING} for r in probes]
+    ref_probes = read_evals(tmp_path / "ref" / "probes.jsonl")
+    assert sorted(map(json.dumps, untimed)) == sorted(json.dumps({k: v for k, v in r.items() if k not in TIMING})
+                                                      for r in ref_probes)
     assert probe_grid(out, log=lambda m: None) == 0 and read_evals(out / "probes.jsonl") == probes
+    # A runner killed after its cells finished but before it probed them: the next one probes them first.
+    (out / "probes.jsonl").unlink()
+    log = finish(runner(grid_file, out))
+    assert "4 done, 0 to run" in log and "probing 4 finished cell(s)" in log
+    assert sorted(map(json.dumps, read_evals(out / "probes.jsonl"))) == sorted(map(json.dumps, probes))
     # The run folders are a cache: without them, the cells whose final evaluation is logged stay done.
     shutil.rmtree(runs)
     log = finish(runner(grid_file, out))

@@ -244,7 +244,7 @@ def test_grid_probes_a_latent_cell_on_its_latents(data, tmp_path):
                 "train.eval_every=0", "train.eval_bpd=false"],
         "arms": {"latent": []}}))
     out = tmp_path / "out"
-    assert run_grid(grid, out, jobs=1, poll=0.2, log=lambda m: None) == 0
+    assert run_grid(grid, out, jobs=1, poll=0.2, probe=False, log=lambda m: None) == 0
     assert probe_grid(out, limit_train=16, limit_test=8, log=lambda m: None) == 1
     (row,) = read_evals(out / "probes.jsonl")
     assert row["arm"] == "latent" and row["step"] == 4 and row["test_images"] == 8 and 0 <= row["probe_top1"] <= 1

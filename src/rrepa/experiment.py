@@ -26,9 +26,11 @@ Every in-training evaluation of every cell is appended, once, as one JSON line t
 (keys arm, seed, step, fid, precision, recall, one_step_top1, bayes_top1, bpd, wall_s, ...): the runner copies
 them from the cells' metrics.jsonl, keyed by (arm, seed, step), so a cell that is killed and resumed, and so
 evaluates a step again, never duplicates a line (the evaluation is deterministic: fixed noise, EMA weights
-restored exactly). `rrepa experiment probe results/NAME` fits linear probes at every (block, layer) of each
-finished cell (one line per cell in `probes.jsonl`; it may run while the grid trains), and `rrepa experiment
-report results/NAME` (rrepa.report) turns both logs into tables and plots.
+restored exactly). Linear probes at every (block, layer) of each finished cell go to `probes.jsonl`, one line
+per cell: the runner probes each cell as it finishes (`--no-probe` turns that off), while the cell's run folder,
+which a fresh machine lacks, is still there; `rrepa experiment probe results/NAME` probes any finished cell left
+unprobed (it may run while the grid trains). `rrepa experiment report results/NAME` (rrepa.report) turns both
+logs into tables and plots.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from tqdm import tqdm
 
@@ -51,7 +55,7 @@ from rrepa.checkpoint import list_checkpoints, weights_step
 from rrepa.config import RunConfig, read_yaml, resolve
 from rrepa.eval.probe import probe_model
 from rrepa.latent_run import eval_dataset, is_latent, load_run_vae
-from rrepa.run import LOCK_FILE, load_run, run_lock
+from rrepa.run import LOCK_FILE, RunInUseError, load_run, run_lock
 from rrepa.utils import atomic_write
 
 EVALS = "evals.jsonl"
@@ -310,8 +314,10 @@ def _die_with_parent() -> None:
 
 def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | os.PathLike | None = None,
              jobs: int = 2, threads: int = 1, poll: float = 5.0, only: list[str] | None = None,
-             log=tqdm.write) -> int:
-    """Train every unfinished cell of the grid; returns the number of cells that failed."""
+             probe: bool = True, log=tqdm.write) -> int:
+    """Train every unfinished cell of the grid; returns the number of cells that failed. With probe, each time a
+    cell finishes, the finished cells not probed yet are probed (probe_grid, on the freed core), while their
+    run folders, a cache that another machine or session may not have, still exist."""
     if jobs < 1 or threads < 1:
         raise ValueError(f"--jobs and --threads must be >= 1, got {jobs} and {threads}")
     grid = load_grid(grid_file)
@@ -338,7 +344,8 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
         runs.mkdir(parents=True, exist_ok=True)
         evals = EvalLog(out / EVALS)
         reused = reuse_cells(cells, grid.reuse, evals, out, log)
-        return _run(cells, runs, configs, evals, jobs, threads, poll, log, reused)
+        prober = (lambda: _probe_finished(out, runs, threads, log)) if probe else None
+        return _run(cells, runs, configs, evals, jobs, threads, poll, log, reused, prober)
 
 
 def _ignore_local_files(out: Path, runs: Path) -> None:
@@ -354,7 +361,7 @@ def _ignore_local_files(out: Path, runs: Path) -> None:
 
 
 def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int, threads: int, poll: float,
-         log, reused: set[str] = frozenset()) -> int:
+         log, reused: set[str] = frozenset(), prober: Callable[[], None] | None = None) -> int:
     states = {c.name: "done" if c.name in reused else cell_state(c, runs / c.name) for c in cells}
     for c in cells:  # the log is the record and run folders a cache: a cell whose final evaluation is logged is
         if states[c.name] == "new" and (c.arm, c.seed, c.cfg.train.steps) in evals.keys:  # done without them
@@ -363,6 +370,8 @@ def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int
         if states[c.name] != "new":
             evals.add(c, eval_rows(runs / c.name))
     pending = [c for c in cells if states[c.name] != "done"]
+    if prober is not None and len(pending) < len(cells):  # cells a killed runner finished but did not probe
+        prober()
     log(f"{len(cells)} cells: {len(cells) - len(pending)} done, {len(pending)} to run ({jobs} at a time, "
         f"{threads} thread(s) each); runs in {runs}")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -403,6 +412,8 @@ def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int
                 del running[name]
                 if proc.returncode == 0 and cell_state(c, runs / name) == "done":
                     log(f"finished {name}")
+                    if prober is not None:
+                        prober()
                 else:
                     failed.append(name)
                     log(f"FAILED {name} (exit code {proc.returncode}); see {runs / name}.log:\n"
@@ -419,6 +430,19 @@ def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int
     log(f"{len(cells) - len(failed)} of {len(cells)} cells done" + (f"; failed: {', '.join(failed)}" if failed
                                                                      else ""))
     return len(failed)
+
+
+def _probe_finished(out: Path, runs: Path, threads: int, log) -> None:
+    """probe_grid with the cells' thread budget; a prober already at work (`rrepa experiment probe` by hand)
+    is left to it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        probe_grid(out, runs, progress=False, log=log)
+    except RunInUseError as err:
+        log(f"not probing now: {err}")
+    finally:
+        torch.set_num_threads(before)
 
 
 def _tail(path: Path, n: int = 15) -> list[str]:
@@ -446,7 +470,7 @@ def _stop(procs: list[subprocess.Popen], grace: float = 120.0) -> None:
 
 
 def probe_grid(out: str | os.PathLike, runs: str | os.PathLike | None = None, limit_train: int = 10_000,
-               limit_test: int = 2000, log=tqdm.write) -> int:
+               limit_test: int = 2000, progress: bool = True, log=tqdm.write) -> int:
     """Linear probes (rrepa.eval.probe) of the final EMA weights of every finished cell not probed yet, one line each
     in OUT/probes.jsonl: {arm, seed, step, probe_top1, probe_block, probe_layer, positions, ...}. The test
     images are the first limit_test of the test split, those of the in-training one-step and Bayes top-1.
@@ -468,7 +492,8 @@ def probe_grid(out: str | os.PathLike, runs: str | os.PathLike | None = None, li
             vae = load_run_vae(c.cfg.data, log=log) if is_latent(c.cfg.data) else None  # a latent cell's latents
             train_set, test_set = (eval_dataset(c.cfg.data, split, vae, log=log) for split in ("train", "test"))
             res = probe_model(model, train_set, test_set,
-                              limit_train=limit_train, limit_test=limit_test, seed=c.cfg.train.seed)
+                              limit_train=limit_train, limit_test=limit_test, seed=c.cfg.train.seed,
+                              progress=progress)
             best = res["best"]
             row = {"arm": c.arm, "seed": c.seed, "step": info["step"], "probe_top1": best["test_acc"],
                    "probe_block": best["block"], "probe_layer": best["layer"], "train_images": res["train_images"],

@@ -16,7 +16,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         failed = run_grid(args.grid, args.out, runs=args.runs, jobs=args.jobs, threads=args.threads,
-                          only=args.only.split(",") if args.only else None)
+                          only=args.only.split(",") if args.only else None, probe=not args.no_probe)
     except KeyboardInterrupt:
         sys.exit(130)
     if failed:
@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--threads", type=int, default=1, help="intra-op threads per cell")
     q.add_argument("--only", help="only these arms, comma-separated")
     q.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    q.add_argument("--no-probe", action="store_true",
+                   help="do not probe each cell as it finishes (`rrepa experiment probe` does it later)")
     q.set_defaults(func=cmd_run)
     q = actions.add_parser("probe", help="linear probes of every finished cell (once each) into FOLDER/probes.jsonl")
     q.add_argument("folder", help="the results folder of `rrepa experiment run`")
