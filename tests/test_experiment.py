@@ -346,8 +346,9 @@ def test_report_compares_pixel_and_latent_arms(tmp_path):
         for seed in range(2):
             for step in (100, 200):
                 rows.append({"arm": arm, "seed": seed, "step": step, "fid": f * 200 / step + rng.normal(0, 1.0),
-                             "one_step_top1": 0.6 + rng.normal(0, 0.01), "bayes_top1": bayes[arm] + rng.normal(0, 0.01), "bpd": 2.0 if latent
-                             else 5.2, "bpd_protocol": "VAE latents + N(0, 0.2^2) noise, per latent dimension, no "
+                             "one_step_top1": 0.6 + rng.normal(0, 0.01),
+                             "bayes_top1": bayes[arm] + rng.normal(0, 0.01), "bpd": 2.0 if latent else 5.2,
+                             "bpd_protocol": "VAE latents + N(0, 0.2^2) noise, per latent dimension, no "
                              "dequantization, true label" if latent else "uniform dequantization, true label",
                              "wall_s": 60.0 * step})
     (tmp_path / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -391,9 +391,9 @@ def _paired_section(rows, arms: list[str], baseline: str, final: int) -> list[st
             ("bayes_top1", "Bayes top-1", "{:+.1%}", False))
     out = ["## Paired by seed", "",
            "Runs of one seed start from the same initial flow and see the data in the same order, so differences "
-           "taken seed by seed remove that shared part. Each cell: the mean over shared seeds of (arm - reference) at the final "
-           "step, with a paired t 95 % interval and its verdict where 2 or more seeds are shared (`holds`: the interval "
-           "excludes 0 in the better direction: lower FID, higher top-1).", "",
+           "taken seed by seed remove that shared part. Each cell: the mean over shared seeds of (arm - reference) "
+           "at the final step, with a paired t 95 % interval and its verdict where 2 or more seeds are shared "
+           "(`holds`: the interval excludes 0 in the better direction: lower FID, higher top-1).", "",
            "| comparison | seeds | " + " | ".join(f"{t} difference" for _, t, _, _ in keys) + " |",
            "|---|---|" + "---|" * len(keys)]
     for a, r in pairs:
