@@ -282,6 +282,25 @@ def test_report_from_a_fixture_log(tmp_path):
         write_report(tmp_path / "nothing")
 
 
+def test_report_of_a_grid_whose_reverse_arm_is_still_training(tmp_path):
+    """Claim 1 and the paired section need reverse's final step: until then they say so, no empty tables."""
+    rows = [r for r in fixture_rows() if r["arm"] in ("baseline", "reverse") and not (r["arm"] == "reverse"
+                                                                                    and r["step"] == 400)]
+    (tmp_path / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"preset": "fmnist", "seeds": [0, 1, 2], "set": [],
+                                                        "arms": {a: {"set": [], "seeds": [0, 1, 2]}
+                                                                 for a in ("baseline", "reverse")}}))
+    text = write_report(tmp_path).read_text()
+    claim1 = text.split("**Claim 1")[1].split("**Claim 2")[0]
+    assert "Not tested: needs the `reverse` arm" in claim1 and "| comparison |" not in claim1
+    assert "## Paired by seed" not in text
+    rows += [r for r in fixture_rows() if r["arm"] == "reverse" and r["step"] == 400]  # reverse finishes
+    (tmp_path / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report(tmp_path).read_text()
+    assert "| reverse - baseline |" in text.split("**Claim 1")[1].split("**Claim 2")[0]
+    assert any(x.startswith("| reverse - baseline | 3 |") for x in text.split("## Paired by seed")[1].splitlines())
+
+
 def test_report_compares_pixel_and_latent_arms(tmp_path):
     """A grid with latent arms: their bits/dim are labelled per latent dimension, the claims keep to the
     baseline's space, and a section compares the spaces with and without alignment."""
