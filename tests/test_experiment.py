@@ -172,6 +172,17 @@ def test_a_second_runner_on_the_same_folder_is_refused(grid_file, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """A log as the runner writes it: one JSON object a line."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_grid_file(folder: Path, arms: tuple[str, ...]) -> None:
+    """The grid.yaml a run of `arms` x seeds 0-2 leaves beside its log, each arm without overrides."""
+    (folder / "grid.yaml").write_text(yaml.safe_dump({"preset": "fmnist", "seeds": [0, 1, 2], "set": [],
+                                                      "arms": {a: {"set": [], "seeds": [0, 1, 2]} for a in arms}}))
+
+
 def fixture_rows() -> list[dict]:
     """Three seeds of four arms; reverse's FID is clearly lower, forward's no different from the baseline's."""
     rng = np.random.default_rng(0)
@@ -235,14 +246,11 @@ def test_report_from_a_fixture_log(tmp_path):
     rows = fixture_rows()
     # a fourth reverse seed still training (evaluated up to step 200): no final values, and no part in claim 4
     unfinished = [{**r, "seed": 3} for r in rows if r["arm"] == "reverse" and r["seed"] == 0 and r["step"] <= 200]
-    (tmp_path / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + unfinished))
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"preset": "fmnist", "seeds": [0, 1, 2], "set": [],
-                                                        "arms": {a: {"set": [], "seeds": [0, 1, 2]}
-                                                                 for a in ("baseline", "forward", "detach",
-                                                                           "reverse")}}))
+    write_jsonl(tmp_path / "evals.jsonl", rows + unfinished)
+    write_grid_file(tmp_path, ("baseline", "forward", "detach", "reverse"))
     probes = [{"arm": a, "seed": s, "step": 400, "probe_top1": 0.8 - (0.3 if a == "reverse" else 0.0) + 0.01 * s,
                "probe_block": 4, "probe_layer": 2} for a in ("baseline", "reverse") for s in range(3)]
-    (tmp_path / "probes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in probes))
+    write_jsonl(tmp_path / "probes.jsonl", probes)
     text = write_report(tmp_path).read_text()
     for png in ("fid.png", "one_step.png", "steps_to_baseline.png"):
         assert (tmp_path / png).stat().st_size > 1000
@@ -286,16 +294,14 @@ def test_report_of_a_grid_whose_reverse_arm_is_still_training(tmp_path):
     """Claim 1 and the paired section need reverse's final step: until then they say so, no empty tables."""
     rows = [r for r in fixture_rows() if r["arm"] in ("baseline", "reverse") and not (r["arm"] == "reverse"
                                                                                     and r["step"] == 400)]
-    (tmp_path / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"preset": "fmnist", "seeds": [0, 1, 2], "set": [],
-                                                        "arms": {a: {"set": [], "seeds": [0, 1, 2]}
-                                                                 for a in ("baseline", "reverse")}}))
+    write_jsonl(tmp_path / "evals.jsonl", rows)
+    write_grid_file(tmp_path, ("baseline", "reverse"))
     text = write_report(tmp_path).read_text()
     claim1 = text.split("**Claim 1")[1].split("**Claim 2")[0]
     assert "Not tested: needs the `reverse` arm" in claim1 and "| comparison |" not in claim1
     assert "## Paired by seed" not in text
     rows += [r for r in fixture_rows() if r["arm"] == "reverse" and r["step"] == 400]  # reverse finishes
-    (tmp_path / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(tmp_path / "evals.jsonl", rows)
     text = write_report(tmp_path).read_text()
     assert "| reverse - baseline |" in text.split("**Claim 1")[1].split("**Claim 2")[0]
     assert any(x.startswith("| reverse - baseline | 3 |") for x in text.split("## Paired by seed")[1].splitlines())
@@ -318,7 +324,7 @@ def test_report_compares_pixel_and_latent_arms(tmp_path):
                              "bpd_protocol": "VAE latents + N(0, 0.2^2) noise, per latent dimension, no "
                              "dequantization, true label" if latent else "uniform dequantization, true label",
                              "wall_s": 60.0 * step})
-    (tmp_path / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(tmp_path / "evals.jsonl", rows)
     (tmp_path / "configs").mkdir()
     for arm in fid:
         for seed in range(2):
@@ -371,8 +377,8 @@ def fake_results(folder: Path, grid: dict, final_of: set[str], lr_of: dict[str, 
         if c.name in final_of:
             probes.append({"arm": c.arm, "seed": c.seed, "step": 40, "probe_top1": 0.5, "probe_block": 1,
                            "probe_layer": 1})
-    (folder / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "probes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in probes))
+    write_jsonl(folder / "evals.jsonl", rows)
+    write_jsonl(folder / "probes.jsonl", probes)
     return rows
 
 
