@@ -44,7 +44,7 @@ Tables
      call, backward, grad clipping, AdamW on flow + projector) against a baseline NLL-only step (AdamW on the
      flow): time ratio and memory ratio, at the first --batch.
 
---bf16 runs tables 1 and 3 under bfloat16 autocast (as `train.bf16` does on CUDA; the alignment loss stays
+--bf16 runs tables 1 and 3 under bfloat16 autocast (as `train.precision=bf16` does; the alignment loss stays
 float32). --tables picks the tables (e.g. --tables 1 3 at --scale paper, where the in-script training of table 2
 would take long).
 

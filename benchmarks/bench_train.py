@@ -1,5 +1,5 @@
 """Training throughput of a preset: one process vs N gloo processes (DDP) on this machine's CPU cores, or one
-process on a GPU (--device cuda, bf16 autocast as train.bf16 sets it).
+process on a GPU (--device cuda, bf16 autocast as train.precision sets it).
 
     python benchmarks/bench_train.py                  # fmnist, 40 steps, 1 and 2 processes
     python benchmarks/bench_train.py --steps 100 --procs 1 2 4
@@ -43,8 +43,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         results = [run(p, args, Path(tmp)) for p in args.procs]
     base = results[0]["images_per_s"]
-    where = (f"{os.cpu_count()} cores (CPU, float32, gloo)" if args.device == "cpu" else
-             "one GPU (CUDA; bf16 autocast unless --set train.bf16=false)")
+    where = (f"{os.cpu_count()} cores (CPU, train.precision as resolved, gloo)" if args.device == "cpu" else
+             "one GPU (CUDA; bf16 autocast unless --set train.precision=fp32)")
     print(f"\n{args.preset}: {args.steps} steps per configuration on {where}\n")
     print("| processes | threads each | images/s | vs first | wall s |")
     print("|---|---|---|---|---|")

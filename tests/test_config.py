@@ -92,11 +92,11 @@ def test_image_size_must_match_the_model():
 def test_yaml_then_set_precedence_and_types(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("model:\n  width: 256\noptim:\n  lr: 1.0e-3\n  betas: [0.8, 0.9]\ntrain:\n  steps: 50\n")
-    cfg = resolve("fmnist", str(f), ["optim.lr=3e-4", "train.bf16=false", "data.path=/x", "model.sigma=0"])
+    cfg = resolve("fmnist", str(f), ["optim.lr=3e-4", "train.precision=fp32", "data.path=/x", "model.sigma=0"])
     assert cfg.model.width == 256 and cfg.train.steps == 50  # from the YAML
     assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)  # --set wins; "3e-4" is a float
     assert cfg.optim.betas == (0.8, 0.9)
-    assert cfg.train.bf16 is False and cfg.data.path == "/x" and cfg.model.sigma == 0.0
+    assert cfg.train.precision == "fp32" and cfg.data.path == "/x" and cfg.model.sigma == 0.0
     assert resolve(overrides=["data.path=null"]).data.path is None
 
 
@@ -121,6 +121,7 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("item, match", [("model.width=wide", "expected int"), ("model.width=1.5", "expected int"),
                                          ("train.bf16=maybe", "expected bool"), ("optim.betas=0.9", "list of 2"),
+                                         ("train.precision=fp16", "one of auto, fp32, bf16"),
                                          ("optim.lr", "key=value")])
 def test_bad_values(item, match):
     with pytest.raises(ValueError, match=match):
@@ -240,3 +241,17 @@ def test_deep_shallow_preset_is_fmnist_with_its_layers_redistributed(capsys):
     assert a.align.positions == [(4, 4)]
     cli.main(["presets", "fmnist-deep-shallow"])
     assert "| 4 x [1, 1, 1, 5] | 128 | 10 | 1.64 M |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("old, new", [("true", "auto"), ("false", "fp32")])
+def test_the_old_bf16_key_reads_as_precision_with_a_note(old, new, tmp_path):
+    """train.bf16 (CUDA only) of older configs and stored runs: true -> auto, false -> fp32, with a note."""
+    with pytest.warns(FutureWarning, match=f"train.bf16 .* deprecated: read as train.precision={new}"):
+        assert resolve(overrides=[f"train.bf16={old}"]).train.precision == new
+    f = tmp_path / "old.yaml"  # a config.yaml written by an older rrepa
+    f.write_text(f"train:\n  bf16: {old}\n  steps: 7\n")
+    with pytest.warns(FutureWarning):
+        cfg = resolve(config_file=str(f))
+    assert (cfg.train.precision, cfg.train.steps) == (new, 7)
+    with pytest.warns(FutureWarning):  # precision, when given too, wins
+        assert resolve(overrides=[f"train.bf16={old}", "train.precision=bf16"]).train.precision == "bf16"

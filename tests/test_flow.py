@@ -544,7 +544,7 @@ def test_float32_matches_the_float64_model(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_autocast_keeps_the_affine_transform_in_float32(device):
-    """Under bf16 autocast (train.bf16 on CUDA) the transformer runs in bf16, z, logdet and the NLL stay
+    """Under bf16 autocast (train.precision=bf16) the transformer runs in bf16, z, logdet and the NLL stay
     float32, and the reverse still inverts the forward up to bf16 rounding."""
     cfg = tiny(3, 8, 8, 2, 2)
     model = random_flow(cfg).float().to(device)

@@ -248,7 +248,7 @@ def test_cli_sample_with_the_jacobi_sampler(tmp_path, capsys):
     weights = tmp_path / "w.safetensors"
     save_weights(weights, random_flow(cfg, scale=0.1).float())
     args = ["sample", "--ckpt", str(weights), "--num-samples", "4", "--batch-size", "2", "--guidance", "0.5",
-            "--format", "npz"]
+            "--format", "npz", "--precision", "fp32"]
     cli.main([*args, "--out", str(tmp_path / "seq")])
     assert "jacobi" not in capsys.readouterr().out
     cli.main([*args, "--sampler", "jacobi", "--tol", "0", "--chunk", "5", "--out", str(tmp_path / "jac")])

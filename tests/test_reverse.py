@@ -330,7 +330,7 @@ def test_float32_reverse_paths_reproduce_the_cache_and_jacobi_n_matches_naive(de
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_under_bf16_autocast_pseudo_reproduces_the_cache_and_naive_drifts(device):
-    """Under bf16 autocast (train.bf16) pseudo and jacobi-K rerun the forward's own bf16 passes, so they
+    """Under bf16 autocast (train.precision=bf16) pseudo and jacobi-K rerun the forward's own bf16 passes, so they
     reconstruct the cache and its features to float32 rounding; naive's one-token products round differently
     and its sequential inverse drifts (measured up to 0.04 on the CPU). The exact (jacobi-N) bf16 gradient stays
     within bf16 rounding of the float32 one (measured 0.02-0.08 max relative difference on the CPU, where the

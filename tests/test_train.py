@@ -39,8 +39,9 @@ def write_fake_fmnist(folder: Path, n_train: int = 64, n_test: int = 32) -> Path
 
 
 def tiny(data: Path, *extra: str):
-    """A 2-block, 1-layer flow over 16 tokens of 7 x 7 pixels, batch 8: a step takes milliseconds."""
-    return resolve("fmnist", overrides=[
+    """A 2-block, 1-layer flow over 16 tokens of 7 x 7 pixels, batch 8: a step takes milliseconds. float32 unless
+    extra says otherwise: `auto` would be bf16 on some machines and fp32 on others (tests/test_precision.py)."""
+    return resolve("fmnist", overrides=["train.precision=fp32",
         "model.patch_size=7", "model.width=32", "model.head_dim=16", "model.num_blocks=2", "model.layers_per_block=1",
         "optim.batch_size=8", "optim.warmup_steps=2", "optim.lr=1e-3", "train.steps=6", "train.log_every=1",
         "train.sample_every=3", "train.ckpt_every=3", "train.sample_rows=1", "train.num_workers=0",
@@ -192,9 +193,11 @@ def finish(p: subprocess.Popen, rc: int = 0) -> str:
     return out
 
 
-def test_resume_after_sigkill_is_bitwise_exact(data, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_after_sigkill_is_bitwise_exact(data, tmp_path, precision):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(tiny(data, "train.steps=10", "train.sample_every=0", "train.eval_bpd=false").to_yaml())
+    cfg.write_text(tiny(data, "train.steps=10", "train.sample_every=0", "train.eval_bpd=false",
+                        f"train.precision={precision}").to_yaml())
     ref = rrepa("train", "--config", str(cfg), "--out", str(tmp_path / "ref"))
     killed = rrepa("train", "--config", str(cfg), "--out", str(tmp_path / "run"), script=KILLER,
                    env={**ENV, "KILL_AT_CALL": "8"})  # dies inside step 8, after the checkpoint at step 6

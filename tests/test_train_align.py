@@ -201,6 +201,8 @@ def test_in_training_evaluation(data, tmp_path, monkeypatch):
     for r in evals:
         assert r["eval_num_samples"] == 12 and r["eval_fid"] > 0 and r["eval_is"] >= 1
         assert 0 <= r["eval_class_accuracy"] <= 1 and r["eval_feature_network"].startswith("fmnist-cnn@")
+        # The run's resolved precision beside the metrics, which keep their own `precision` (of precision / recall).
+        assert r["eval_dtype"] in ("fp32", "bf16") and 0 <= r["eval_precision"] <= 1
     assert list((tmp_path / "cache" / "stats").glob("*.npz"))  # the training split's statistics, cached
     assert (run / "loss.png").is_file()  # the loss curve skips the evaluation lines
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
@@ -256,7 +258,7 @@ def test_cuda_bf16_training_with_reverse_alignment(data, cache, tmp_path):
     """R-REPA (pseudo) trains on the GPU under bf16 autocast: finite losses that add up, and the checkpoint
     and exported weights load on the CPU."""
     run = tmp_path / "run"
-    cfg = tiny(data, *ALIGN, "align.strategy=reverse", "align.reverse=pseudo", "train.bf16=true",
+    cfg = tiny(data, *ALIGN, "align.strategy=reverse", "align.reverse=pseudo", "train.precision=bf16",
                "train.steps=4", "train.ckpt_every=2")
     train(cfg, run, device="cuda")
     for x in rows(run):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ import yaml
 from rrepa.align import AlignConfig
 from rrepa.data import DataConfig
 from rrepa.flow import FlowConfig
+from rrepa.precision import check_precision
 
 EVAL_FEATURES = ("fmnist", "inception")
 
@@ -49,7 +51,10 @@ class TrainConfig:
     steps: int = 100_000  # optimiser steps
     label_drop: float = 0.1  # probability of training a label as the null label (for guidance)
     ema_decay: float = 0.9999  # EMA of the weights (used for samples and evaluation); warmed up as (1+s)/(10+s)
-    bf16: bool = True  # bfloat16 autocast on CUDA; CPU always trains in float32
+    # auto | fp32 | bf16 (rrepa.precision): bf16 autocast for training, evaluation and sampling; auto = bf16 where
+    # the device computes it natively (CUDA >= Ampere, AVX512_BF16 / AMX / arm64 BF16 CPUs), else fp32. A run
+    # stores the resolved choice in its config.yaml and checkpoints, so a resume keeps it.
+    precision: str = "auto"
     compile: bool = False  # torch.compile the flow
     seed: int = 0  # seeds the model init, the data order and (plus the rank) the noise
     # Uniform dequantization of the 8-bit training images, x = (pixel + u) / 128 - 1 with u ~ U[0, 1): TARFlow's
@@ -143,6 +148,7 @@ class RunConfig:
         if t.eval_every < 0 or t.eval_samples < 2 or t.eval_guidance < 0:
             raise ValueError(f"need train.eval_every >= 0, train.eval_samples >= 2 and train.eval_guidance >= 0, "
                              f"got {t.eval_every}, {t.eval_samples}, {t.eval_guidance}")
+        check_precision(t.precision, "train.precision")
         if t.eval_features not in EVAL_FEATURES:
             raise ValueError(f"train.eval_features must be one of {', '.join(EVAL_FEATURES)}, got {t.eval_features!r}")
         a, m, d = self.align, self.model, self.data
@@ -232,7 +238,7 @@ def merge(cfg: RunConfig, changes: Mapping[str, Any], source: str) -> RunConfig:
     ({'optim.lr': '1e-3'}) or both. Strings are parsed into the field's type."""
     sections = {f.name: getattr(cfg, f.name) for f in fields(RunConfig)}
     updates: dict[str, dict[str, Any]] = {name: {} for name in sections}
-    for key, value in _flatten(changes).items():
+    for key, value in _legacy(_flatten(changes), source).items():
         section, _, name = key.partition(".")
         if section not in sections or name not in {f.name for f in fields(sections[section])}:
             close = difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.5)
@@ -242,6 +248,23 @@ def merge(cfg: RunConfig, changes: Mapping[str, Any], source: str) -> RunConfig:
         hints = typing.get_type_hints(type(sections[section]))
         updates[section][name] = _coerce(value, hints[name], f"{key} in {source}")
     return RunConfig(**{name: replace(obj, **updates[name]) for name, obj in sections.items()})
+
+
+def _legacy(changes: dict[str, Any], source: str) -> dict[str, Any]:
+    """Keys of older rrepa versions, translated with a one-line note: train.bf16 (bf16 autocast on CUDA, float32 on
+    the CPU) becomes train.precision (true: auto, false: fp32) unless train.precision is also given. Configs
+    stored by runs of those versions (config.yaml, checkpoints) keep loading."""
+    if "train.bf16" not in changes:
+        return changes
+    changes = dict(changes)
+    value = _coerce(changes.pop("train.bf16"), bool, f"train.bf16 in {source}")
+    if "train.precision" in changes:
+        note = f"ignored, since train.precision={changes['train.precision']} is given too"
+    else:
+        changes["train.precision"] = "auto" if value else "fp32"
+        note = f"read as train.precision={changes['train.precision']} (auto | fp32 | bf16, for every device)"
+    warnings.warn(f"train.bf16 in {source} is deprecated: {note}", FutureWarning, stacklevel=3)
+    return changes
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

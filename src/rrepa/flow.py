@@ -18,6 +18,7 @@ position, so token 0 gets (mu, alpha) = (0, 0). Block inputs and outputs are in 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from rrepa.jacobi import Jacobi, SampleStats, as_sampler
+from rrepa.precision import bf16_active, float32
 
 Position = tuple[int, int]  # 1-indexed (block t, layer l)
 
@@ -260,14 +262,24 @@ class Layer(nn.Module):
         q, k, v = self.qkv(self.attn_norm(h)).view(B, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         if q_scale is not None:
             q = q * q_scale.to(q.dtype)
+        attention = contextlib.nullcontext()
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            # Under bf16 autocast on the CPU, attention runs in float32 (autocast would cast it back to bfloat16):
+            # PyTorch's CPU attention kernels are ~3x slower in bfloat16 than in float32 (forward + backward;
+            # benchmarks/bench_precision.py), and at these sequence lengths attention is a small share of a step's
+            # FLOPs. The projections around it stay bfloat16.
+            q, k, v = q.float(), k.float(), v.float()
+            attention = torch.autocast("cpu", enabled=False)
         if cache is None:
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            with attention:
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             start = cache.n
             k, v = cache.append(k, v)
             # Query j sits at position start + j: it sees every cached key and the chunk's keys up to itself.
             mask = None if n == 1 else torch.ones(n, start + n, dtype=torch.bool, device=h.device).tril(start)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            with attention:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         h = h + self.attn_out(a.transpose(1, 2).reshape(B, n, width))
         return h + self.fc2(F.gelu(self.fc1(self.mlp_norm(h))))
 
@@ -393,7 +405,7 @@ class FlowBlock(nn.Module):
 
     def reverse_jacobi(self, z: Tensor, e: Tensor | None, e_null: Tensor | None = None, guidance: float = 0.0,
                        anneal: bool = False, attn_temp: float = 1.0, tol: float = 0.0, chunk: int | None = None,
-                       max_iters: int | None = None) -> tuple[Tensor, list[int]]:
+                       max_iters: int | None = None, x0: Tensor | None = None) -> tuple[Tensor, list[int]]:
         """Invert the block by Jacobi iterations: z (B, N, D) raster order -> x (B, N, D) raster order, and the
         iterations each chunk took.
 
@@ -405,9 +417,12 @@ class FlowBlock(nn.Module):
         triangular), so c iterations give the sequential solution and are never exceeded. A chunk stops
         earlier when max |dx| over the chunk and the batch drops below tol (tol = 0: never), or after
         max_iters. Guidance, its annealing and attn_temp are those of `reverse`, token by token.
+        x0: (B, N, D) raster order, the starting point of the iterations (None: z), e.g. a bf16 solution that float32
+        iterations refine; the bound of c iterations holds from any start.
         """
         B, N, _ = z.shape
         zp = self.permute(z)
+        start = zp if x0 is None else self.permute(x0.to(z.dtype))
         guided = guidance != 0
         e, q_scale = self._branches(z, e, e_null, guided, attn_temp)
         caches = [KVCache(N) for _ in self.layers]
@@ -423,7 +438,7 @@ class FlowBlock(nn.Module):
                 w = guidance * torch.arange(s + 1, s + c + 1, dtype=z.dtype, device=z.device)[:, None] / (N - 1) \
                     if anneal else guidance
             z_c = zp[:, s + 1 : s + c + 1]
-            x = z_c
+            x = start[:, s + 1 : s + c + 1]
             for k in range(1, cap + 1):
                 for cache in caches:
                     cache.rewind(s)
@@ -667,8 +682,13 @@ class TARFlow(nn.Module, PyTorchModelHubMixin, library_name="rrepa", tags=["norm
                 x = block.reverse(x, e, e_null, guidance, anneal, attn_temp, kv_cache)
                 iters = [1] * (N - 1)
             else:
-                x, iters = block.reverse_jacobi(x, e, e_null, guidance, anneal, attn_temp, jacobi.tol, jacobi.chunk,
-                                                jacobi.max_iters)
+                args = (e, e_null, guidance, anneal, attn_temp, jacobi.tol, jacobi.chunk, jacobi.max_iters)
+                z_t = x
+                x, iters = block.reverse_jacobi(z_t, *args)
+                if jacobi.refine and bf16_active(x.device):
+                    with float32(x.device):
+                        x, more = block.reverse_jacobi(z_t, *args, x0=x)
+                    iters = [a + b for a, b in zip(iters, more)]
             stats.blocks.append(t)
             stats.sequential.append(sequential)
             stats.iters.append(iters)
@@ -699,7 +719,9 @@ class TARFlow(nn.Module, PyTorchModelHubMixin, library_name="rrepa", tags=["norm
         """One score step (Tweedie): x + sigma^2 * grad_x log p(x | y), gradient through the whole flow.
         x: (B, C, H, W) -> (B, C, H, W), detached."""
         sigma = self.cfg.sigma if sigma is None else sigma
-        with torch.enable_grad():
+        # float32 even inside a bf16 region: the step adds sigma^2 * score to the image, so an error of the score
+        # is an error of every pixel (docs/DESIGN.md section 8); it is one pass, next to the reverse's N.
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             x = x.detach().requires_grad_(True)
             (score,) = torch.autograd.grad(self.log_prob(x, y).sum(), x)
         return (x + sigma**2 * score).detach()

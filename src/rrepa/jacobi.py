@@ -21,6 +21,10 @@ class Jacobi:
     chunk: int | None = None  # input positions per chunk (None: all N - 1 of a block at once)
     max_iters: int | None = None  # iterations per chunk at most (None: the chunk's length, where it is exact)
     sequential_blocks: int = 0  # the first this many generated blocks (T, T - 1, ...) run the sequential sampler
+    # Under bf16 autocast: after a block's bf16 iterations, float32 iterations start from their result and run until
+    # tol holds in float32 (a mixed-precision fixed point: the cheap passes do most of the way, the result is the
+    # float32 solution's). Their passes are counted in SampleStats too. No effect in float32.
+    refine: bool = True
 
     def __post_init__(self) -> None:
         if not self.tol >= 0:

@@ -55,6 +55,9 @@ from rrepa.flow import TARFlow
 from rrepa.latent_run import ImageSpace, check_vae_matches_model, eval_dataset, is_latent, latent_dataset, load_run_vae
 from rrepa.latents import image_dataset
 from rrepa.objective import Batches, Objective
+from rrepa.precision import autocast as precision_autocast
+from rrepa.precision import describe as describe_precision
+from rrepa.precision import resolve_precision
 from rrepa.run import check_run_dir, default_run_dir, init_weights, locked_by_rank0, make_run_dir
 from rrepa.runlog import RunLog, Window
 from rrepa.sample import grid_labels
@@ -90,6 +93,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
            stop: InterruptFlag, cleanup: contextlib.ExitStack) -> dict:
     t_start = time.time()
     cfg.validate()
+    # The resolved precision is what the run stores (config.yaml, checkpoints): a resume keeps it on any machine.
+    setting = cfg.train.precision
+    cfg = replace(cfg, train=replace(cfg.train, precision=resolve_precision(setting, d.device)))
     o, t = cfg.optim, cfg.train
     micro = cfg.micro_batch(d.world_size)
     check_run_dir(run_dir, resume, overwrite)
@@ -140,7 +146,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
         loss_fn = torch.compile(loss_fn)
     trainable = list(objective.parameters())  # the flow's, then the projectors'
     optimizer, scheduler = build_optimizer(trainable, cfg, d)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.bf16 and d.device.type == "cuda")
+    autocast = precision_autocast(t.precision, d.device)  # training, evaluation and sampling alike
 
     step, skipped, elapsed = 0, 0, 0.0  # elapsed: wall seconds of the run before this process, across resumes
     if resume:
@@ -156,7 +162,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
         what = f"latents of VAE {vae.name} (decoded for grids and evaluation)" if vae is not None else "images"
         say(f"run folder {run_dir}: {model.num_params() / 1e6:.2f} M parameters{proj}, {len(dataset)} training {what}, "
             f"{d.world_size} process(es) x {o.grad_accum} x {micro} {'latents' if vae else 'images'} per step on "
-            f"{d.device}")
+            f"{d.device}, precision {describe_precision(t.precision, setting)}")
 
     # ---- what a run shows ---------------------------------------------------------------------
     space = ImageSpace(vae) if vae is not None else None  # model outputs -> images, for grids and evaluation
@@ -214,10 +220,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
                 terms = {"nll": f"{row['nll']:.4f}", "align": f"{row['align_loss']:.4f}"} if "align_loss" in row else {}
                 bar.set_postfix(loss=f"{row['loss']:.4f}", **terms, skipped=skipped)
         if evaluation is not None and step % t.eval_every == 0:
-            with rng_preserved():
-                log.write_eval(step, {**evaluation(ema, step), "wall_s": round(time.time() - t_run, 1)})
+            with rng_preserved(), autocast:
+                log.write_eval(step, {**evaluation(ema, step), "dtype": t.precision,
+                                      "wall_s": round(time.time() - t_run, 1)})
         if d.is_main and t.sample_every and step % t.sample_every == 0 and step < t.steps:
-            log.grid(ema, grid_z, grid_y, grid_cols, t.sample_guidance, step)
+            with autocast:
+                log.grid(ema, grid_z, grid_y, grid_cols, t.sample_guidance, step)
         stopping = distributed.any_true(bool(stop), d)  # collective: every process stops here
         if step % t.ckpt_every == 0 or step == t.steps or stopping:
             checkpoint(run_dir, model, ema, optimizer, scheduler, step, skipped, sampler, cfg, d, head,
@@ -237,11 +245,13 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
         meta = {"step": str(step)}
         save_weights(run_dir / "ema.safetensors", ema, {**meta, "weights": "ema"})
         save_weights(run_dir / "model.safetensors", model, {**meta, "weights": "raw"})
-        log.grid(ema, grid_z, grid_y, grid_cols, t.sample_guidance, step)
+        with autocast:
+            log.grid(ema, grid_z, grid_y, grid_cols, t.sample_guidance, step)
         log.loss_curve()
         log.close()
     if t.eval_bpd:
-        summary["bpd"] = final_bpd(ema, cfg, step, run_dir, d, say, vae)
+        with autocast:
+            summary["bpd"] = final_bpd(ema, cfg, step, run_dir, d, say, vae)
     summary["wall_s"] = time.time() - t_start
     say(f"done: {step} steps in {summary['wall_s'] / 60:.1f} min, {skipped} skipped; results in {run_dir}")
     return summary
@@ -354,7 +364,7 @@ def final_bpd(ema: TARFlow, cfg: RunConfig, step: int, run_dir: Path, d: Dist, s
     t = cfg.train
     test_set = eval_dataset(cfg.data, "test", vae, device=d.device, progress=d.is_main, log=say)
     result = evaluate_bpd(ema, test_set, t.eval_batch_size, d, seed=t.seed, conditional=False)
-    result.update(split="test", weights="ema", step=step, train_dequantize=t.dequantize)
+    result.update(split="test", weights="ema", step=step, train_dequantize=t.dequantize, dtype=t.precision)
     lines = [describe_bpd(result)]
     if cfg.model.num_classes > 0:
         cond = evaluate_bpd(ema, test_set, t.eval_batch_size, d, seed=t.seed, conditional=True)

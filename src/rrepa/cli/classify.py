@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rrepa.cli.options import add_data_dir, add_device
+from rrepa.cli.options import add_data_dir, add_device, add_precision, precision_scope
 from rrepa.data import build_dataset
 from rrepa.distributed import resolve_device
 from rrepa.eval.classify import (
@@ -83,12 +83,15 @@ def cmd_classify(args: argparse.Namespace) -> None:
     model, info = load_run(args.ckpt, args.weights, device, warn=tqdm.write)
     K = num_classes(model)  # before loading any data: an unconditional model fails here
     dataset = dataset_for(model, info, args.split, args.data_dir, args.dataset)
-    result = evaluate(model, dataset, methods, noise=args.noise, limit=args.limit, batch_size=args.batch_size,
-                      seed=args.seed, steps=args.steps, step_size=args.step_size, max_rows=args.bayes_rows)
+    scope, precision = precision_scope(args, device)
+    with scope:
+        result = evaluate(model, dataset, methods, noise=args.noise, limit=args.limit, batch_size=args.batch_size,
+                          seed=args.seed, steps=args.steps, step_size=args.step_size, max_rows=args.bayes_rows)
     out = Path(args.out) if args.out else default_out_dir(args.ckpt, f"classify-{args.split}")
     out.mkdir(parents=True, exist_ok=True)
     report = {"ckpt": info["file"], "step": info["step"], "weights": info["weights"], "split": args.split,
-              "noise": args.noise, "sigma": model.cfg.sigma, "seed": args.seed, "images": result["images"],
+              "noise": args.noise, "sigma": model.cfg.sigma, "seed": args.seed, "dtype": precision,
+              "images": result["images"],
               "num_classes": K, "multi_step": {"steps": args.steps, "step_size": args.step_size},
               "agreement": result["agreement"], "methods": {}}
     for m, r in result["methods"].items():
@@ -102,7 +105,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
         if "top5" in r:
             line += f"  top-5 {100 * r['top5']:6.2f}%"
         print(line + f"  ({1000 * r['seconds_per_image']:.2f} ms/image, {result['images']} images, "
-                     f"noise {args.noise})")
+                     f"noise {args.noise}, {precision})")
     for pair, frac in result["agreement"].items():
         print(f"agreement {pair}: {100 * frac:.2f}%")
     path = out / "classify.json"
@@ -135,6 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "ascent on the class logits) or the exact Bayes classifier argmax_k "
                                    "log p(x | k) (K forward passes).")
     add_common_args(p)
+    add_precision(p)
     p.add_argument("--split", choices=("train", "test"), default="test")
     p.add_argument("--method", choices=(*METHODS, "all"), default="one-step",
                    help="classifier (default one-step; all runs the three on the same inputs)")

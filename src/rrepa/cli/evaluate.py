@@ -9,13 +9,14 @@ import sys
 
 import torch
 
-from rrepa.cli.options import add_data_dir, add_device, add_output, output_path
+from rrepa.cli.options import add_data_dir, add_device, add_output, add_precision, output_path
 from rrepa.distributed import resolve_device
 from rrepa.eval.inception import INCEPTION_FILENAME
 from rrepa.eval.npz import read_samples_npz
 from rrepa.eval.reference import DEFAULT_PR_MAX, reference_stats
 from rrepa.eval.samples import build_feature_network, evaluate_samples, format_markdown, samples_from_checkpoint
 from rrepa.fmnist.evaluator import default_evaluator_path, load_evaluator_file, train_and_save_evaluator
+from rrepa.precision import resolve_precision
 from rrepa.utils import atomic_write
 
 
@@ -40,9 +41,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                              f"the same N)")
         log(f"drawing {args.num_samples} samples from {args.ckpt} ({args.weights} weights, seed {args.seed}, "
             f"guidance {args.guidance}, temperature {args.temperature})")
+        precision = resolve_precision(args.precision, device)  # the flow's sampling; feature networks stay float32
         images, labels = samples_from_checkpoint(
             args.ckpt, args.num_samples, batch_size=args.sample_batch_size, seed=args.seed, device=device,
-            weights=args.weights, progress=True, guidance=args.guidance, temperature=args.temperature)
+            weights=args.weights, progress=True, precision=precision, guidance=args.guidance,
+            temperature=args.temperature)
     else:
         images, labels = read_samples_npz(args.samples)
         if images.shape[0] < least:
@@ -61,7 +64,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                            batch_size=args.batch_size, progress=True, fid_method=args.fid_method)
     if args.ckpt is not None:
         res.update(ckpt=str(args.ckpt), weights=args.weights, seed=args.seed, guidance=args.guidance,
-                   temperature=args.temperature)
+                   temperature=args.temperature, dtype=precision)
     else:
         res.update(samples=str(args.samples))
     res.update(ref=str(args.ref))
@@ -136,6 +139,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-ref-stats", metavar="PATH", help="also write the reference statistics to this npz")
     p.add_argument("--out", help="write the results as JSON here")
     add_device(p)
+    add_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("evaluator", help="the embedded Fashion-MNIST evaluator (train, info)")

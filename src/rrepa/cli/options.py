@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
+
+import torch
+
+from rrepa.precision import PRECISIONS, autocast, resolve_precision
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -30,3 +35,17 @@ def output_path(args: argparse.Namespace, default: Path) -> Path:
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to retrain and replace it (or --out elsewhere)")
     return out
+
+
+def add_precision(p: argparse.ArgumentParser) -> None:
+    """--precision auto | fp32 | bf16 (rrepa.precision), read with precision_scope."""
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="bf16: bfloat16 autocast for the flow (samples are denoised, and measured, in float32); "
+                        "auto (default): bf16 where the device computes it natively, else fp32")
+
+
+def precision_scope(args: argparse.Namespace, device: torch.device | str) -> tuple[contextlib.AbstractContextManager,
+                                                                                    str]:
+    """(the autocast context of args.precision on device, the resolved precision: fp32 or bf16)."""
+    resolved = resolve_precision(args.precision, device)
+    return autocast(resolved, device), resolved

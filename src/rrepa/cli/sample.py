@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from rrepa import distributed
-from rrepa.cli.options import add_data_dir, add_device
+from rrepa.cli.options import add_data_dir, add_device, add_precision, precision_scope
 from rrepa.eval.bpd import describe_bpd, evaluate_bpd
 from rrepa.jacobi import Jacobi, as_sampler
 from rrepa.latent_run import ImageSpace, data_config, eval_dataset, is_latent, load_run_vae
@@ -46,10 +46,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
             labels = torch.full((args.num_samples,), args.class_label, dtype=torch.int64)
         else:
             labels = torch.arange(args.num_samples) % K  # one column per class in the grid
-        mine = generate(model, labels, args.num_samples, args.batch_size, args.seed, d, guidance=args.guidance,
-                        anneal=args.anneal, attn_temp=args.attn_temp, temperature=args.temperature,
-                        denoise=not args.no_denoise, sampler=sampler or "sequential", return_stats=True,
-                        to_images=space)
+        scope, precision = precision_scope(args, d.device)
+        with scope:
+            mine = generate(model, labels, args.num_samples, args.batch_size, args.seed, d, guidance=args.guidance,
+                            anneal=args.anneal, attn_temp=args.attn_temp, temperature=args.temperature,
+                            denoise=not args.no_denoise, sampler=sampler or "sequential", return_stats=True,
+                            to_images=space)
         parts: dict = {}
         stats = None
         for shard, shard_stats in distributed.gather_objects(mine, d):
@@ -68,7 +70,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
             save_npz(out.with_suffix(".npz"), x, labels)
             N, C, H, W = x.shape
             print(f"wrote {out.with_suffix('.npz')}: arr_0 ({N}, {H}, {W}, {C}) uint8"
-                  f"{', labels' if labels is not None else ''}{' (decoded latents)' if space.latent else ''}")
+                  f"{', labels' if labels is not None else ''}{' (decoded latents)' if space.latent else ''}, "
+                  f"drawn in {precision}")
         if "png" in formats:
             save_grid(x, out.with_suffix(".png"), K if K and args.class_label is None else 10)
             print(f"wrote {out.with_suffix('.png')}")
@@ -86,9 +89,11 @@ def cmd_bpd(args: argparse.Namespace) -> None:
         # A latent run: the split's latents (cached on first use) under the training noise, per latent dimension.
         vae = load_run_vae(data, d.device) if is_latent(data) else None
         dataset = eval_dataset(data, args.split, vae, device=d.device, progress=d.is_main)
-        result = evaluate_bpd(model, dataset, args.batch_size, d, seed=args.seed,
-                              conditional=args.conditional, max_images=args.max_images)
-        result.update(split=args.split, weights=args.weights, step=info["step"], ckpt=info["file"],
+        scope, precision = precision_scope(args, d.device)
+        with scope:
+            result = evaluate_bpd(model, dataset, args.batch_size, d, seed=args.seed,
+                                  conditional=args.conditional, max_images=args.max_images)
+        result.update(dtype=precision, split=args.split, weights=args.weights, step=info["step"], ckpt=info["file"],
                       # None: unknown (weights without a run config); runs from before the option did not dequantize
                       train_dequantize=(info["config"]["train"].get("dequantize", False)
                                         if "train" in info["config"] else None))
@@ -130,6 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="png,npz", help="png, npz or png,npz")
     p.add_argument("--out", help="output path without extension (default <run>/samples-seed<seed>)")
     add_device(p)
+    add_precision(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bpd", help="bits/dim of a dataset split (uniform dequantization, null label)",
@@ -150,4 +156,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise")
     p.add_argument("--json", help="also write the result to this JSON file")
     add_device(p)
+    add_precision(p)
     p.set_defaults(func=cmd_bpd)

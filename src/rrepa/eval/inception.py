@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rrepa.precision import float32
 from rrepa.utils import as_nchw_uint8, is_offline
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,8 @@ class InceptionFeatures:
             if xb.shape[1] == 1:
                 xb = xb.expand(-1, 3, -1, -1)
             self._spatial = None
-            pool, logits = self.net(xb.contiguous().to(self.device))
+            with float32(self.device):  # the instrument stays fixed under a bf16 run: FIDs compare across precisions
+                pool, logits = self.net(xb.contiguous().to(self.device))
             sp = self._spatial
             if sp is None or tuple(sp.shape[1:]) != (192, 17, 17):
                 raise RuntimeError(f"Mixed_6d.branch1x1 gave {None if sp is None else tuple(sp.shape)}, "

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from rrepa.fmnist.dataset import find_fashion_mnist, load_fashion_mnist
+from rrepa.precision import float32
 from rrepa.run import run_lock
 from rrepa.utils import Interrupted, as_nchw_uint8, atomic_write, cache_dir, deferred_interrupts, torch_save
 
@@ -163,7 +164,8 @@ class FMNISTEvaluator:
         pools, probs = [], []
         for lo in range(0, x.shape[0], bs):
             xb = preprocess(x[lo:lo + bs]).to(self.device)
-            h, logits = self.model.features_and_logits(xb)
+            with float32(self.device):  # the instrument stays fixed under a bf16 run: FIDs compare across precisions
+                h, logits = self.model.features_and_logits(xb)
             pools.append(h.float().cpu())
             probs.append(torch.softmax(logits.double(), dim=1).cpu())
             if progress is not None:

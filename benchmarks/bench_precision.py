@@ -1,0 +1,156 @@
+"""float32 against bfloat16 autocast (train.precision), measured in one run, interleaved, for what a run spends its
+time on: the training step (fmnist, fmnist-latent, a 32 x 32 x 3 patch-2 model, a width-768 paper-shaped model with
+few layers), the R-REPA step, the one-step and Bayes classifiers, and sampling (sequential and Jacobi).
+
+    python benchmarks/bench_precision.py                       # threads: all cores
+    OMP_NUM_THREADS=1 python benchmarks/bench_precision.py --repeats 5
+    python benchmarks/bench_precision.py --ckpt results/fmnist-precision/runs/baseline_bf16-s0   # a trained flow
+
+Times are medians of --repeats calls, fp32 and bf16 alternating call by call (so that load on a shared machine
+hits both alike), after one warm-up call each. Ratios are bf16 / fp32 (< 1: bf16 is faster). Sampling also prints
+how far the bf16 images lie from the float32 sequential sampler's on the same z (max |dx| in [-1, 1] units; one
+uint8 level is 0.0078). Without --ckpt the flows are random with a perturbed proj_out (the arithmetic of a trained
+flow, not its values): give a trained run for the drift figures that matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from common import trained_like
+
+from rrepa.align import AlignHead
+from rrepa.config import preset_model, resolve
+from rrepa.eval.classify import class_log_likelihoods, one_step_scores
+from rrepa.flow import FlowConfig, TARFlow
+from rrepa.jacobi import Jacobi
+from rrepa.objective import Objective
+from rrepa.precision import autocast, cpu_has_native_bf16
+from rrepa.run import load_run
+from rrepa.sample import draw
+
+
+def interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each call, the calls alternating, after one warm-up each."""
+    for fn in calls.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def train_step(model: TARFlow, batch: int, head: AlignHead | None = None, dim: int = 0) -> Callable[[str], None]:
+    """One AdamW step of the objective (NLL, plus R-REPA pseudo when head is given) on a random batch."""
+    cfg = model.cfg
+    objective = Objective(model, head)
+    opt = torch.optim.AdamW(objective.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, cfg.in_channels, cfg.image_height, cfg.image_width, generator=g) * 2 - 1
+    y = torch.randint(0, max(cfg.num_classes, 1), (batch,), generator=g) if cfg.num_classes else None
+    tokens = torch.randn(batch, cfg.num_tokens, dim, generator=g) if head is not None else None
+    hw = cfg.grid if head is not None else None
+
+    def step(precision: str) -> None:
+        with autocast(precision, "cpu"):
+            loss, _ = objective(x + cfg.sigma * torch.randn_like(x), y, 0.1, tokens, hw)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def row(name: str, t: dict[str, float], extra: str = "") -> str:
+    return f"| {name} | {1000 * t['fp32']:.1f} | {1000 * t['bf16']:.1f} | {t['bf16'] / t['fp32']:.2f}x | {extra} |"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=128, help="training batch of the Fashion-MNIST models")
+    ap.add_argument("--samples", type=int, default=100, help="images drawn by the sampling rows")
+    ap.add_argument("--ckpt", help="a trained fmnist run (folder, ckpt or safetensors) for the classifier and "
+                                   "sampling rows (default: a random fmnist-shaped flow)")
+    ap.add_argument("--skip-large", action="store_true", help="leave out the 32 x 32 and width-768 training rows")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"{torch.get_num_threads()} thread(s); native bf16 on this CPU: {cpu_has_native_bf16()}; "
+          f"torch {torch.__version__}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n")
+    print("| what | fp32 ms | bf16 ms | bf16 / fp32 | notes |")
+    print("|---|---|---|---|---|")
+
+    # ---- training steps ---------------------------------------------------------------------
+    shapes: list[tuple[str, FlowConfig, int]] = [
+        ("train step, fmnist (batch %d)" % args.batch, preset_model("fmnist"), args.batch),
+        ("train step, fmnist-latent (batch %d)" % args.batch, preset_model("fmnist-latent"), args.batch)]
+    if not args.skip_large:
+        shapes += [("train step, 32 x 32 x 3 patch 2, width 256, 4 x 2 (batch 32)",
+                    FlowConfig(in_channels=3, image_height=32, image_width=32, patch_size=2, width=256,
+                               num_blocks=4, layers_per_block=2, num_classes=10), 32),
+                   ("train step, width 768, 64 x 64 patch 2, 2 x 1 layers (batch 4)",
+                    preset_model("imagenet64", num_blocks=2, layers_per_block=1), 4)]
+    for name, cfg, batch in shapes:
+        step = train_step(trained_like(cfg), batch)
+        print(row(name, interleaved({p: (lambda p=p: step(p)) for p in ("fp32", "bf16")}, args.repeats)), flush=True)
+    cfg = resolve("fmnist", overrides=["align.enabled=true"])
+    model = trained_like(cfg.model)
+    head = AlignHead(cfg.align, cfg.model.width, 128)
+    step = train_step(model, args.batch, head, 128)
+    print(row(f"R-REPA (pseudo) step, fmnist (batch {args.batch})",
+              interleaved({p: (lambda p=p: step(p)) for p in ("fp32", "bf16")}, args.repeats)), flush=True)
+
+    # ---- classifiers and sampling, on a trained flow when given -------------------------------
+    if args.ckpt:
+        model, info = load_run(args.ckpt, "ema", "cpu")
+        what = f"{args.ckpt} (EMA, step {info['step']})"
+    else:
+        model, what = trained_like(preset_model("fmnist"), class_embed_std=0.02), "a random fmnist-shaped flow"
+    model.requires_grad_(False)
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(64, cfg.in_channels, cfg.image_height, cfg.image_width, generator=g) * 2 - 1
+
+    def classify(fn, precision):
+        with autocast(precision, "cpu"):
+            return fn(model, x).float()
+
+    for name, fn in (("one-step classifier, 64 images", one_step_scores),
+                     ("Bayes classifier, 64 images x 10 classes", class_log_likelihoods)):
+        t = interleaved({p: (lambda p=p, fn=fn: classify(fn, p)) for p in ("fp32", "bf16")}, args.repeats)
+        ref, low = classify(fn, "fp32"), classify(fn, "bf16")
+        agree = (ref.argmax(1) == low.argmax(1)).float().mean().item()
+        print(row(name, t, f"argmax agreement {100 * agree:.1f} %"), flush=True)
+
+    n = args.samples
+    z = torch.randn(n, cfg.in_channels, cfg.image_height, cfg.image_width, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(n) % cfg.num_classes if cfg.num_classes else None
+    exact = draw(model, z, y)  # float32, sequential: the reference images
+
+    def sample(precision: str, sampler):
+        with autocast(precision, "cpu"):
+            return draw(model, z, y, sampler=sampler)
+
+    sequential = interleaved({p: (lambda p=p: sample(p, "sequential")) for p in ("fp32", "bf16")}, args.repeats)
+    drift = (sample("bf16", "sequential") - exact).abs().max().item()
+    print(row(f"sample {n}, sequential", sequential, f"bf16 max abs dx {drift:.4f}"), flush=True)
+    jac = Jacobi()
+    t = interleaved({"fp32": lambda: sample("fp32", jac), "bf16": lambda: sample("bf16", jac)}, args.repeats)
+    err32, err16 = ((sample(p, jac) - exact).abs().max().item() for p in ("fp32", "bf16"))
+    print(row(f"sample {n}, jacobi (defaults; bf16 then float32 refinement)", t,
+              f"max abs dx: fp32 {err32:.4f}, bf16 {err16:.4f}; bf16 jacobi / fp32 sequential "
+              f"{t['bf16'] / sequential['fp32']:.2f}x"), flush=True)
+    print(f"\nclassifiers and sampling on {what}")
+
+
+if __name__ == "__main__":
+    main()
