@@ -184,6 +184,36 @@ def test_a_full_disk_while_checkpointing(data, tmp_path, capsys, monkeypatch):
     assert not list(run.glob(".*.tmp")) and not (run / ".lock").exists()
 
 
+@pytest.mark.parametrize("fails,cause,expected,unexpected", [
+    # A full disk before the first checkpoint: nothing to --resume from (issue #33 item 4).
+    ("ckpt", errno.ENOSPC, ["ckpt-0000003.pt: No space left on device", "no earlier checkpoint exists",
+                            "start the run again with --overwrite"], ["--resume"]),
+    # An immutable `last` pointer: the pointer is named, not the complete checkpoint (issue #33 item 5).
+    ("last", errno.EPERM, ["checkpoint pointer {run}/last: Operation not permitted",
+                           "{run}/ckpt-0000003.pt is complete", "--resume {run}"], ["could not write checkpoint"]),
+])
+def test_a_failed_first_checkpoint_says_what_will_work(data, tmp_path, capsys, monkeypatch, fails, cause, expected,
+                                                       unexpected):
+    real = checkpoint.atomic_write
+
+    def failing(path, write):
+        if Path(path).name.startswith(fails):
+            raise OSError(cause, os.strerror(cause), str(path))
+        real(path, write)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", failing)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(tiny(data, *QUICK).to_yaml())
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--config", str(cfg), "--out", str(run))
+    line = one_error_line(err, "train")
+    assert code == 2
+    for part in expected:
+        assert part.format(run=run) in line, line
+    for part in unexpected:
+        assert part not in line, line
+
+
 def test_the_real_writer_reports_the_os_error_not_unexpected_pos(tmp_path):
     """PyTorch turns a failed write into "unexpected pos A vs B"; a file-size limit makes the kernel fail it
     (EFBIG, as a full disk gives ENOSPC) and the error must name the file and the cause."""

@@ -97,9 +97,13 @@ def save_checkpoint(run_dir: str | os.PathLike, state: Mapping, keep_last: int =
     path = run_dir / checkpoint_name(int(state["step"]))
     try:
         atomic_write(path, lambda tmp: torch_save(dict(state), tmp))
-        atomic_write(run_dir / LAST_POINTER, lambda tmp: Path(tmp).write_text(path.name + "\n"))
     except OSError as err:
         raise CheckpointWriteError(path, err) from err
+    pointer = run_dir / LAST_POINTER
+    try:
+        atomic_write(pointer, lambda tmp: Path(tmp).write_text(path.name + "\n"))
+    except OSError as err:
+        raise CheckpointWriteError(path, err, pointer=pointer) from err
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             old.unlink(missing_ok=True)
@@ -107,20 +111,33 @@ def save_checkpoint(run_dir: str | os.PathLike, state: Mapping, keep_last: int =
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (full disk, read-only folder, ...). The message names the file, the
-    cause and the newest checkpoint still intact (all are written atomically, so every ckpt-*.pt is whole)."""
+    """A checkpoint could not be written (full disk, read-only folder, ...). The message names the file that
+    failed (the checkpoint, or the `last` pointer after a complete checkpoint), the cause, the newest checkpoint
+    still intact (all are written atomically, so every ckpt-*.pt is whole) and what will work next: --resume
+    when a checkpoint exists, else starting again with --overwrite."""
 
-    def __init__(self, path: Path, err: OSError):
+    def __init__(self, path: Path, err: OSError, pointer: Path | None = None):
         super().__init__(err.errno, err.strerror)
         older = [p for p in list_checkpoints(path.parent) if p != path]
         if path.is_file():  # written; only the `last` pointer failed
             older.append(path)
-        kept = (f"nothing is lost: {older[-1]} (step {int(older[-1].stem.split('-')[1])}) is intact" if older
-                else "no earlier checkpoint exists")
         fix = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
-               errno.EROFS: "make the folder writable", errno.EACCES: "make the folder writable"}
-        self.message = (f"could not write checkpoint {path}: {err.strerror or err}; {kept}; "
-                        f"{fix.get(err.errno, 'fix the cause')} and continue with --resume {path.parent}")
+               errno.EROFS: "make the folder writable", errno.EACCES: "make the folder writable",
+               errno.EPERM: "make it writable (check its permissions and attributes: chattr -i)"
+               }.get(err.errno, "fix the cause")
+        cause = err.strerror or err
+        if pointer is not None:  # loading never reads the pointer: the checkpoint just written is the newest one
+            self.message = (f"could not update the checkpoint pointer {pointer}: {cause}; nothing is lost: {path} "
+                            f"is complete (the pointer names it for people and outside tools; --resume does not "
+                            f"read it); {fix} and continue with --resume {path.parent}")
+        elif older:
+            self.message = (f"could not write checkpoint {path}: {cause}; nothing is lost: {older[-1]} (step "
+                            f"{int(older[-1].stem.split('-')[1])}) is intact; {fix} and continue with --resume "
+                            f"{path.parent}")
+        else:  # nothing to resume from: --resume would fail with "no checkpoints"
+            self.message = (f"could not write checkpoint {path}: {cause}; no earlier checkpoint exists, so "
+                            f"there is nothing to resume; {fix} and start the run again with --overwrite (or "
+                            f"another --out)")
 
     def __str__(self) -> str:
         return self.message
