@@ -76,13 +76,16 @@ def test_cpu_attention_runs_in_float32_under_bf16_autocast(monkeypatch):
 
 def test_what_stays_float32_under_bf16():
     """z, the log-determinant, the NLL and the objective's loss are float32 under bf16 autocast, close to fp32's;
-    the denoising score step ignores autocast altogether (bit for bit the float32 step)."""
+    the denoising score step and, on the CPU, the sequential sampler ignore autocast altogether (bit for bit the
+    float32 computation)."""
     model, x, y = small_flow(), torch.randn(4, 1, 8, 8) * 0.5, torch.tensor([0, 1, 2, 0])
     with precision.autocast("bf16", "cpu"):
         out = model(x, y)
         nll = model.nll(x, y)
         loss, logs = Objective(model)(x, y, 0.0, None, None)
         denoised = model.denoise(x, y)
+        sampled = model.reverse(x, y, guidance=1.0)
+    torch.testing.assert_close(sampled, model.reverse(x, y, guidance=1.0), atol=0, rtol=0)
     assert out.z.dtype == out.logdet.dtype == nll.dtype == loss.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in logs.values())
     torch.testing.assert_close(nll, model.nll(x, y), atol=0.02, rtol=0.02)

@@ -679,7 +679,13 @@ class TARFlow(nn.Module, PyTorchModelHubMixin, library_name="rrepa", tags=["norm
         for g, (t, (block, e, e_null)) in enumerate(steps):
             sequential = jacobi is None or g < jacobi.sequential_blocks
             if sequential:
-                x = block.reverse(x, e, e_null, guidance, anneal, attn_temp, kv_cache)
+                # Sampling on the CPU stays float32 under bf16 autocast: one token per pass is too small a matrix
+                # product for bf16 to be faster there, and its rounding accumulates along the tokens
+                # (benchmarks/bench_precision.py; docs/DESIGN.md section 13). With autograd (naive R-REPA) it follows
+                # the training's precision.
+                exact = x.device.type == "cpu" and not torch.is_grad_enabled() and bf16_active(x.device)
+                with float32(x.device) if exact else contextlib.nullcontext():
+                    x = block.reverse(x, e, e_null, guidance, anneal, attn_temp, kv_cache)
                 iters = [1] * (N - 1)
             else:
                 args = (e, e_null, guidance, anneal, attn_temp, jacobi.tol, jacobi.chunk, jacobi.max_iters)
@@ -720,7 +726,7 @@ class TARFlow(nn.Module, PyTorchModelHubMixin, library_name="rrepa", tags=["norm
         x: (B, C, H, W) -> (B, C, H, W), detached."""
         sigma = self.cfg.sigma if sigma is None else sigma
         # float32 even inside a bf16 region: the step adds sigma^2 * score to the image, so an error of the score
-        # is an error of every pixel (docs/DESIGN.md section 8); it is one pass, next to the reverse's N.
+        # is an error of every pixel (docs/DESIGN.md section 13); it is one pass, next to the reverse's N.
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             x = x.detach().requires_grad_(True)
             (score,) = torch.autograd.grad(self.log_prob(x, y).sum(), x)

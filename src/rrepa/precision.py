@@ -1,4 +1,4 @@
-"""Numeric precision of a run: one setting, `auto | fp32 | bf16`, for every device (docs/DESIGN.md section 8).
+"""Numeric precision of a run: one setting, `auto | fp32 | bf16`, for every device (docs/DESIGN.md section 13).
 
 bf16 is bfloat16 autocast: the transformers' matrix products run in bfloat16, while everything whose error would
 accumulate stays float32 by construction (master weights, AdamW state, EMA, the affine transform and its
