@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import trained_like
 
+from common import trained_like
 from rrepa.align import AlignHead
 from rrepa.config import preset_model, resolve
 from rrepa.eval.classify import class_log_likelihoods, one_step_scores
@@ -91,8 +91,8 @@ def main() -> None:
 
     # ---- training steps ---------------------------------------------------------------------
     shapes: list[tuple[str, FlowConfig, int]] = [
-        ("train step, fmnist (batch %d)" % args.batch, preset_model("fmnist"), args.batch),
-        ("train step, fmnist-latent (batch %d)" % args.batch, preset_model("fmnist-latent"), args.batch)]
+        (f"train step, fmnist (batch {args.batch})", preset_model("fmnist"), args.batch),
+        (f"train step, fmnist-latent (batch {args.batch})", preset_model("fmnist-latent"), args.batch)]
     if not args.skip_large:
         shapes += [("train step, 32 x 32 x 3 patch 2, width 256, 4 x 2 (batch 32)",
                     FlowConfig(in_channels=3, image_height=32, image_width=32, patch_size=2, width=256,
@@ -101,7 +101,8 @@ def main() -> None:
                     preset_model("imagenet64", num_blocks=2, layers_per_block=1), 4)]
     for name, cfg, batch in shapes:
         step = train_step(trained_like(cfg), batch)
-        print(row(name, interleaved({p: (lambda p=p: step(p)) for p in ("fp32", "bf16")}, args.repeats)), flush=True)
+        print(row(name, interleaved({p: (lambda p=p, step=step: step(p)) for p in ("fp32", "bf16")}, args.repeats)),
+              flush=True)
     cfg = resolve("fmnist", overrides=["align.enabled=true"])
     model = trained_like(cfg.model)
     head = AlignHead(cfg.align, cfg.model.width, 128)
