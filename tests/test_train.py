@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from rrepa.checkpoint import load_checkpoint, save_checkpoint
+from rrepa import cli
+from rrepa.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rrepa.config import resolve
 from rrepa.distributed import Dist, GlobalBatchSampler
 from rrepa.flow import TARFlow
@@ -138,6 +139,43 @@ def test_non_finite_steps_are_skipped(data, tmp_path, monkeypatch):
     assert ckpt["skipped"] == 2
     assert all(torch.isfinite(v).all() for v in [*ckpt["model"].values(), *ckpt["ema"].values()])
     assert int(ckpt["optimizer"]["state"][0]["step"]) == 4  # only the 4 finite steps reached AdamW
+
+
+@pytest.mark.parametrize("limit,stops", [(0.5, True), (1.0, False)])
+def test_a_diverged_run_stops_with_an_error_and_keeps_its_last_checkpoint(data, tmp_path, capsys, monkeypatch,
+                                                                         limit, stops):
+    """Issue #33 item 3: from step 5 on every loss is infinite; more than half of the run's 20 steps are skipped by
+    step 15, where it stops (exit 2) without a checkpoint or weights of that state."""
+    calls = {"n": 0}
+    forward = Objective.forward
+
+    def diverging(self, *args, **kwargs):
+        loss, logs = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("inf") if calls["n"] >= 5 else loss), logs
+
+    monkeypatch.setattr(Objective, "forward", diverging)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(tiny(data, "train.steps=20", "train.ckpt_every=2", "train.sample_every=0", "train.eval_bpd=false",
+                        f"train.max_skipped_fraction={limit}").to_yaml())
+    run = tmp_path / "run"
+    code = 0
+    try:
+        cli.main(["train", "--config", str(cfg), "--out", str(run)])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    if not stops:  # 1 = never: the run ends as before, its skipped steps counted
+        assert code == 0 and rows(run)[-1]["skipped"] == 16 and (run / "ema.safetensors").is_file()
+        return
+    line = [x for x in err.splitlines() if x.startswith("rrepa train: error:")]
+    assert code == 2 and len(line) == 1 and "Traceback" not in err, err[-2000:]
+    assert "training diverged at step 15: 11 of the last 15 steps" in line[0]
+    assert f"{run / 'ckpt-0000014.pt'}, is kept" in line[0] and "lower optim.lr" in line[0]
+    assert list_checkpoints(run)[-1].name == "ckpt-0000014.pt"
+    assert not (run / "ema.safetensors").exists() and not (run / ".lock").exists()
+    with pytest.raises(ValueError, match="max_skipped_fraction must lie in"):
+        tiny(data, "train.max_skipped_fraction=0").validate()
 
 
 def test_global_batch_sampler_shards_one_order():

@@ -68,6 +68,9 @@ class TrainConfig:
     sample_temperature: float = 1.0  # std of the grid's prior noise; < 1 trades diversity for cleaner images
     ckpt_every: int = 5000  # steps between checkpoints; one is always written at the end
     keep_last: int = 3  # checkpoints kept on disk (older ones are deleted); 0 = keep all
+    # Stop with an error (no further checkpoint, no final weights) when more than this fraction of the last 100
+    # steps (of all steps in a shorter run) were skipped as non-finite: the run has diverged; 1 = never stop.
+    max_skipped_fraction: float = 0.5
     eval_bpd: bool = True  # compute the test-split bits/dim with the EMA weights at the end
     eval_batch_size: int = 500  # batch of that evaluation (and of the samples of eval_every)
     # Sample quality during training: every eval_every steps (0 = off) FID, IS, precision / recall (and the
@@ -148,6 +151,9 @@ class RunConfig:
         if t.eval_every < 0 or t.eval_samples < 2 or t.eval_guidance < 0:
             raise ValueError(f"need train.eval_every >= 0, train.eval_samples >= 2 and train.eval_guidance >= 0, "
                              f"got {t.eval_every}, {t.eval_samples}, {t.eval_guidance}")
+        if not 0 < t.max_skipped_fraction <= 1:
+            raise ValueError(f"train.max_skipped_fraction must lie in (0, 1] (1 = never stop), got "
+                             f"{t.max_skipped_fraction}")
         check_precision(t.precision, "train.precision")
         if t.eval_features not in EVAL_FEATURES:
             raise ValueError(f"train.eval_features must be one of {', '.join(EVAL_FEATURES)}, got {t.eval_features!r}")

@@ -28,6 +28,7 @@ and nats per latent dimension.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import json
@@ -45,7 +46,13 @@ from tqdm import tqdm
 
 from rrepa import distributed
 from rrepa.align import AlignHead
-from rrepa.checkpoint import load_latest_checkpoint, load_state_checked, save_checkpoint, save_weights
+from rrepa.checkpoint import (
+    list_checkpoints,
+    load_latest_checkpoint,
+    load_state_checked,
+    save_checkpoint,
+    save_weights,
+)
 from rrepa.config import RunConfig
 from rrepa.data import build_dataset
 from rrepa.distributed import Dist, GlobalBatchSampler
@@ -182,6 +189,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
     bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", disable=not d.is_main, dynamic_ncols=True)
     cleanup.callback(bar.close)  # an error leaves the bar finished, so its message starts on a line of its own
     stop.armed = True  # from here on a signal ends the run at the next step boundary, with a checkpoint
+    divergence = DivergenceCheck(t.max_skipped_fraction, t.steps)
     while step < t.steps:
         t0 = time.time()
         loss = torch.zeros((), device=d.device)
@@ -199,7 +207,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
                 logs[k] = logs.get(k, 0.0) + v.float() / o.grad_accum
         grad_norm = nn.utils.clip_grad_norm_(trainable, o.grad_clip if o.grad_clip > 0 else math.inf)
         # A non-finite loss or gradient on any process skips the step on all of them.
-        if distributed.any_true(not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)), d):
+        non_finite = distributed.any_true(not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)), d)
+        divergence.add(non_finite)
+        if non_finite:
             skipped += 1
         else:
             optimizer.step()
@@ -226,6 +236,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
         if d.is_main and t.sample_every and step % t.sample_every == 0 and step < t.steps:
             with autocast:
                 log.grid(ema, grid_z, grid_y, grid_cols, t.sample_guidance, step)
+        if divergence.diverged:  # every process agrees (any_true above): all stop, no checkpoint of this state
+            bar.close()
+            if log is not None:
+                log.close()
+            raise divergence.error(step, run_dir)
         stopping = distributed.any_true(bool(stop), d)  # collective: every process stops here
         if step % t.ckpt_every == 0 or step == t.steps or stopping:
             checkpoint(run_dir, model, ema, optimizer, scheduler, step, skipped, sampler, cfg, d, head,
@@ -281,6 +296,44 @@ def build_optimizer(params: list[nn.Parameter], cfg: RunConfig, d: Dist):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup=o.warmup_steps, total=cfg.train.steps, min_ratio=o.min_lr_ratio))
     return optimizer, scheduler
+
+
+class TrainingDiverged(ValueError):
+    """Too many steps of a run were skipped as non-finite (train.max_skipped_fraction)."""
+
+
+class DivergenceCheck:
+    """The skipped (non-finite) steps among the last `window` ones (100, or all steps of a shorter run); diverged
+    once more than max_fraction of a window are skipped (a partial window counts against the whole one, so a
+    diverging run stops as soon as the outcome is certain)."""
+
+    WINDOW = 100
+
+    def __init__(self, max_fraction: float, steps: int):
+        self.max_fraction = max_fraction
+        self.window = max(1, min(self.WINDOW, steps))
+        self.recent: collections.deque[bool] = collections.deque(maxlen=self.window)
+
+    def add(self, skipped: bool) -> None:
+        self.recent.append(skipped)
+
+    @property
+    def count(self) -> int:
+        return sum(self.recent)
+
+    @property
+    def diverged(self) -> bool:
+        return self.max_fraction < 1 and self.count > self.max_fraction * self.window
+
+    def error(self, step: int, run_dir: Path) -> TrainingDiverged:
+        ckpts = list_checkpoints(run_dir)
+        kept = (f"the newest checkpoint, {ckpts[-1]}, is kept and no later one was written" if ckpts
+                else "no checkpoint was written")
+        return TrainingDiverged(
+            f"training diverged at step {step}: {self.count} of the last {len(self.recent)} steps had a non-finite "
+            f"loss or gradient and were skipped, more than train.max_skipped_fraction={self.max_fraction:g} of "
+            f"{self.window}; {kept}; lower optim.lr (or raise optim.warmup_steps / lower optim.grad_clip) and "
+            f"start again, or raise train.max_skipped_fraction")
 
 
 @torch.no_grad()
