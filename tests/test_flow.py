@@ -6,6 +6,7 @@ identity, so a test at initialisation proves nothing.
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -299,6 +300,72 @@ def test_sample_shapes_and_reproducibility():
     raw = model.sample(2, y, guidance=1.0, denoise=False, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(raw, model.reverse(z, y, guidance=1.0))
     torch.testing.assert_close(a, model.denoise(raw, y))
+
+
+def test_sample_keeps_the_finite_rows_of_a_diverged_batch(monkeypatch):
+    """Issue #33 item 1: a diverged sample comes back as it is, with a warning naming its row, and the others are
+    denoised exactly as without it."""
+    cfg = tiny(1, 4, 4, 2, 2, K=4)
+    model = random_flow(cfg)
+    y = torch.tensor([0, 1, 2])
+    clean = model.sample(3, y, generator=torch.Generator().manual_seed(7))
+    reverse = TARFlow.reverse
+
+    def diverging(self, z, *args, **kwargs):
+        x, stats = reverse(self, z, *args, **kwargs)
+        x = x.clone()
+        x[1] = math.nan
+        return x, stats
+
+    monkeypatch.setattr(TARFlow, "reverse", diverging)
+    with pytest.warns(RuntimeWarning, match=r"1 of 3 samples diverged \(NaN or inf\).*rows \[1\]"):
+        x = model.sample(3, y, generator=torch.Generator().manual_seed(7))
+    assert torch.isnan(x[1]).all()
+    torch.testing.assert_close(x[[0, 2]], clean[[0, 2]])
+    with pytest.raises(ValueError, match=r"in 1 of 3 images \(rows \[1\]\).*the model or sampler diverged"):
+        model.denoise(x, y)  # not "check the data pipeline" alone
+
+
+@pytest.mark.parametrize("n,kwargs,match", [
+    (0, {}, "n \\(the number of samples\\) must be an int >= 1, got 0"),
+    (-1, {}, "must be an int >= 1, got -1"),
+    (2.5, {}, "must be an int >= 1, got 2.5"),
+    (2, {"guidance": math.nan}, "guidance and attn_temp must be finite numbers, got nan"),
+    (2, {"attn_temp": math.inf}, "must be finite numbers, got 0.0 and inf"),
+])
+def test_sample_refuses_bad_arguments_up_front(n, kwargs, match):
+    """Issue #33 items 1 and 20: no torch internals, no NaN samples blamed on the data."""
+    with pytest.raises(ValueError, match=match):
+        TARFlow(tiny(K=0)).sample(n, **kwargs)
+
+
+def test_likelihood_of_images_far_outside_the_scale_warns():
+    """Issue #33 item 20: nll(x * 100) is not silently a number."""
+    cfg = tiny(1, 4, 4, 2, 2, K=0)
+    model = random_flow(cfg)
+    x = images(cfg)
+    with pytest.warns(RuntimeWarning, match=r"values up to .* far outside \[-1, 1\].*rescale them"):
+        model.nll(x * 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.nll(x * 4)  # training noise, dequantization and a latent flow's latents: no warning
+
+
+def test_from_pretrained_says_what_a_path_is(tmp_path):
+    """Issue #33 item 20: a missing local path is not a malformed hub id, and a run folder points to export."""
+    for missing in ("/nonexistent", str(tmp_path / "no" / "such"), "../nothing-here"):
+        with pytest.raises(FileNotFoundError, match=f"{missing} does not exist .*give a pretrained folder"):
+            TARFlow.from_pretrained(missing)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt-0000001.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"is a run folder of `rrepa train`.*rrepa export --ckpt"):
+        TARFlow.from_pretrained(run)
+    with pytest.raises(FileNotFoundError, match="holds no config.json: not a pretrained folder"):
+        TARFlow.from_pretrained(tmp_path)
+    model = random_flow(tiny(K=0))
+    model.save_pretrained(tmp_path / "ok")
+    assert TARFlow.from_pretrained(tmp_path / "ok").cfg == model.cfg
 
 
 # --- labels ------------------------------------------------------------------------------------

@@ -21,8 +21,11 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -525,6 +528,26 @@ class TARFlow(nn.Module, PyTorchModelHubMixin, library_name="rrepa", tags=["norm
         # sync and break torch.compile's graph; a training loop whose data were validated on loading turns them off.
         self.validate_inputs = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> TARFlow:
+        """A model from a pretrained folder (config.json + model.safetensors, as save_pretrained and `rrepa export`
+        write it) or a hub id ("owner/name"); huggingface_hub's keyword arguments pass through. A missing local
+        path or a run folder of `rrepa train` (which has no config.json) is a one-line error saying what works."""
+        text = str(pretrained_model_name_or_path)
+        source = Path(text).expanduser()
+        if source.is_dir() and not (source / "config.json").is_file():
+            if any(source.glob("ckpt-*.pt")) or (source / "ema.safetensors").is_file():
+                raise ValueError(f"{source} is a run folder of `rrepa train`, not a pretrained folder (it has no "
+                                 f"config.json); open it with rrepa.run.load_run({text!r}), or make one with "
+                                 f"`rrepa export --ckpt {text} --out DIR` and load DIR")
+            raise FileNotFoundError(f"{source} holds no config.json: not a pretrained folder (config.json + "
+                                    f"model.safetensors, as save_pretrained and `rrepa export` write it)")
+        hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w-][\w.-]*)?", text)  # owner/name; never ./x, ../x, /x or ~/x
+        if not source.exists() and not hub_id:
+            raise FileNotFoundError(f"{text} does not exist (and is no hub id owner/name); give a pretrained "
+                                    f"folder (config.json + model.safetensors) or a hub id")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     # --- tokens ------------------------------------------------------------------------------
 
     def patchify(self, x: Tensor) -> Tensor:
@@ -555,7 +578,10 @@ class TARFlow(nn.Module, PyTorchModelHubMixin, library_name="rrepa", tags=["norm
             raise ValueError(f"{name} must be a float tensor in [-1, 1], got {x.dtype}; "
                              f"convert uint8 images with x / 127.5 - 1")
         if self.validate_inputs and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or infinite values; check the data pipeline")
+            bad = (~torch.isfinite(x.flatten(1)).all(1)).nonzero().flatten().tolist()
+            raise ValueError(f"{name} contains NaN or infinite values in {len(bad)} of {x.shape[0]} images (rows "
+                             f"{bad[:5]}{' ...' if len(bad) > 5 else ''}); give finite images in [-1, 1] (data: check "
+                             f"the pipeline; samples: the model or sampler diverged on those rows)")
 
     def check_labels(self, y: Tensor | None, batch: int) -> None:
         K = self.cfg.num_classes
@@ -626,7 +652,16 @@ class TARFlow(nn.Module, PyTorchModelHubMixin, library_name="rrepa", tags=["norm
         return self.log_prob_of(self(x, y, label_drop=label_drop))
 
     def nll(self, x: Tensor, y: Tensor | None = None, label_drop: float = 0.0) -> Tensor:
-        """Negative log-likelihood per dimension in nats, (B,): the training loss."""
+        """Negative log-likelihood per dimension in nats, (B,): the training loss. Inputs far outside [-1, 1]
+        (|x| > 10: another scale, e.g. 0..255 pixels; a latent flow's unit-variance latents stay below) get a
+        warning: their likelihood means nothing. (log_prob does not warn: the denoising step takes it of samples,
+        which a weak model may put anywhere.)"""
+        if self.validate_inputs and x.is_floating_point() and x.numel():
+            top = float(x.detach().abs().max())
+            if top > 10:  # NaN and inf are check_images's errors
+                warnings.warn(f"x holds values up to {top:g}, far outside [-1, 1]: the model takes images as x = "
+                              f"pixel / 127.5 - 1, so its likelihood of these is meaningless; rescale them",
+                              RuntimeWarning, stacklevel=2)
         return -self.log_prob(x, y, label_drop) / self.cfg.num_dims
 
     def bits_per_dim(self, x: Tensor, y: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
@@ -708,7 +743,13 @@ class TARFlow(nn.Module, PyTorchModelHubMixin, library_name="rrepa", tags=["norm
                return_stats: bool = False) -> Tensor | tuple[Tensor, SampleStats]:
         """Draw n images (n, C, H, W): z ~ N(0, I) (or the given prior noise z, (n, C, H, W)), reverse with
         `sampler` (see reverse), then one score step to remove the training noise (when cfg.sigma > 0 and
-        denoise is True). Values are not clipped. return_stats: also return the reverse's SampleStats."""
+        denoise is True). Values are not clipped. return_stats: also return the reverse's SampleStats.
+        A sample on which the model or sampler diverges (NaN or inf) is returned as it is, undenoised, with a
+        warning naming its row; `torch.isfinite(x.flatten(1)).all(1)` selects the others."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"n (the number of samples) must be an int >= 1, got {n!r}")
+        if not math.isfinite(guidance) or not math.isfinite(attn_temp):
+            raise ValueError(f"guidance and attn_temp must be finite numbers, got {guidance} and {attn_temp}")
         p = next(self.parameters())
         cfg = self.cfg
         shape = (n, cfg.in_channels, cfg.image_height, cfg.image_width)
@@ -717,8 +758,16 @@ class TARFlow(nn.Module, PyTorchModelHubMixin, library_name="rrepa", tags=["norm
         elif tuple(z.shape) != shape:
             raise ValueError(f"z must have shape (n, C, H, W) = {shape}, got {tuple(z.shape)}")
         x, stats = self.reverse(z, y, guidance, anneal, attn_temp, sampler=sampler, return_stats=True)
-        if denoise and cfg.sigma > 0:
+        ok = torch.isfinite(x.flatten(1)).all(1)
+        if not bool(ok.all()):
+            warnings.warn(f"{int((~ok).sum())} of {n} samples diverged (NaN or inf) and are returned as they are: "
+                          f"rows {(~ok).nonzero().flatten().tolist()[:10]}", RuntimeWarning, stacklevel=3)
+        if denoise and cfg.sigma > 0 and bool(ok.all()):
             x = self.denoise(x, y, cfg.sigma)
+        elif denoise and cfg.sigma > 0 and bool(ok.any()):  # the finite rows only: the others stay as they are
+            rows = ok.nonzero().flatten()
+            x = x.clone()
+            x[rows] = self.denoise(x[rows], None if y is None else y[rows], cfg.sigma).to(x.dtype)
         return (x, stats) if return_stats else x
 
     def denoise(self, x: Tensor, y: Tensor | None = None, sigma: float | None = None) -> Tensor:

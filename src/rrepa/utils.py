@@ -179,6 +179,21 @@ def to_uint8(x: Tensor, strict: bool = True) -> Tensor:
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def drop_diverged(x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None, str | None]:
+    """Samples (N, ...) without the ones holding NaN or inf (a diverged model or sampler): (the finite samples,
+    their labels, None) or, when some diverged, a one-line report of them by index and class as the third item."""
+    bad = (~torch.isfinite(x.flatten(1)).all(1)).nonzero().flatten()
+    if not len(bad):
+        return x, labels, None
+    keep = torch.ones(x.shape[0], dtype=torch.bool)
+    keep[bad] = False
+    shown = [f"{int(i)}" + (f" (class {int(labels[i])})" if labels is not None else "") for i in bad[:10]]
+    more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+    report = (f"{len(bad)} of {x.shape[0]} samples diverged (NaN or inf) and were left out: sample "
+              f"{', '.join(shown)}{more}; {int(keep.sum())} finite samples remain")
+    return x[keep], None if labels is None else labels[keep], report
+
+
 def check_nhwc_uint8(images: np.ndarray, what: str = "image arrays") -> np.ndarray:
     """A numpy image array in ADM's layout, (N, H, W, C) uint8 with C in {1, 3} ((N, H, W) grey gets C = 1);
     ValueError naming `what` otherwise."""

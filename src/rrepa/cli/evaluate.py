@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from rrepa.cli.options import add_data_dir, add_device, add_output, add_precision, output_path
+from rrepa.cli.options import add_data_dir, add_device, add_output, add_precision, finite_float, output_path
 from rrepa.distributed import resolve_device
 from rrepa.eval.inception import INCEPTION_FILENAME
 from rrepa.eval.npz import read_samples_npz
@@ -45,7 +45,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         images, labels = samples_from_checkpoint(
             args.ckpt, args.num_samples, batch_size=args.sample_batch_size, seed=args.seed, device=device,
             weights=args.weights, progress=True, precision=precision, guidance=args.guidance,
-            temperature=args.temperature)
+            temperature=args.temperature, log=log)
+        if images.shape[0] < least:
+            raise ValueError(f"only {images.shape[0]} of the {args.num_samples} samples are finite, the metrics need "
+                             f"at least {least}; the model (or sampler) diverged: try another checkpoint or a lower "
+                             f"--guidance or --temperature")
     else:
         images, labels = read_samples_npz(args.samples)
         if images.shape[0] < least:
@@ -64,7 +68,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                            batch_size=args.batch_size, progress=True, fid_method=args.fid_method)
     if args.ckpt is not None:
         res.update(ckpt=str(args.ckpt), weights=args.weights, seed=args.seed, guidance=args.guidance,
-                   temperature=args.temperature, dtype=precision)
+                   temperature=args.temperature, dtype=precision, diverged=args.num_samples - images.shape[0])
     else:
         res.update(samples=str(args.samples))
     res.update(ref=str(args.ref))
@@ -113,8 +117,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=None, help="with --ckpt: how many samples to draw")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="with --ckpt: which weights")
     p.add_argument("--seed", type=int, default=0, help="with --ckpt: sampling seed (as `rrepa sample --seed`)")
-    p.add_argument("--guidance", type=float, default=0.0, help="with --ckpt: guidance weight w")
-    p.add_argument("--temperature", type=float, default=1.0, help="with --ckpt: std of the prior noise")
+    p.add_argument("--guidance", type=finite_float, default=0.0, help="with --ckpt: guidance weight w")
+    p.add_argument("--temperature", type=finite_float, default=1.0, help="with --ckpt: std of the prior noise")
     p.add_argument("--sample-batch-size", type=int, default=100, help="with --ckpt: samples per batch")
     p.add_argument("--ref", required=True,
                    help="fmnist:train, fmnist:test, an npz of images (arr_0) or of statistics (mu, sigma[, mu_s, "

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from pathlib import Path
 
 import torch
 
 from rrepa.precision import PRECISIONS, autocast, resolve_precision
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither NaN nor infinite (NaN passes every `< 0` check and would only
+    surface as non-finite samples)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def add_device(p: argparse.ArgumentParser) -> None:

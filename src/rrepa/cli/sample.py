@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from rrepa import distributed
-from rrepa.cli.options import add_data_dir, add_device, add_precision, precision_scope
+from rrepa.cli.options import add_data_dir, add_device, add_precision, finite_float, precision_scope
 from rrepa.eval.bpd import describe_bpd, evaluate_bpd
 from rrepa.jacobi import Jacobi, as_sampler
 from rrepa.latent_run import ImageSpace, data_config, eval_dataset, is_latent, load_run_vae
 from rrepa.run import load_run
 from rrepa.sample import generate, save_grid, save_npz
-from rrepa.utils import atomic_write
+from rrepa.utils import atomic_write, drop_diverged
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -33,6 +33,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     sampler = None if sampler is None else Jacobi(**options)
     with distributed.process_group(args.device) as d:
         model, info = load_run(args.ckpt, args.weights, d.device)
+        # A sample that diverges (NaN or inf) must not end the run in the denoising step's input check: the finite
+        # ones are written and the diverged ones reported below. The labels are built here, in range.
+        model.validate_inputs = False
         space = ImageSpace.for_run(info["config"], d.device)  # a latent run: its VAE decodes the samples
         K = model.cfg.num_classes
         if args.class_label is not None and not 0 <= args.class_label < max(K, 1):
@@ -64,17 +67,26 @@ def cmd_sample(args: argparse.Namespace) -> None:
             print(f"jacobi sampler ({sampler}), passes of the transformer per block and batch "
                   f"(sequential: {model.cfg.num_tokens - 1}):\n{stats.summary()}")
         x = torch.cat([parts[j] for j in sorted(parts)])
+        finite, finite_labels, diverged = drop_diverged(x, labels)
+        if diverged and not len(finite):
+            raise ValueError(f"{diverged}: the model (or sampler) diverged on every sample, nothing was written; "
+                             f"try another checkpoint, a lower --guidance or --temperature, or --sampler sequential")
+        if diverged:
+            print(f"warning: {diverged}", file=sys.stderr)
         ckpt = Path(args.ckpt)
         out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / f"samples-seed{args.seed}"
         if "npz" in formats:
-            save_npz(out.with_suffix(".npz"), x, labels)
-            N, C, H, W = x.shape
+            save_npz(out.with_suffix(".npz"), finite, finite_labels)
+            N, C, H, W = finite.shape
             print(f"wrote {out.with_suffix('.npz')}: arr_0 ({N}, {H}, {W}, {C}) uint8"
                   f"{', labels' if labels is not None else ''}{' (decoded latents)' if space.latent else ''}, "
-                  f"drawn in {precision}")
+                  f"drawn in {precision}{f' ({len(x) - N} diverged samples left out)' if diverged else ''}")
         if "png" in formats:
-            save_grid(x, out.with_suffix(".png"), K if K and args.class_label is None else 10)
-            print(f"wrote {out.with_suffix('.png')}")
+            # The grid keeps every sample in its place (a column per class); a diverged one is a black tile.
+            bad = ~torch.isfinite(x.flatten(1)).all(1)
+            save_grid(x.masked_fill(bad[:, None, None, None], -1.0), out.with_suffix(".png"),
+                      K if K and args.class_label is None else 10)
+            print(f"wrote {out.with_suffix('.png')}{' (diverged samples as black tiles)' if diverged else ''}")
 
 
 def cmd_bpd(args: argparse.Namespace) -> None:
@@ -113,17 +125,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=100, help="samples per batch")
     p.add_argument("--seed", type=int, default=0, help="same seed, same samples (whatever the process count)")
     p.add_argument("--class", dest="class_label", type=int, help="draw only this class (default: cycle through all)")
-    p.add_argument("--guidance", type=float, default=0.0, help="guidance weight w (0 = none)")
+    p.add_argument("--guidance", type=finite_float, default=0.0, help="guidance weight w (0 = none)")
     p.add_argument("--anneal", action="store_true", help="ramp the guidance linearly along the token index")
-    p.add_argument("--attn-temp", type=float, default=1.0, help="attention temperature of the unconditional branch")
-    p.add_argument("--temperature", type=float, default=1.0,
+    p.add_argument("--attn-temp", type=finite_float, default=1.0,
+                   help="attention temperature of the unconditional branch")
+    p.add_argument("--temperature", type=finite_float, default=1.0,
                    help="std of the prior noise z (1 = the model's distribution; 0.8: cleaner, less varied images)")
     p.add_argument("--no-denoise", action="store_true", help="skip the one-step (Tweedie) denoising")
     p.add_argument("--sampler", default="sequential",
                    help="sequential (one token per transformer pass, KV cache) or jacobi (parallel iterations, "
                         "chunked; prints its iterations per block)")
     jacobi = Jacobi()
-    p.add_argument("--tol", type=float,
+    p.add_argument("--tol", type=finite_float,
                    help=f"jacobi: a chunk stops when max |dx| < TOL (default {jacobi.tol:g}; 0 = exact)")
     p.add_argument("--chunk", type=int, help="jacobi: tokens per chunk (default "
                    f"{jacobi.chunk or 'None: a whole block at once'})")
