@@ -28,6 +28,7 @@ try:  # importing torch takes seconds, during which Ctrl-C is likely
         latents,
         presets,
         probe,
+        rehearse,
         sample,
         train,
         vae,
@@ -38,7 +39,7 @@ except KeyboardInterrupt:
     sys.exit(130)
 
 # In the order of `rrepa --help`.
-GROUPS = (presets, convert, train, sample, experiment, classify, probe, evaluate, encoder, vae, latents)
+GROUPS = (presets, convert, train, sample, experiment, classify, probe, evaluate, encoder, vae, latents, rehearse)
 
 
 def build_parser() -> argparse.ArgumentParser:
