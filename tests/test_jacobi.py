@@ -222,6 +222,7 @@ def test_generate_merges_the_stats_of_its_batches():
     (lambda: Jacobi(chunk=0), r"Jacobi chunk must be >= 1 token"),
     (lambda: Jacobi(max_iters=0), r"Jacobi max_iters must be >= 1"),
     (lambda: Jacobi(sequential_blocks=-1), r"Jacobi sequential_blocks must be >= 0"),
+    (lambda: Jacobi(coarse_tol=-1.0), r"Jacobi coarse_tol must be >= 0"),
     (lambda: as_sampler("gauss-seidel"), r"unknown sampler 'gauss-seidel'; expected 'sequential', 'jacobi'"),
 ])
 def test_bad_sampler_options_raise_one_line(make, match):

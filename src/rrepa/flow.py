@@ -723,13 +723,16 @@ class TARFlow(nn.Module, PyTorchModelHubMixin, library_name="rrepa", tags=["norm
                     x = block.reverse(x, e, e_null, guidance, anneal, attn_temp, kv_cache)
                 iters = [1] * (N - 1)
             else:
-                args = (e, e_null, guidance, anneal, attn_temp, jacobi.tol, jacobi.chunk, jacobi.max_iters)
+                args = (e, e_null, guidance, anneal, attn_temp)
+                limits = (jacobi.chunk, jacobi.max_iters)
                 z_t = x
-                x, iters = block.reverse_jacobi(z_t, *args)
-                if jacobi.refine and bf16_active(x.device):
+                if jacobi.refine and bf16_active(x.device):  # bf16 to a coarse tolerance, then float32 from there
+                    x, iters = block.reverse_jacobi(z_t, *args, max(jacobi.tol, jacobi.coarse_tol), *limits)
                     with float32(x.device):
-                        x, more = block.reverse_jacobi(z_t, *args, x0=x)
+                        x, more = block.reverse_jacobi(z_t, *args, jacobi.tol, *limits, x0=x)
                     iters = [a + b for a, b in zip(iters, more)]
+                else:
+                    x, iters = block.reverse_jacobi(z_t, *args, jacobi.tol, *limits)
             stats.blocks.append(t)
             stats.sequential.append(sequential)
             stats.iters.append(iters)

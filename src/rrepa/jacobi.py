@@ -25,6 +25,9 @@ class Jacobi:
     # tol holds in float32 (a mixed-precision fixed point: the cheap passes do most of the way, the result is the
     # float32 solution's). Their passes are counted in SampleStats too. No effect in float32.
     refine: bool = True
+    # The bf16 iterations stop at max(tol, coarse_tol): bfloat16's rounding (8 significant bits) keeps its iterates
+    # from settling below ~1e-2, so a finer tol would run them to the chunk's length for nothing.
+    coarse_tol: float = 1e-2
 
     def __post_init__(self) -> None:
         if not self.tol >= 0:
@@ -33,6 +36,8 @@ class Jacobi:
             raise ValueError(f"Jacobi chunk must be >= 1 token (or None for the whole block), got {self.chunk}")
         if self.max_iters is not None and self.max_iters < 1:
             raise ValueError(f"Jacobi max_iters must be >= 1 (or None for the chunk's length), got {self.max_iters}")
+        if not self.coarse_tol >= 0:
+            raise ValueError(f"Jacobi coarse_tol must be >= 0, got {self.coarse_tol}")
         if self.sequential_blocks < 0:
             raise ValueError(f"Jacobi sequential_blocks must be >= 0, got {self.sequential_blocks}")
 
