@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# The checks a CPU machine cannot make, in one run on one CUDA GPU (each step has a time limit; together
-# they come to 9 min 40 s, inside one 10-minute device call):
+# The checks a CPU machine cannot make, on one CUDA GPU. Each step has a time limit. Two parts, each inside one
+# 10-minute device call (PART=rehearse or PART=checks; default both, one after the other, ~19 min):
+#   0. (PART=rehearse, first) `rrepa rehearse` of the three ImageNet presets at full size on the GPU (the real
+#      architectures with random weights, every stage from `latents encode` to `evaluate`; at most 3 min each),
+#      then `rrepa rehearse --plan --gpus 8 --gpu-memory 80` from the GPU's own measurements;
+# PART=checks (9 min 40 s):
 #   1. the CUDA tests (`pytest -m cuda`): float32 on the GPU against the float64 model, bf16 autocast of the flow
 #      and of every reverse path, a bf16 training run with R-REPA whose checkpoint loads on the CPU, and the VAE
 #      wrapper in float32 and bf16 against the CPU;
@@ -19,16 +23,24 @@
 #   5. bench_latent.py: SD-VAE's encode and decode throughput at 256 px (its architecture, random weights: the
 #      cost does not depend on them), float32 and bf16 -- what encoding ImageNet's latent cache costs.
 # Each step's output goes to OUT_DIR (default gpu-check/) as Markdown; a failed step does not stop the others,
-# and the exit status is non-zero when any failed.
+# and the exit status is non-zero when any failed. Without a CUDA device it stops at once, in one line.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
+#   PART=rehearse bash benchmarks/gpu_check.sh gpu-check/    # then PART=checks in a second call
 #
-# Needs the package's dependencies importable by $PYTHON (default python3) and src/ (put on PYTHONPATH here, so
-# no install is needed); torch-fidelity is not used.
+# Needs the package's dependencies importable by $PYTHON (default: the project's .venv/bin/python when there, else
+# python3) and src/ (put on PYTHONPATH here, so no install is needed); torch-fidelity only for the rehearsals.
 set -uo pipefail
 out=${1:-gpu-check}
-mkdir -p "$out"
+part=${PART:-all}
 py=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && py=.venv/bin/python
+if ! $py -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_check.sh: no CUDA device here ($py: torch.cuda.is_available() is false, or torch is missing); run it" \
+         "on a machine with an NVIDIA GPU" >&2
+    exit 2
+fi
+mkdir -p "$out"
 export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 RREPA_OFFLINE=1 PYTHONUNBUFFERED=1
 status=0
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to the screen and OUT_DIR/NAME
@@ -43,6 +55,17 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to the s
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
   $py -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.is_available())"
 } | tee "$out/gpu.txt"
+
+if [ "$part" != checks ]; then
+    for preset in imagenet64 imagenet256-latent imagenet256-latent-p1; do
+        step "rehearse_$preset.md" 180 $py -m rrepa.cli rehearse --preset $preset --work "$out/rehearsals" \
+            --device cuda
+        rm -rf "$out/rehearsals/$preset/run"  # a 7.5 GB checkpoint; the report stays
+    done
+    step rehearse_plan.md 20 $py -m rrepa.cli rehearse --plan --work "$out/rehearsals" --gpus 8 --gpu-memory 80
+    rm -rf "$out/rehearsals/weights" "$out/rehearsals"/*/data "$out/rehearsals"/*/latents
+    [ "$part" = rehearse ] && exit $status
+fi
 
 step pytest-cuda.txt 80 $py -m pytest -q -m cuda -p no:cacheprovider tests/test_flow.py tests/test_reverse.py \
     tests/test_train_align.py tests/test_jacobi.py tests/test_vae.py

@@ -51,8 +51,8 @@ def test_every_stage_of_a_tiny_rehearsal_runs(preset, work, reports):
         assert (r.folder / "latents" / "train" / "manifest.json").is_file()
     else:
         assert (data / "train_data_batch_1.npz").is_file() and (data / "val_data.npz").is_file()
-    # Trained, checkpointed, resumed by one step.
-    assert (r.folder / "run" / "ckpt-0000003.pt").is_file() and (r.folder / "run" / "ckpt-0000002.pt").is_file()
+    # Trained, checkpointed, resumed by one step (keeping one checkpoint: 7.5 GB each at full size).
+    assert [p.name for p in (r.folder / "run").glob("ckpt-*.pt")] == ["ckpt-0000003.pt"]
     # ADM's sample file of the decoded images, at the preset's image size.
     size = report["config"]["data"]["image_size"]
     with np.load(r.folder / "samples.npz") as z:

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The full-size rehearsals of the three ImageNet presets (`rrepa rehearse`, issue #31): the real architectures
+# (466 M-parameter flows, DINOv2-B/14, SD-VAE, FID-Inception) with random weights on synthetic data in each
+# preset's layout, every stage from `latents encode` to `evaluate`, then the capacity plan for 8 x 80 GB from the
+# measurements. Writes OUT_DIR/<preset>.md and .json (the reports), OUT_DIR/plan.md, OUT_DIR/log-<preset>.txt.
+#
+#   bash benchmarks/bench_rehearse.sh [OUT_DIR]          # default benchmarks/rehearsals
+#   PRESETS="imagenet256-latent" bash benchmarks/bench_rehearse.sh
+#   THREADS=16 DEVICE=cuda bash benchmarks/bench_rehearse.sh gpu-check/rehearsals
+#
+# Needs: the machine to itself (a 2-core CPU: about 15-20 min for imagenet64 and imagenet256-latent-p1 each, 8-12
+# min for imagenet256-latent; peak memory ~15-18 GB for the 1024-token presets at batch 2, so nothing else big may
+# run beside it), ~25 GB of disk under WORK (default /tmp/rrepa-rehearsals: data, ~0.5 GB of weights, one 7.5 GB
+# checkpoint per run; each preset's run folder is removed after its report is copied). The DDP stage is left out
+# at full size on a CPU (two 466 M-parameter processes need ~30 GB); add DDP=1 where memory allows (2 GPUs: NCCL).
+set -uo pipefail
+out=${1:-benchmarks/rehearsals}
+work=${WORK:-/tmp/rrepa-rehearsals}
+threads=${THREADS:-2}
+device=${DEVICE:-auto}
+presets=${PRESETS:-imagenet64 imagenet256-latent imagenet256-latent-p1}
+py=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && py=.venv/bin/python
+mkdir -p "$out" "$work"
+export HF_HUB_OFFLINE=1 RREPA_OFFLINE=1 OMP_NUM_THREADS=$threads PYTHONUNBUFFERED=1
+status=0
+for preset in $presets; do
+    echo "=== rehearsal of $preset (full size) on $device"
+    t0=$SECONDS
+    if $py -m rrepa.cli rehearse --preset "$preset" --work "$work" --device "$device" ${DDP:+--ddp} \
+            2>&1 | tee "$out/log-$preset.txt"; then
+        cp "$work/$preset/rehearsal.md" "$out/$preset.md"
+        cp "$work/$preset/rehearsal.json" "$out/$preset.json"
+    else
+        status=1
+        echo "=== $preset FAILED (log: $out/log-$preset.txt)"
+    fi
+    rm -rf "$work/$preset/run" "$work/$preset/run-ddp"
+    echo "=== $preset: $((SECONDS - t0)) s"
+done
+$py -m rrepa.cli rehearse --plan --work "$work" --gpus 8 --gpu-memory 80 $(printf -- '--preset %s ' $presets) \
+    | tee "$out/plan.md" || status=1
+exit $status
