@@ -412,3 +412,22 @@ def test_cells_finished_elsewhere_with_the_same_config_are_reused(tmp_path):
     assert read_evals(tmp_path / "out2" / "evals.jsonl") == copied
     with pytest.raises(ValueError, match="reuse must be a list"):
         grid_from_dict({**source, "reuse": "results/x"})
+
+
+def test_a_missing_pinned_file_fails_the_grid_up_front(tmp_path, monkeypatch):
+    """Issue #33 item 2: a grid run from another folder than the one its relative pins are relative to fails once,
+    naming the file, before any cell starts (it used to train a new evaluator into every cell's relative path)."""
+    from rrepa.experiment import run_grid
+
+    grid = {"preset": "fmnist", "seeds": [0], "set": ["train.steps=4", "train.eval_every=2",
+                                                      "train.eval_weights=results/g/weights/fmnist-cnn.safetensors"],
+            "arms": {"baseline": []}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(FileNotFoundError, match=r"cell baseline-s0: train.eval_weights=results/g/weights/"
+                                                r"fmnist-cnn.safetensors does not exist .*run the grid from the folder"):
+        run_grid(tmp_path / "grid.yaml", tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out").exists() and not list(elsewhere.iterdir())
+

@@ -43,6 +43,7 @@ from rrepa.eval.probe import probe_model
 from rrepa.grid import Cell, grid_from_dict, load_grid
 from rrepa.latent_run import eval_dataset, is_latent, load_run_vae
 from rrepa.run import LOCK_FILE, RunInUseError, load_run, run_lock
+from rrepa.train import check_pinned_files
 from rrepa.utils import atomic_write
 
 EVALS = "evals.jsonl"
@@ -220,6 +221,12 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
         if unknown:
             raise ValueError(f"--only names unknown arms {sorted(unknown)}; the grid has {', '.join(grid.arms)}")
         cells = [c for c in cells if c.arm in only]
+    for c in cells:  # a missing pinned file fails the grid here, once, not every cell (nor trains a network there)
+        try:
+            check_pinned_files(c.cfg)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{grid_file}, cell {c.name}: {err}; run the grid from the folder its relative "
+                                    f"paths are relative to") from err
     out = Path(out)
     runs = Path(runs) if runs is not None else out / "runs"
     with run_lock(out, warn=log):  # one runner per results folder

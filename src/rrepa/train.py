@@ -100,6 +100,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
            stop: InterruptFlag, cleanup: contextlib.ExitStack) -> dict:
     t_start = time.time()
     cfg.validate()
+    check_pinned_files(cfg)
     # The resolved precision is what the run stores (config.yaml, checkpoints): a resume keeps it on any machine.
     setting = cfg.train.precision
     cfg = replace(cfg, train=replace(cfg.train, precision=resolve_precision(setting, d.device)))
@@ -428,6 +429,19 @@ def final_bpd(ema: TARFlow, cfg: RunConfig, step: int, run_dir: Path, d: Dist, s
         atomic_write(run_dir / "bpd.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
         say(f"test split, EMA weights, {result['images']} images: {'; '.join(lines)}")
     return result["bpd"]
+
+
+def check_pinned_files(cfg: RunConfig) -> None:
+    """The weight files a config pins (train.eval_weights when evaluating, align.encoder_weights when aligning)
+    exist: a missing one is an error naming it, before anything is built or written, never a network trained in
+    its place."""
+    pinned = {"train.eval_weights": cfg.train.eval_weights if cfg.train.eval_every else None,
+              "align.encoder_weights": cfg.align.encoder_weights if cfg.align.enabled else None}
+    for key, value in pinned.items():
+        if value is not None and not Path(value).expanduser().is_file():
+            raise FileNotFoundError(f"{key}={value} does not exist (a relative path is relative to the current "
+                                    f"folder, {Path.cwd()}); give the path of an existing file, or drop the key to "
+                                    f"use the cached default")
 
 
 def check_data_matches_model(dataset, cfg: RunConfig) -> None:

@@ -112,6 +112,11 @@ def test_load_evaluator_cache_reuse(tiny, monkeypatch, tmp_path):
     assert len(trained) == 1 and path.is_file()
     second = load_evaluator()  # cached: no training
     assert len(trained) == 1 and second.name == first.name
+    # A pinned (explicit) path that is missing is an error naming it, never a new evaluator trained there (#33 item 2).
+    with pytest.raises(FileNotFoundError, match=f"evaluator weights {tmp_path / 'no' / 'such.safetensors'} do not "
+                                                f"exist.*rrepa evaluator train --out"):
+        load_evaluator(tmp_path / "no" / "such.safetensors", log=lambda m: None)
+    assert len(trained) == 1 and not (tmp_path / "no").exists()
 
 
 def signal_at_step(monkeypatch, step: int) -> None:

@@ -363,7 +363,13 @@ def load_evaluator(path: str | os.PathLike | None = None, *, train_if_missing: b
                    log: Callable[[str], None] | None = None, **train_kwargs) -> FMNISTEvaluator:
     """The embedded evaluator from ``path`` (default: the cache file). When the file is missing and
     ``train_if_missing``, train one (about 12 minutes on 2 idle CPU cores, resumable after Ctrl-C;
-    ``train_kwargs`` go to train_evaluator) and save it there first."""
+    ``train_kwargs`` go to train_evaluator) and save it there first. A path given explicitly (a pinned file) is
+    never trained into: when it is missing, that is an error naming it (a mistyped pin would otherwise cost minutes
+    of training and give FIDs under another network)."""
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"evaluator weights {path} do not exist (relative to {Path.cwd()}); check the path, "
+                                f"train them there with `rrepa evaluator train --out {path}`, or give none to use "
+                                f"the cached default")
     path = Path(path) if path is not None else default_evaluator_path()
     if not path.is_file():
         if not train_if_missing:
