@@ -426,8 +426,8 @@ def test_a_missing_pinned_file_fails_the_grid_up_front(tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    with pytest.raises(FileNotFoundError, match=r"cell baseline-s0: train.eval_weights=results/g/weights/"
-                                                r"fmnist-cnn.safetensors does not exist .*run the grid from the folder"):
+    with pytest.raises(FileNotFoundError, match=r"cell baseline-s0: train.eval_weights=results/g/weights/fmnist-cnn"
+                                                r".safetensors does not exist .*run the grid from the folder"):
         run_grid(tmp_path / "grid.yaml", tmp_path / "out", log=lambda m: None)
     assert not (tmp_path / "out").exists() and not list(elsewhere.iterdir())
 

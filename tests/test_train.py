@@ -110,8 +110,9 @@ def test_a_run_that_cannot_start_leaves_nothing_behind(data, tmp_path):
 @pytest.mark.parametrize("pin", ["train.eval_weights", "align.encoder_weights"])
 def test_a_missing_pinned_file_is_an_error_before_anything_is_written(data, tmp_path, pin):
     """Issue #33 item 2: a mistyped pin names the file; no evaluator (or encoder) is trained in its place."""
-    cfg = tiny(data, "train.eval_every=2", "align.enabled=true", "align.positions=[[2, 1]]", f"{pin}={tmp_path / 'no' / 'such.safetensors'}")
-    with pytest.raises(FileNotFoundError, match=f"{pin}={tmp_path / 'no' / 'such.safetensors'} does not exist"):
+    missing = tmp_path / "no" / "such.safetensors"
+    cfg = tiny(data, "train.eval_every=2", "align.enabled=true", "align.positions=[[2, 1]]", f"{pin}={missing}")
+    with pytest.raises(FileNotFoundError, match=f"{pin}={missing} does not exist"):
         train(cfg, tmp_path / "run", device="cpu")
     assert not (tmp_path / "run").exists() and not (tmp_path / "no").exists()
 
