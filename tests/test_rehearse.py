@@ -62,7 +62,6 @@ def test_every_stage_of_a_tiny_rehearsal_runs(preset, work, reports):
     lo, hi = (s for s in report["stages"] if s["stage"].startswith("probe"))
     assert hi["flops"] == 2 * lo["flops"] > 0 and hi["saved_bytes"] > lo["saved_bytes"] > 0
     assert report["facts"]["flow_params"] > 0 and report["facts"]["checkpoint_bytes"] > 0
-    assert any("grid" in n for n in report["notes"])  # the 1000-class grid, drawn with 10 columns
     md = (r.folder / "rehearsal.md").read_text()
     assert "| train |" in md and "| bpd |" in md
     assert json.loads(report_path(work, preset, "tiny").read_text())["preset"] == preset

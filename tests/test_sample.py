@@ -20,7 +20,7 @@ from rrepa.eval.bpd import evaluate_bpd
 from rrepa.eval.samples import samples_from_checkpoint
 from rrepa.flow import TARFlow
 from rrepa.run import load_run
-from rrepa.sample import generate, save_grid
+from rrepa.sample import generate, grid_labels, save_grid
 from rrepa.train import train
 from rrepa.utils import generator
 
@@ -193,3 +193,20 @@ def test_save_grid(tmp_path):
     save_grid(torch.zeros(7, 3, 4, 4), tmp_path / "g.png", ncol=3)
     im = Image.open(tmp_path / "g.png")
     assert im.size == (3 * 6 + 2, 3 * 6 + 2) and im.mode == "RGB"
+
+
+@pytest.mark.parametrize("K, cols, first_row", [(0, 8, None), (3, 3, [0, 1, 2]), (10, 10, list(range(10))),
+                                                (1000, 10, [0, 111, 222, 333, 444, 555, 666, 777, 888, 999])])
+def test_grid_labels_show_at_most_ten_classes(K, cols, first_row):
+    """A grid has one column per class up to 10 classes, then 10 classes spread over the labels: ImageNet's 1000
+    would make every training grid one batch of rows x 1000 images (a KV cache of ~500 GB at 64 px)."""
+    from rrepa.flow import FlowConfig
+
+    model = TARFlow(FlowConfig(in_channels=1, image_height=4, image_width=4, patch_size=2, width=32, head_dim=16,
+                               num_blocks=1, layers_per_block=1, num_classes=K))
+    y, n = grid_labels(model, rows=3)
+    assert n == cols
+    if first_row is None:
+        assert y is None
+    else:
+        assert y.tolist() == first_row * 3

@@ -9,7 +9,7 @@ import gc
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +61,6 @@ SCALES = ("full", "tiny")
 STAGES = ("data", "vae", "encoder", "inception", "latents", "features", "probe", "train", "resume", "ddp", "sample",
           "jacobi", "decode", "npz", "evaluate", "bpd")
 IMAGENET_TRAIN_IMAGES = 1_281_167  # for the disk sizes of the caches at ImageNet's size
-GRID_COLUMNS = 10  # the end-of-run sample grid, at most this many classes (see `capped_grid`)
 # The tiny scale: the same stages with a 2 x 2 flow of width 64, DINOv2-S at 28 px, a small VAE of SD's layout, on
 # 16 px (pixels) or 64 px images (latents 4 x 8 x 8).
 TINY = ["model.width=64", "model.num_blocks=2", "model.layers_per_block=2", "align.positions=[[1, 1], [2, 1]]",
@@ -113,29 +112,6 @@ class Rehearsal:
     def folder(self) -> Path:
         """Where this rehearsal's files go: <work>/<preset>[-tiny]."""
         return self.work / (self.preset + ("-tiny" if self.scale == "tiny" else ""))
-
-
-@contextlib.contextmanager
-def capped_grid(columns: int, notes: list[str]) -> Iterator[None]:
-    """rrepa.train draws its sample grids with rrepa.sample.grid_labels: sample_rows x num_classes images in one
-    batch, 10,000 for ImageNet's 1000 classes, whose KV caches alone would take ~500 GB at 64 px. Inside this
-    block the grid shows `columns` classes spread over the label range; a note says so. A no-op where grid_labels
-    already gives at most `columns` columns."""
-    original = training.grid_labels
-
-    def grid_labels(model: TARFlow, rows: int):
-        y, cols = original(model, rows)
-        if y is None or cols <= columns:
-            return y, cols
-        notes.append(f"the training run's sample grid would draw {rows} x {cols} = {rows * cols} images in one batch "
-                     f"(rrepa.sample.grid_labels: one column per class); the rehearsal drew {columns} columns")
-        return torch.linspace(0, cols - 1, columns).round().long().repeat(rows), columns
-
-    training.grid_labels = grid_labels
-    try:
-        yield
-    finally:
-        training.grid_labels = original
 
 
 class StageRun:
@@ -320,23 +296,22 @@ def stage_probe(run: StageRun) -> list[Measure]:
 
 def stage_train(run: StageRun) -> list[Measure]:
     out = []
-    with capped_grid(GRID_COLUMNS, run.notes):
-        with run.stage("train") as m:
-            summary = training.train(run.cfg, run.paths["run"], overwrite=True, device=str(run.device))
-        ckpt = list_checkpoints(run.paths["run"])[-1]
-        m.info.update(bytes=path_bytes(ckpt), params=TARFlow(run.cfg.model).num_params(),
-                      note=f"{summary['step']} steps of batch {run.cfg.optim.batch_size}; bytes: {ckpt.name} (ema."
-                           f"safetensors {human_bytes(path_bytes(run.paths['run'] / 'ema.safetensors'))})")
+    with run.stage("train") as m:
+        summary = training.train(run.cfg, run.paths["run"], overwrite=True, device=str(run.device))
+    ckpt = list_checkpoints(run.paths["run"])[-1]
+    m.info.update(bytes=path_bytes(ckpt), params=TARFlow(run.cfg.model).num_params(),
+                  note=f"{summary['step']} steps of batch {run.cfg.optim.batch_size}; bytes: {ckpt.name} (ema."
+                       f"safetensors {human_bytes(path_bytes(run.paths['run'] / 'ema.safetensors'))})")
+    out.append(m)
+    run.facts.update(checkpoint_bytes=path_bytes(ckpt), train_batch=run.cfg.optim.batch_size,
+                     train_peak_bytes=m.peak_bytes, train_memory=m.memory)
+    if "resume" not in run.r.skip:
+        cfg = stored_config(run.paths["run"], ["train.steps=3"])
+        with run.stage("resume") as m:
+            summary = training.train(cfg, run.paths["run"], resume=True, device=str(run.device))
+        m.info.update(bytes=path_bytes(list_checkpoints(run.paths["run"])[-1]),
+                      note=f"--resume by one step, to step {summary['step']}")
         out.append(m)
-        run.facts.update(checkpoint_bytes=path_bytes(ckpt), train_batch=run.cfg.optim.batch_size,
-                         train_peak_bytes=m.peak_bytes, train_memory=m.memory)
-        if "resume" not in run.r.skip:
-            cfg = stored_config(run.paths["run"], ["train.steps=3"])
-            with run.stage("resume") as m:
-                summary = training.train(cfg, run.paths["run"], resume=True, device=str(run.device))
-            m.info.update(bytes=path_bytes(list_checkpoints(run.paths["run"])[-1]),
-                          note=f"--resume by one step, to step {summary['step']}")
-            out.append(m)
     return out
 
 

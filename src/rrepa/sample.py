@@ -39,13 +39,18 @@ def save_grid(x: Tensor, path: str | Path, ncol: int) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))  # format: the temporary name has no .png
 
 
+GRID_COLUMNS = 10  # classes a sample grid shows at most: ImageNet's 1000 would make a batch of rows x 1000 images
+
+
 def grid_labels(model: TARFlow, rows: int) -> tuple[Tensor | None, int]:
-    """Labels for a grid with one column per class, (rows * K,) = [0, 1, .., K-1, 0, 1, ..], and the
-    number of columns; (None, 8) for an unconditional model."""
+    """Labels for a grid with one column per class, (rows * cols,) = [c_1, .., c_cols, c_1, ..], and the number of
+    columns: every class when K <= GRID_COLUMNS, else GRID_COLUMNS classes spread evenly over 0..K-1 (0 and K-1
+    included); (None, 8) for an unconditional model."""
     K = model.cfg.num_classes
     if K == 0:
         return None, 8
-    return torch.arange(K).repeat(rows), K
+    classes = torch.arange(K) if K <= GRID_COLUMNS else torch.linspace(0, K - 1, GRID_COLUMNS).round().long()
+    return classes.repeat(rows), len(classes)
 
 
 @torch.no_grad()
