@@ -390,6 +390,11 @@ def test_cells_finished_elsewhere_with_the_same_config_are_reused(tmp_path):
     rows = fake_results(tmp_path / "src", source, final_of={"baseline-s0", "baseline-s1", "fast-s0"},
                         lr_of={"fast-s0": "optim.lr=1e-2"})
     grid = {**source, "reuse": [str(tmp_path / "src")]}
+    # A config stored before a field existed (here train.max_skipped_fraction) still describes the same run.
+    stored = tmp_path / "src" / "configs" / "baseline-s1.yaml"
+    old = yaml.safe_load(stored.read_text())
+    del old["train"]["max_skipped_fraction"]
+    stored.write_text(yaml.safe_dump(old))
     out = tmp_path / "out"
     out.mkdir()
     logs = []

@@ -39,6 +39,7 @@ import yaml
 from tqdm import tqdm
 
 from rrepa.checkpoint import list_checkpoints, weights_step
+from rrepa.config import RunConfig, read_yaml
 from rrepa.eval.probe import probe_model
 from rrepa.grid import Cell, grid_from_dict, load_grid
 from rrepa.latent_run import eval_dataset, is_latent, load_run_vae
@@ -160,7 +161,7 @@ def reuse_cells(cells: list[Cell], sources: list[str], evals: EvalLog, out: Path
             stored = src / "configs" / f"{c.name}.yaml"
             if c.name in taken or not stored.is_file():
                 continue
-            if yaml.safe_load(stored.read_text()) != yaml.safe_load(c.cfg.to_yaml()):
+            if not same_config(stored, c.cfg):
                 log(f"{c.name}: not reused from {src}: its resolved config differs from {stored}")
                 continue
             mine = [{k: v for k, v in r.items() if k not in ("arm", "seed")} for r in rows
@@ -176,6 +177,16 @@ def reuse_cells(cells: list[Cell], sources: list[str], evals: EvalLog, out: Path
             taken.add(c.name)
             log(f"{c.name}: reused from {src} ({new} evaluation(s) copied)")
     return taken
+
+
+def same_config(stored: Path, cfg: RunConfig) -> bool:
+    """Whether a stored config.yaml describes the run cfg describes. The stored one is read as a RunConfig, so a
+    field added to rrepa since it was written takes its default (which keeps the old behaviour) instead of making
+    every finished cell look different; a key rrepa does not know (a newer rrepa's) makes it differ."""
+    try:
+        return RunConfig.from_dict(read_yaml(stored)).to_dict() == cfg.to_dict()
+    except (KeyError, ValueError):
+        return False
 
 
 def cell_state(cell: Cell, run_dir: Path) -> str:
