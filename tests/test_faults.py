@@ -336,6 +336,28 @@ def test_messages_for_corrupt_checkpoints_convert_and_resume(trained, tmp_path, 
     assert code == 2 and "not a run folder of `rrepa train`" in one_error_line(err, "train")
 
 
+def test_a_second_sample_or_a_finished_resume_replaces_nothing(trained, tmp_path, capsys):
+    """Issue #33 items 7 and 8: the README's two `rrepa sample` lines no longer overwrite one another; --overwrite
+    does; `train --resume` of a finished run says it is finished (and rewrites nothing); an empty run folder is
+    refused by the library too."""
+    out = str(tmp_path / "s")
+    args = ["sample", "--ckpt", str(trained), "--num-samples", "2", "--batch-size", "2", "--format", "npz"]
+    assert run_cli(capsys, *args, "--out", out)[0] == 0
+    first = (tmp_path / "s.npz").read_bytes()
+    code, _, err = run_cli(capsys, *args, "--out", out, "--sampler", "jacobi", "--seed", "1")
+    assert code == 2 and "s.npz exists; pass --overwrite" in one_error_line(err, "sample")
+    assert (tmp_path / "s.npz").read_bytes() == first
+    assert run_cli(capsys, *args, "--out", out, "--seed", "1", "--overwrite")[0] == 0
+    assert (tmp_path / "s.npz").read_bytes() != first
+    finals = {name: (trained / name).stat().st_mtime_ns for name in ("ema.safetensors", "bpd.json", "loss.png")}
+    code, _, err = run_cli(capsys, "train", "--resume", str(trained))
+    line = one_error_line(err, "train")
+    assert code == 2 and f"{trained} is finished" in line and "--set train.steps=N with N > 3" in line
+    assert finals == {name: (trained / name).stat().st_mtime_ns for name in finals}
+    with pytest.raises(ValueError, match="the run folder is empty"):
+        train(tiny(trained.parent, *QUICK), "", device="cpu")
+
+
 # --------------------------------------------------------------------------------------------
 # 12. The likelihood protocol
 # --------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from rrepa.checkpoint import (
     load_state_checked,
     save_checkpoint,
     save_weights,
+    weights_step,
 )
 from rrepa.config import RunConfig
 from rrepa.data import build_dataset
@@ -89,6 +90,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
     Rank 0 holds the folder's lock (rrepa.run.run_lock) throughout: a second training into the same
     folder is refused. SIGINT or SIGTERM during the loop finishes the current step, saves a checkpoint and
     raises rrepa.utils.Interrupted("interrupted at step N; resume with --resume DIR")."""
+    if run_dir is not None and not str(run_dir):  # Path("") would be the current folder
+        raise ValueError("the run folder is empty; give a path (or None for runs/<date-time>)")
     with distributed.process_group(device) as d:
         run_dir = Path(run_dir) if run_dir is not None else default_run_dir(d)
         with locked_by_rank0(run_dir, d), deferred_interrupts() as stop, contextlib.ExitStack() as cleanup:
@@ -107,6 +110,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
     o, t = cfg.optim, cfg.train
     micro = cfg.micro_batch(d.world_size)
     check_run_dir(run_dir, resume, overwrite)
+    if resume:
+        check_not_finished(run_dir, cfg)
     say = tqdm.write if d.is_main else (lambda msg: None)
 
     # ---- data (and, with alignment, the encoder targets of the clean images) -----------------
@@ -429,6 +434,20 @@ def final_bpd(ema: TARFlow, cfg: RunConfig, step: int, run_dir: Path, d: Dist, s
         atomic_write(run_dir / "bpd.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
         say(f"test split, EMA weights, {result['images']} images: {'; '.join(lines)}")
     return result["bpd"]
+
+
+def check_not_finished(run_dir: Path, cfg: RunConfig) -> None:
+    """--resume of a run that reached train.steps and wrote its final files is refused (it would rewrite them):
+    one line saying it is finished and how to train it further. A run stopped between its last checkpoint and
+    those files (killed while exporting or measuring bits/dim) is not finished: resuming completes it."""
+    ckpts = list_checkpoints(run_dir)
+    step = int(ckpts[-1].stem.split("-")[1]) if ckpts else 0
+    ema = run_dir / "ema.safetensors"
+    exported = ema.is_file() and (weights_step(ema) or -1) >= step
+    if step >= cfg.train.steps and exported and (not cfg.train.eval_bpd or (run_dir / "bpd.json").is_file()):
+        raise ValueError(f"{run_dir} is finished: it reached train.steps={cfg.train.steps} (checkpoint of step "
+                         f"{step}) and wrote its final weights, so there is nothing to resume; to train it further, "
+                         f"--resume {run_dir} --set train.steps=N with N > {step}")
 
 
 def check_pinned_files(cfg: RunConfig) -> None:

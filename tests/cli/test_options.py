@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rrepa.cli import build_parser
@@ -69,3 +71,64 @@ def test_trained_outputs_are_refused_unless_overwritten(argv, flag, tmp_path):
         output_path(args, tmp_path / "default")
     assert output_path(build_parser().parse_args([*argv, "--out", str(existing), flag]), tmp_path / "x") == existing
     assert output_path(build_parser().parse_args(argv), tmp_path / "default") == tmp_path / "default"
+
+
+def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
+    """`rrepa ARGV` in this process -> (exit code, stderr)."""
+    from rrepa import cli
+
+    try:
+        cli.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+# Every command that writes a result into a run folder (or to a named file), and the file it would write.
+RESULT_COMMANDS = [
+    (["sample", "--ckpt", "{run}", "--format", "npz"], "{run}/samples-seed0.npz"),
+    (["sample", "--ckpt", "{run}", "--out", "{tmp}/s"], "{tmp}/s.png"),
+    (["bpd", "--ckpt", "{run}", "--json", "{tmp}/b.json"], "{tmp}/b.json"),
+    (["evaluate", "--samples", "{tmp}/s.npz", "--ref", "fmnist:test", "--out", "{tmp}/e.json"], "{tmp}/e.json"),
+    (["classify", "--ckpt", "{run}"], "{run}/classify-test/classify.json"),
+    (["probe", "--ckpt", "{run}", "--pool", "max"], "{run}/probe/probe-max.json"),
+]
+
+
+@pytest.mark.parametrize("argv,result", RESULT_COMMANDS, ids=lambda a: " ".join(a[:3]) if isinstance(a, list) else "")
+def test_a_result_file_is_never_replaced_silently(argv, result, tmp_path, capsys):
+    """Issue #33 item 7: a second command refuses at once (before any work) instead of replacing the first one's
+    result; --overwrite is the way to replace it (tests/test_faults.py runs that)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    fill = {"run": str(run), "tmp": str(tmp_path)}
+    existing = Path(result.format(**fill))
+    existing.parent.mkdir(parents=True, exist_ok=True)
+    existing.write_text("the first result")
+    code, err = run_cli(capsys, [a.format(**fill) for a in argv])
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    flag = "--json" if "--json" in argv else "--out"
+    assert f"{existing} exists; pass --overwrite to replace it, or {flag} to write elsewhere" in lines[0]
+    assert existing.read_text() == "the first result"
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["train", "--out", ""], "--out"),
+    (["sample", "--ckpt", "run", "--out", ""], "--out"),
+    (["bpd", "--ckpt", ""], "--ckpt"),
+    (["train", "--resume", ""], "--resume"),
+    (["evaluate", "--samples", "s.npz", "--ref", "fmnist:test", "--out", ""], "--out"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else a)
+def test_an_empty_path_is_refused(argv, flag, capsys):
+    """Issue #33 item 8: `--out ''` is not the current folder."""
+    code, err = run_cli(capsys, argv)
+    assert code == 2 and f"error: {flag} is empty; give a path" in err and "Traceback" not in err
+
+
+def test_resume_with_another_out_is_refused(tmp_path, capsys):
+    """Issue #33 item 18: --out beside --resume was ignored."""
+    code, err = run_cli(capsys, ["train", "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+    assert code == 2 and "--out" in err and "would be ignored" in err and "--init-from" in err
+    assert not (tmp_path / "b").exists()

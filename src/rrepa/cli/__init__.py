@@ -33,6 +33,7 @@ try:  # importing torch takes seconds, during which Ctrl-C is likely
         train,
         vae,
     )
+    from rrepa.cli.options import refuse_empty_paths  # noqa: E402
     from rrepa.utils import Interrupted  # noqa: E402
 except KeyboardInterrupt:
     print("rrepa: interrupted", file=sys.stderr)
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
 
     try:
+        refuse_empty_paths(args)
         args.func(args)
     except Interrupted as err:
         # Saved at a step boundary: one line saying where and how to continue.

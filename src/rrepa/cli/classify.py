@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rrepa.cli.options import add_data_dir, add_device, add_precision, precision_scope
+from rrepa.cli.options import add_data_dir, add_device, add_overwrite, add_precision, precision_scope, refuse_existing
 from rrepa.data import build_dataset
 from rrepa.distributed import resolve_device
 from rrepa.eval.classify import (
@@ -33,6 +33,7 @@ from rrepa.eval.classify import (
 from rrepa.flow import TARFlow
 from rrepa.latent_run import data_config, eval_dataset, is_latent, load_run_vae
 from rrepa.run import load_run
+from rrepa.utils import atomic_write
 
 # --------------------------------------------------------------------------------------------
 # The model and data that --ckpt, --dataset and --data-dir name
@@ -79,6 +80,8 @@ def cmd_classify(args: argparse.Namespace) -> None:
     methods = list(METHODS) if args.method == "all" else [args.method]
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    out = Path(args.out) if args.out else default_out_dir(args.ckpt, f"classify-{args.split}")
+    refuse_existing(args, out / "classify.json")  # before classifying anything
     device = resolve_device(args.device)
     model, info = load_run(args.ckpt, args.weights, device, warn=tqdm.write)
     K = num_classes(model)  # before loading any data: an unconditional model fails here
@@ -87,7 +90,6 @@ def cmd_classify(args: argparse.Namespace) -> None:
     with scope:
         result = evaluate(model, dataset, methods, noise=args.noise, limit=args.limit, batch_size=args.batch_size,
                           seed=args.seed, steps=args.steps, step_size=args.step_size, max_rows=args.bayes_rows)
-    out = Path(args.out) if args.out else default_out_dir(args.ckpt, f"classify-{args.split}")
     out.mkdir(parents=True, exist_ok=True)
     report = {"ckpt": info["file"], "step": info["step"], "weights": info["weights"], "split": args.split,
               "noise": args.noise, "sigma": model.cfg.sigma, "seed": args.seed, "dtype": precision,
@@ -109,7 +111,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
     for pair, frac in result["agreement"].items():
         print(f"agreement {pair}: {100 * frac:.2f}%")
     path = out / "classify.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
     print(f"wrote {path} and {len(methods)} confusion matrix PNG(s) in {out}")
 
 
@@ -150,4 +152,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bayes-rows", type=int, help="bayes: (image, class) rows per forward pass "
                                                   "(default 4 x batch size)")
     p.add_argument("--out", help="output folder (default <run>/classify-<split>)")
+    add_overwrite(p, "classify.json and confusion PNGs")
     p.set_defaults(func=cmd_classify)

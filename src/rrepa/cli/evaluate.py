@@ -6,10 +6,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from rrepa.cli.options import add_data_dir, add_device, add_output, add_precision, finite_float, output_path
+from rrepa.cli.options import (
+    add_data_dir,
+    add_device,
+    add_output,
+    add_overwrite,
+    add_precision,
+    finite_float,
+    output_path,
+    refuse_existing,
+)
 from rrepa.distributed import resolve_device
 from rrepa.eval.inception import INCEPTION_FILENAME
 from rrepa.eval.npz import read_samples_npz
@@ -30,6 +40,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise ValueError("give exactly one of --samples S.npz and --ckpt")
     if args.splits < 1 or args.k < 1:
         raise ValueError("--splits and --k must be >= 1")
+    if args.out:
+        refuse_existing(args, Path(args.out))
     device = resolve_device(args.device)
     # FID needs 2 samples for a covariance, precision / recall k + 1 for k neighbours: refused before any feature
     # network is loaded (or trained).
@@ -142,6 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached reference statistics")
     p.add_argument("--save-ref-stats", metavar="PATH", help="also write the reference statistics to this npz")
     p.add_argument("--out", help="write the results as JSON here")
+    add_overwrite(p, "--out file")
     add_device(p)
     add_precision(p)
     p.set_defaults(func=cmd_evaluate)

@@ -50,6 +50,33 @@ def output_path(args: argparse.Namespace, default: Path) -> Path:
     return out
 
 
+def add_overwrite(p: argparse.ArgumentParser, what: str = "output") -> None:
+    """--overwrite (--force, its older spelling) for a command whose --out has no default helper; read with
+    refuse_existing."""
+    p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true", help=f"replace an existing {what}")
+
+
+def refuse_existing(args: argparse.Namespace, *paths: Path, flag: str = "--out") -> None:
+    """A result file is never replaced silently: one line when one of `paths` exists and --overwrite was not
+    given. Called before any work, so that a refusal costs nothing."""
+    for path in paths:
+        if Path(path).exists() and not args.overwrite:
+            raise ValueError(f"{path} exists; pass --overwrite to replace it, or {flag} to write elsewhere")
+
+
+# Options naming a path: an empty value would mean the current folder (or nothing), never what was meant.
+PATH_OPTIONS = ("out", "json", "ckpt", "resume", "config", "data_dir", "init_from", "samples", "save_ref_stats",
+                "evaluator_weights", "inception_weights", "encoder_weights", "vae", "runs", "ref")
+
+
+def refuse_empty_paths(args: argparse.Namespace) -> None:
+    """An empty path option (`--out ''`, e.g. from an unset shell variable) is an error, not the current folder."""
+    for dest in PATH_OPTIONS:
+        if getattr(args, dest, None) == "":
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"{flag} is empty; give a path (an unset shell variable?)")
+
+
 def add_precision(p: argparse.ArgumentParser) -> None:
     """--precision auto | fp32 | bf16 (rrepa.precision), read with precision_scope."""
     p.add_argument("--precision", choices=PRECISIONS, default="auto",

@@ -10,10 +10,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rrepa.cli.classify import add_common_args, dataset_for, default_out_dir
+from rrepa.cli.options import add_overwrite, refuse_existing
 from rrepa.distributed import resolve_device
 from rrepa.eval.linear import DEFAULT_L2_GRID
 from rrepa.eval.probe import POOLS, markdown_table, probe_model, save_heatmap
 from rrepa.run import load_run
+from rrepa.utils import atomic_write
 
 
 def parse_grid(text: str) -> list[float]:
@@ -30,6 +32,8 @@ def parse_grid(text: str) -> list[float]:
 def cmd_probe(args: argparse.Namespace) -> None:
     """`rrepa probe`: linear-probe accuracy at every (block, layer)."""
     grid = parse_grid(args.l2_grid)
+    out = Path(args.out) if args.out else default_out_dir(args.ckpt, "probe")
+    refuse_existing(args, out / f"probe-{args.pool}.json")  # before extracting anything
     device = resolve_device(args.device)
     model, info = load_run(args.ckpt, args.weights, device, warn=tqdm.write)
     train_set = dataset_for(model, info, "train", args.data_dir, args.dataset)
@@ -44,7 +48,6 @@ def cmd_probe(args: argparse.Namespace) -> None:
           f"{res['test_images']} test images; best in bold")
     print(table)
     print(f"best: block {best['block']}, layer {best['layer']}: {100 * best['test_acc']:.2f}% (l2 {best['l2']:g})")
-    out = Path(args.out) if args.out else default_out_dir(args.ckpt, "probe")
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"probe-{args.pool}.png"
     save_heatmap(rows, cfg.num_blocks, cfg.layers_per_block, png,
@@ -53,7 +56,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
               "heatmap_png": str(png)}
     report["best"] = {k: best[k] for k in ("block", "layer", "test_acc")}
     path = out / f"probe-{args.pool}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
     print(f"wrote {path} and {png}")
 
 
@@ -75,4 +78,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="L2 strengths to choose from (comma-separated)")
     p.add_argument("--max-iter", type=int, default=100, help="L-BFGS iterations per fit")
     p.add_argument("--out", help="output folder (default <run>/probe)")
+    add_overwrite(p, "probe JSON and heatmap")
     p.set_defaults(func=cmd_probe)

@@ -10,7 +10,15 @@ from pathlib import Path
 import torch
 
 from rrepa import distributed
-from rrepa.cli.options import add_data_dir, add_device, add_precision, finite_float, precision_scope
+from rrepa.cli.options import (
+    add_data_dir,
+    add_device,
+    add_overwrite,
+    add_precision,
+    finite_float,
+    precision_scope,
+    refuse_existing,
+)
 from rrepa.eval.bpd import describe_bpd, evaluate_bpd
 from rrepa.jacobi import Jacobi, as_sampler
 from rrepa.latent_run import ImageSpace, data_config, eval_dataset, is_latent, load_run_vae
@@ -31,6 +39,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         flags = ", ".join("--" + k.replace("_", "-") for k in options)
         raise ValueError(f"{flags}: only for --sampler jacobi")
     sampler = None if sampler is None else Jacobi(**options)
+    ckpt = Path(args.ckpt)
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / f"samples-seed{args.seed}"
+    refuse_existing(args, *(out.with_suffix(f".{f}") for f in sorted(formats)))  # before drawing anything
     with distributed.process_group(args.device) as d:
         model, info = load_run(args.ckpt, args.weights, d.device)
         # A sample that diverges (NaN or inf) must not end the run in the denoising step's input check: the finite
@@ -73,8 +84,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
                              f"try another checkpoint, a lower --guidance or --temperature, or --sampler sequential")
         if diverged:
             print(f"warning: {diverged}", file=sys.stderr)
-        ckpt = Path(args.ckpt)
-        out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / f"samples-seed{args.seed}"
         if "npz" in formats:
             save_npz(out.with_suffix(".npz"), finite, finite_labels)
             N, C, H, W = finite.shape
@@ -91,6 +100,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_bpd(args: argparse.Namespace) -> None:
     """Bits/dim of a dataset split with uniform dequantization; the null label unless --conditional."""
+    if args.json:
+        refuse_existing(args, Path(args.json), flag="--json")
     with distributed.process_group(args.device) as d:
         model, info = load_run(args.ckpt, args.weights, d.device)
         data = data_config(info["config"].get("data", {}))
@@ -147,6 +158,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which weights of a checkpoint")
     p.add_argument("--format", default="png,npz", help="png, npz or png,npz")
     p.add_argument("--out", help="output path without extension (default <run>/samples-seed<seed>)")
+    add_overwrite(p, "samples file")
     add_device(p)
     add_precision(p)
     p.set_defaults(func=cmd_sample)
@@ -168,6 +180,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_dir(p, help="dataset location (default: the run's data.path)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise")
     p.add_argument("--json", help="also write the result to this JSON file")
+    add_overwrite(p, "--json file")
     add_device(p)
     add_precision(p)
     p.set_defaults(func=cmd_bpd)

@@ -22,6 +22,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         if args.init_from:
             raise ValueError("--init-from starts a new run from given weights; --resume continues a run with its own")
+        if args.out:
+            raise ValueError(f"--resume continues {args.resume} in place, so --out {args.out} would be ignored; drop "
+                             f"--out, or start a new run from its weights with --init-from {args.resume} --out "
+                             f"{args.out}")
         if args.preset or args.config:
             raise ValueError("--resume continues the run's own config.yaml; drop --preset/--config "
                              "(--set still applies, e.g. --set train.steps=20000)")
