@@ -358,6 +358,18 @@ def test_a_second_sample_or_a_finished_resume_replaces_nothing(trained, tmp_path
         train(tiny(trained.parent, *QUICK), "", device="cpu")
 
 
+def test_sampler_and_weights_options_the_model_cannot_honour(trained, capsys):
+    """Issue #33 item 18: --sequential-blocks beyond the model's blocks and --weights raw of an EMA-only file were
+    accepted (the second silently ignored)."""
+    code, _, err = run_cli(capsys, "sample", "--ckpt", str(trained), "--sampler", "jacobi", "--sequential-blocks", "9",
+                           "--num-samples", "2")
+    assert code == 2 and "--sequential-blocks must lie in 0..2 for this 2-block model, got 9" in one_error_line(
+        err, "sample")
+    code, _, err = run_cli(capsys, "bpd", "--ckpt", str(trained / "ema.safetensors"), "--weights", "raw")
+    assert code == 2 and "holds only the EMA weights, so --weights raw cannot be read" in one_error_line(err, "bpd")
+    assert not list(trained.glob("samples-seed*"))
+
+
 # --------------------------------------------------------------------------------------------
 # 12. The likelihood protocol
 # --------------------------------------------------------------------------------------------

@@ -223,9 +223,18 @@ def resolve_checkpoint(path: str | os.PathLike, warn: Callable[[str], None] = pr
 
 def weights_step(path: str | os.PathLike) -> int | None:
     """The training step stored in an exported safetensors file's metadata (None when absent or unreadable)."""
+    step = _metadata(path).get("step")
+    return int(step) if step is not None else None
+
+
+def weights_kind(path: str | os.PathLike) -> str | None:
+    """Which weights an exported safetensors file holds, "ema" or "raw" (None when its metadata does not say)."""
+    return _metadata(path).get("weights")
+
+
+def _metadata(path: str | os.PathLike) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
-            step = (f.metadata() or {}).get("step")
-        return int(step) if step is not None else None
+            return dict(f.metadata() or {})
     except Exception:  # noqa: BLE001 - unreadable metadata: load_weights reports it properly
-        return None
+        return {}

@@ -36,14 +36,17 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available")
+        raise ValueError(f"--device {device} was asked for but CUDA is not available on this machine; use --device "
+                         f"cpu (or auto)")
     return torch.device(device)
 
 
 def setup(device: str = "auto") -> Dist:
     """Start the process group when launched by torchrun (NCCL on GPU, gloo on CPU) and pick the device."""
+    if device != "auto":
+        resolve_device(device)  # one line for an unknown device or CUDA without a GPU, before any CUDA call
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")

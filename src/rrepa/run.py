@@ -27,6 +27,7 @@ from rrepa.checkpoint import (
     load_state_checked,
     load_weights,
     resolve_checkpoint,
+    weights_kind,
     weights_step,
 )
 from rrepa.config import RunConfig, load_yaml, merge, parse_overrides
@@ -69,6 +70,9 @@ def load_run(path: str | os.PathLike, weights: str = "ema", device: str | torch.
         raise ValueError(f"{path} is neither a .safetensors file, a ckpt-*.pt file nor a run folder")
     if path.is_dir() and (path / PRETRAINED_CONFIG).is_file():
         return _from_pretrained(path, weights, device)
+    if path.suffix == ".safetensors" and weights == "raw" and weights_kind(path) == "ema":
+        raise ValueError(f"{path} holds only the EMA weights, so --weights raw cannot be read from it; give the run "
+                         f"folder, its model.safetensors or a ckpt-*.pt file (or drop --weights raw)")
     if path.is_dir():
         exported = path / ("ema.safetensors" if weights == "ema" else "model.safetensors")
         ckpts = list_checkpoints(path)
@@ -155,7 +159,8 @@ def init_weights(model: TARFlow, source: str, say: Callable[[str], None]) -> Non
     """--init-from: the raw weights of a run folder, a checkpoint or a .safetensors file, into `model`."""
     if not Path(source).exists():
         raise FileNotFoundError(f"--init-from {source} does not exist")
-    loaded, info = load_run(source, "raw", warn=say)  # a .safetensors file holds one set of weights: those
+    # A .safetensors file holds one set of weights: those (asking for "ema" never refuses one).
+    loaded, info = load_run(source, "ema" if Path(source).suffix == ".safetensors" else "raw", warn=say)
     load_state_checked(model, loaded.state_dict(), source=info["file"])
     say(f"initialised the weights from {info['file']}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from rrepa.cli import build_parser
 from rrepa.cli.options import output_path
@@ -132,3 +133,31 @@ def test_resume_with_another_out_is_refused(tmp_path, capsys):
     code, err = run_cli(capsys, ["train", "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
     assert code == 2 and "--out" in err and "would be ignored" in err and "--init-from" in err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("argv", [["train", "--out", "{tmp}/run"], ["sample", "--ckpt", "{tmp}/run"],
+                                  ["bpd", "--ckpt", "{tmp}/run"], ["classify", "--ckpt", "{tmp}/run"]],
+                         ids=lambda a: a[0])
+@pytest.mark.parametrize("device,expected", [
+    ("tpu", "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    pytest.param("cuda", "--device cuda was asked for but CUDA is not available on this machine; use --device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_an_unusable_device_is_one_line(argv, device, expected, tmp_path, capsys):
+    """Issue #33 item 17: --device tpu ran on the CPU, --device cuda without a GPU ended in a torch traceback."""
+    code, err = run_cli(capsys, [a.format(tmp=tmp_path) for a in argv] + ["--device", device])
+    assert code == 2 and expected in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["bpd", "--ckpt", "run", "--batch-size", "0"], "need --batch-size >= 1 and --max-images >= 1"),  # item 15
+    (["bpd", "--ckpt", "run", "--max-images", "0"], "got 500 and 0"),
+    (["bpd", "--ckpt", "run", "--max-images", "-5"], "got 500 and -5"),
+    (["vae", "eval", "--limit", "-5"], "need --limit >= 1 (or none: all test images) and --fid-images >= 0"),
+    (["vae", "eval", "--fid-images", "-1"], "got None and -1"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_counts_out_of_range_are_refused(argv, expected, capsys):
+    """Issue #33 items 15 and 18: no "range() arg 3 must not be zero", no NaN with exit 0, no 9,995 images."""
+    code, err = run_cli(capsys, argv)
+    assert code == 2 and expected in err and "Traceback" not in err

@@ -44,6 +44,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     refuse_existing(args, *(out.with_suffix(f".{f}") for f in sorted(formats)))  # before drawing anything
     with distributed.process_group(args.device) as d:
         model, info = load_run(args.ckpt, args.weights, d.device)
+        T = model.cfg.num_blocks
+        if sampler is not None and not 0 <= sampler.sequential_blocks <= T:
+            raise ValueError(f"--sequential-blocks must lie in 0..{T} for this {T}-block model, got "
+                             f"{sampler.sequential_blocks} ({T}: every block sequential, as --sampler sequential)")
         # A sample that diverges (NaN or inf) must not end the run in the denoising step's input check: the finite
         # ones are written and the diverged ones reported below. The labels are built here, in range.
         model.validate_inputs = False
@@ -100,6 +104,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_bpd(args: argparse.Namespace) -> None:
     """Bits/dim of a dataset split with uniform dequantization; the null label unless --conditional."""
+    if args.batch_size < 1 or args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"need --batch-size >= 1 and --max-images >= 1 (or none: the whole split), got "
+                         f"{args.batch_size} and {args.max_images}")
     if args.json:
         refuse_existing(args, Path(args.json), flag="--json")
     with distributed.process_group(args.device) as d:

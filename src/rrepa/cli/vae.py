@@ -37,6 +37,9 @@ def cmd_vae_train(args: argparse.Namespace) -> None:
 
 def cmd_vae_eval(args: argparse.Namespace) -> None:
     """PSNR of a VAE's reconstructions of the test split, and the embedded evaluator's FID of some of them."""
+    if args.limit is not None and args.limit < 1 or args.fid_images < 0:
+        raise ValueError(f"need --limit >= 1 (or none: all test images) and --fid-images >= 0 (0: no FID), got "
+                         f"{args.limit} and {args.fid_images}")
     device = resolve_device(args.device)
     vae = load_vae(args.vae, device=device, dtype=args.dtype, data_path=args.data_dir)
     test = build_dataset(DataConfig(name="fmnist", path=args.data_dir), "test")
