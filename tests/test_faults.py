@@ -370,6 +370,35 @@ def test_sampler_and_weights_options_the_model_cannot_honour(trained, capsys):
     assert not list(trained.glob("samples-seed*"))
 
 
+@pytest.mark.parametrize("case", ["partial fmnist", "text samples", "empty config"])
+def test_messages_that_name_the_actual_fault(case, data, trained, tmp_path, capsys):
+    """Issue #33 items 10, 11, 12: a folder with some of the IDX files names the missing ones; a text file given as
+    samples is "not an npz" (not numpy's advice to unpickle it); an empty config.yaml is said to be empty."""
+    if case == "partial fmnist":
+        part = tmp_path / "part"
+        part.mkdir()
+        for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+            (part / name).write_bytes((data / name).read_bytes())
+        code, _, err = run_cli(capsys, "train", "--data-dir", str(part), "--out", str(tmp_path / "run"))
+        line = one_error_line(err, "train")
+        assert "holds 2 of Fashion-MNIST's 4 IDX files but not t10k-images-idx3-ubyte[.gz], t10k-labels-idx1" in line
+    elif case == "text samples":
+        (tmp_path / "s.npz").write_text("these are not samples\n")
+        code, _, err = run_cli(capsys, "evaluate", "--samples", str(tmp_path / "s.npz"), "--ref", "fmnist:test")
+        line = one_error_line(err, "evaluate")
+        assert "is not an .npz archive" in line and "allow_pickle" not in line
+    else:
+        run = tmp_path / "run"
+        run.mkdir()
+        for p in trained.glob("ckpt-*.pt"):
+            (run / p.name).write_bytes(p.read_bytes())
+        (run / "config.yaml").write_text("")
+        code, _, err = run_cli(capsys, "train", "--resume", str(run))
+        line = one_error_line(err, "train")
+        assert f"{run / 'config.yaml'} is empty" in line and "image_size" not in line
+    assert code == 2
+
+
 # --------------------------------------------------------------------------------------------
 # 12. The likelihood protocol
 # --------------------------------------------------------------------------------------------

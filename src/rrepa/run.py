@@ -150,6 +150,9 @@ def stored_config(run_dir: str | os.PathLike, overrides: list[str] = ()) -> RunC
     stored = run / CONFIG_FILE
     if not stored.is_file():
         raise FileNotFoundError(f"--resume {run}: not a run folder of `rrepa train` (it has no {CONFIG_FILE})")
+    if not load_yaml(stored):  # an empty file would resume with the defaults and fail on a mismatch far away
+        raise ValueError(f"--resume {run}: {stored} is empty; restore it (every checkpoint holds the run's config: "
+                         f"rrepa.checkpoint.load_checkpoint(...)['config']) or start a new run")
     cfg = merge(RunConfig.from_dict(load_yaml(stored)), parse_overrides(list(overrides)), source="--set")
     cfg.validate()
     return cfg

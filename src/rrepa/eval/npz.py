@@ -19,6 +19,11 @@ def open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic[:4] != b"PK\x03\x04" and magic != b"\x93NUMPY":  # numpy would advise unpickling anything else
+        raise ValueError(f"{path} is not an .npz archive (it does not start like a zip file); give the samples npz "
+                         f"of `rrepa sample --format npz` (ADM's layout: arr_0 (N, H, W, C) uint8)")
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:

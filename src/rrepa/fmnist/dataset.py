@@ -182,6 +182,11 @@ def _not_fashion_mnist(path: Path) -> str:
                 f"class) set data.name=folder (--set data.name=folder)")
     if any(e.suffix == ".npz" for e in entries):
         return f"{where} holds .npz files, not Fashion-MNIST's IDX files; for downsampled ImageNet set data.name=npz"
+    stems = [s for pair in FASHION_MNIST_FILES.values() for s in pair]
+    missing = [s for s in stems if idx_file(path, s) is None]
+    if len(missing) < len(stems):  # some but not all: name the missing ones
+        return (f"{where} holds {len(stems) - len(missing)} of Fashion-MNIST's 4 IDX files but not "
+                f"{', '.join(f'{s}[.gz]' for s in missing)}; add the missing ones (or give the folder holding all 4)")
     return f"{where} holds none of Fashion-MNIST's IDX files ({files}); give the folder that holds them"
 
 
