@@ -276,6 +276,20 @@ def test_unwritable_outputs_are_one_line_errors(trained, data, read_only, capsys
     assert code == 2 and f"{read_only / 'bpd.json'}: Read-only file system" in one_error_line(err, "bpd")
 
 
+@pytest.mark.parametrize("argv", [["sample", "--ckpt", "{run}", "--num-samples", "2", "--out", "{file}/s"],
+                                  ["export", "--ckpt", "{run}", "--out", "{file}/exported"]], ids=lambda a: a[0])
+def test_an_output_under_a_regular_file_is_not_a_directory(trained, tmp_path, capsys, argv):
+    """Issue #33 item 9: "File exists" named the wrong cause; the same for every writer (convert, vae train)."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    code, _, err = run_cli(capsys, *(a.format(run=trained, file=blocker) for a in argv))
+    line = one_error_line(err, argv[0])
+    assert code == 2 and f"{blocker}: Not a directory (it is a file" in line and "File exists" not in line
+    with pytest.raises(NotADirectoryError, match="Not a directory"):
+        utils.atomic_write(blocker / "deeper" / "x.json", lambda tmp: Path(tmp).write_text("{}"))
+    assert blocker.read_text() == "a file, not a folder"
+
+
 def test_any_os_error_of_a_command_is_one_line(capsys, monkeypatch):
     def denied(args):
         raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), "/immutable/folder/x")

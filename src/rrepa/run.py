@@ -98,7 +98,10 @@ def export_pretrained(model: TARFlow, out: str | os.PathLike, run_config: RunCon
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists; choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise naming(err, out) from err
     tmp = temp_dir_beside(out)
     try:
         model.save_pretrained(tmp)

@@ -7,6 +7,7 @@ Nothing here imports another rrepa module, so any module may import it."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import random
@@ -102,9 +103,15 @@ def temp_dir_beside(path: str | os.PathLike) -> Path:
 
 
 def naming(err: OSError, path: str | os.PathLike) -> OSError:
-    """err as an OSError of the same kind (PermissionError, ...) whose filename is `path`."""
+    """err as an OSError of the same kind (PermissionError, ...) whose filename is `path`. mkdir's "File exists"
+    where a folder on the way to `path` is a regular file becomes "Not a directory", naming that file."""
     if err.errno is None:
         return err
+    if err.errno == errno.EEXIST:
+        blocking = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            return OSError(errno.ENOTDIR, f"{os.strerror(errno.ENOTDIR)} (it is a file, so {path} cannot be "
+                                          f"written under it)", str(blocking))
     return OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))
 
 

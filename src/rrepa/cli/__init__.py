@@ -59,7 +59,8 @@ def describe_os_error(err: OSError) -> str:
     fix = {errno.EROFS: "choose a writable location", errno.EACCES: "check its permissions or choose another path",
            errno.EPERM: "check its permissions and attributes (chattr) or choose another path",
            errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
-           errno.EFBIG: "the file exceeds a size limit; write elsewhere", errno.ENOENT: "check the path"}
+           errno.EFBIG: "the file exceeds a size limit; write elsewhere", errno.ENOENT: "check the path",
+           errno.ENOTDIR: "choose an output path outside it"}
     return f"{where}: {err.strerror}" + (f" ({fix[err.errno]})" if err.errno in fix else "")
 
 
