@@ -384,10 +384,11 @@ def test_sampler_and_weights_options_the_model_cannot_honour(trained, capsys):
     assert not list(trained.glob("samples-seed*"))
 
 
-@pytest.mark.parametrize("case", ["partial fmnist", "text samples", "empty config"])
+@pytest.mark.parametrize("case", ["partial fmnist", "text samples", "mismatched samples", "empty config"])
 def test_messages_that_name_the_actual_fault(case, data, trained, tmp_path, capsys):
-    """Issue #33 items 10, 11, 12: a folder with some of the IDX files names the missing ones; a text file given as
-    samples is "not an npz" (not numpy's advice to unpickle it); an empty config.yaml is said to be empty."""
+    """Issue #33 items 10, 11, 12, 19: a folder with some of the IDX files names the missing ones; a text file given as
+    samples is "not an npz" (not numpy's advice to unpickle it); samples of another shape than the reference are
+    refused (not an FID of 477); an empty config.yaml is said to be empty."""
     if case == "partial fmnist":
         part = tmp_path / "part"
         part.mkdir()
@@ -396,6 +397,11 @@ def test_messages_that_name_the_actual_fault(case, data, trained, tmp_path, caps
         code, _, err = run_cli(capsys, "train", "--data-dir", str(part), "--out", str(tmp_path / "run"))
         line = one_error_line(err, "train")
         assert "holds 2 of Fashion-MNIST's 4 IDX files but not t10k-images-idx3-ubyte[.gz], t10k-labels-idx1" in line
+    elif case == "mismatched samples":
+        np.savez(tmp_path / "s.npz", arr_0=np.zeros((10, 32, 32, 3), np.uint8))
+        code, _, err = run_cli(capsys, "evaluate", "--samples", str(tmp_path / "s.npz"), "--ref", "fmnist:test")
+        assert "the samples are 3 x 32 x 32 images but --ref fmnist:test holds 1 x 28 x 28" in one_error_line(
+            err, "evaluate")
     elif case == "text samples":
         (tmp_path / "s.npz").write_text("these are not samples\n")
         code, _, err = run_cli(capsys, "evaluate", "--samples", str(tmp_path / "s.npz"), "--ref", "fmnist:test")

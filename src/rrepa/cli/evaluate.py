@@ -68,6 +68,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             raise ValueError(f"{args.samples} holds {images.shape[0]} samples; the metrics need at least {least} "
                              f"(FID needs 2, precision / recall with --k {args.k} need {args.k + 1}; thousands give "
                              f"stable figures)")
+    if args.ref.startswith("fmnist:") and tuple(images.shape[1:]) != (28, 28, 1):
+        N, H, W, C = images.shape
+        raise ValueError(f"the samples are {C} x {H} x {W} images but --ref {args.ref} holds 1 x 28 x 28 Fashion-MNIST "
+                         f"images; compare samples with a reference of their own shape (--ref an npz of such images)")
     net = build_feature_network(args.features, inception_weights=args.inception_weights,
                                 evaluator_weights=args.evaluator_weights, device=device,
                                 batch_size=args.batch_size, log=log)
