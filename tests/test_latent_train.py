@@ -22,6 +22,7 @@ from rrepa.flow import FlowConfig, TARFlow
 from rrepa.fmnist import vae as fmnist_vae
 from rrepa.fmnist.encoder import EMBEDDED_FILE, SSLBackbone, SSLConfig, save_embedded
 from rrepa.fmnist.evaluator import FMNISTCNN, save_evaluator
+from rrepa.fmnist.shipped import shipped
 from rrepa.latent_run import ImageSpace, LatentsWithImages, latent_dataset, load_run_vae
 from rrepa.latents import StaleCacheError, image_dataset
 from rrepa.objective import Batches
@@ -55,21 +56,20 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
-    """A fresh RREPA_CACHE_DIR: a random fmnist-ssl encoder and evaluator, no VAE; training fmnist-vae is
-    replaced by saving a tiny one (the first-use path is run, the 10 minutes of training are not)."""
+    """A fresh RREPA_CACHE_DIR holding a random fmnist-ssl encoder (pinned by `align`), and no VAE: fmnist-vae is
+    the shipped one; training a VAE fails the test (nothing is trained on first use)."""
     root = tmp_path / "cache"
     monkeypatch.setenv("RREPA_CACHE_DIR", str(root))
     torch.manual_seed(123)
     save_embedded(root / "encoders" / EMBEDDED_FILE, SSLBackbone(SSLConfig(widths=(8, 16), dim=16)))
-    calls = []
-
-    def fake_training(path, *args, **kwargs):
-        calls.append(path)
-        tiny_vae(path)
-
-    fake_training.calls = calls
-    monkeypatch.setattr(fmnist_vae, "_train_and_save", fake_training)
+    monkeypatch.setattr(fmnist_vae, "train_vae", lambda *a, **kw: pytest.fail("a VAE was trained"))
     return root
+
+
+@pytest.fixture
+def align(cache) -> list[str]:
+    """ALIGN with the cache's random encoder pinned (the default would be the shipped fmnist-ssl)."""
+    return [*ALIGN, f"align.encoder_weights={cache / 'encoders' / EMBEDDED_FILE}"]
 
 
 def test_latent_denoising_is_the_score_step_in_float64():
@@ -119,18 +119,16 @@ def test_samples_are_decoded_with_the_runs_vae(tmp_path):
     assert ImageSpace()(latents[0]) is latents[0]  # a pixel run: as drawn
 
 
-def test_fmnist_latent_first_use_train_sample_evaluate(data, cache, tmp_path, capsys):
-    """`rrepa train --preset fmnist-latent` from a fresh cache: fmnist-vae is made, the latent and feature caches
-    are built, training runs with alignment; grids, npz and evaluation are of decoded 28 x 28 images; bits/dim is
-    per latent dimension."""
+def test_fmnist_latent_first_use_train_sample_evaluate(data, cache, align, tmp_path, capsys):
+    """`rrepa train --preset fmnist-latent` from a fresh cache: the shipped fmnist-vae is used (nothing trained),
+    the latent and feature caches are built, training runs with alignment; grids, npz and evaluation are of decoded
+    28 x 28 images; bits/dim is per latent dimension."""
     run = tmp_path / "run"
     cli.main(["train", "--preset", "fmnist-latent", "--out", str(run), "--device", "cpu", "--data-dir", str(data),
-              *sum((["--set", s] for s in [*TINY, *ALIGN, "data.hflip=true"]), [])])
+              *sum((["--set", s] for s in [*TINY, *align, "data.hflip=true"]), [])])
     out = capsys.readouterr()
-    assert len(fmnist_vae._train_and_save.calls) == 1  # trained (here: saved) once, into <cache>/vae/fmnist-vae
-    vae_dir = cache / "vae" / "fmnist-vae"
-    assert (vae_dir / "config.json").is_file()
-    vae = VAE.load(vae_dir)
+    assert not (cache / "vae").exists()  # nothing trained into the cache: the shipped autoencoder
+    vae = VAE.load(shipped("fmnist-vae"))
     caches = sorted(p.name for p in (cache / "latents").iterdir())
     assert len(caches) == 2 and any("-train-" in c and "-flip-" in c for c in caches)
     assert any("-test-" in c for c in caches)
@@ -181,11 +179,12 @@ def yaml_config(run: Path) -> dict:
 
 
 @pytest.mark.parametrize("feature_cache", [True, False])
-def test_alignment_targets_are_the_clean_images_of_the_same_index_and_flip(data, cache, tmp_path, feature_cache):
+def test_alignment_targets_are_the_clean_images_of_the_same_index_and_flip(data, cache, align, tmp_path,
+                                                                          feature_cache):
     """Each latent training item (z, y, index, flipped) gets the encoder's tokens of that clean image (mirrored when
     flipped), from the feature cache or online, and z is the VAE's latents of that same image."""
     vae_dir = tiny_vae(tmp_path / "v")
-    cfg = resolve("fmnist-latent", overrides=[*TINY, *ALIGN, "data.hflip=true", f"data.path={data}",
+    cfg = resolve("fmnist-latent", overrides=[*TINY, *align, "data.hflip=true", f"data.path={data}",
                                               f"data.vae={vae_dir}", f"align.feature_cache={feature_cache}"])
     vae = load_run_vae(cfg.data)
     latents = latent_dataset(cfg.data, vae, "train", hflip=True, progress=False)
@@ -193,7 +192,7 @@ def test_alignment_targets_are_the_clean_images_of_the_same_index_and_flip(data,
     batches = Batches(cfg, images, Dist(), lambda m: None)
     wrapped = batches.wrap(latents, True)
     assert isinstance(wrapped, LatentsWithImages) != feature_cache
-    encoder = build_encoder("fmnist-ssl")
+    encoder = build_encoder("fmnist-ssl", cache / "encoders" / EMBEDDED_FILE)  # the one `align` pins
     torch.manual_seed(3)
     items = [wrapped[i] for i in range(12)]
     batch = [torch.stack([torch.as_tensor(it[k]) for it in items]) for k in range(len(items[0]))]

@@ -37,6 +37,12 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
+def align(cache) -> list[str]:
+    """ALIGN with the cache's random encoder pinned (the default would be the shipped fmnist-ssl)."""
+    return [*ALIGN, f"align.encoder_weights={cache / 'encoders' / EMBEDDED_FILE}"]
+
+
+@pytest.fixture
 def encoder_calls(monkeypatch) -> dict:
     calls = {"images": 0, "batches": 0}
     forward = FrozenEncoder.forward
@@ -51,9 +57,10 @@ def encoder_calls(monkeypatch) -> dict:
 
 
 @pytest.mark.parametrize("strategy", ["forward", "detach", "reverse"])
-def test_each_strategy_logs_both_losses_and_trains_the_projector(data, cache, tmp_path, strategy, encoder_calls):
+def test_each_strategy_logs_both_losses_and_trains_the_projector(data, cache, align, tmp_path, strategy,
+                                                                 encoder_calls):
     run = tmp_path / "run"
-    cfg = tiny(data, *ALIGN, f"align.strategy={strategy}", "align.reverse=pseudo", "align.feature_cache=false",
+    cfg = tiny(data, *align, f"align.strategy={strategy}", "align.reverse=pseudo", "align.feature_cache=false",
                "train.steps=4", "train.ckpt_every=2")
     train(cfg, run, device="cpu")
     r = rows(run)
@@ -73,10 +80,10 @@ def test_each_strategy_logs_both_losses_and_trains_the_projector(data, cache, tm
     load_run(run)  # the checkpoint's flow loads without the projector
 
 
-def test_alignment_gradient_reaches_the_projector_and_lowers_the_align_loss(data, cache, tmp_path):
+def test_alignment_gradient_reaches_the_projector_and_lowers_the_align_loss(data, cache, align, tmp_path):
     # Only the alignment term moves the weights (NLL weight is 1, but a high lr on a fixed batch of 8): the
     # alignment loss falls.
-    cfg = tiny(data, *ALIGN, "align.feature_cache=false", "align.weight=5.0", "train.steps=12",
+    cfg = tiny(data, *align, "align.feature_cache=false", "align.weight=5.0", "train.steps=12",
                "train.ckpt_every=12", "optim.batch_size=64", "optim.lr=3e-3", "optim.warmup_steps=0",
                "train.label_drop=0")
     train(cfg, tmp_path / "run", device="cpu")
@@ -84,14 +91,14 @@ def test_alignment_gradient_reaches_the_projector_and_lowers_the_align_loss(data
     assert r[-1]["align_loss"] < r[0]["align_loss"] - 0.05
 
 
-def test_every_reverse_method_trains_on_the_same_values_with_its_own_gradient(data, cache, tmp_path):
+def test_every_reverse_method_trains_on_the_same_values_with_its_own_gradient(data, cache, align, tmp_path):
     """naive, pseudo and jacobi-K reconstruct the same features, so while the weights agree the alignment loss
     agrees. Step 1 starts at a zero proj_out, where every path has the same gradient, so step 2 agrees too; from
     then on pseudo's gradient is approximate: its weights part from naive's, and jacobi-N's (exact) do not."""
     finals = {}
     for method, extra in {"naive": [], "pseudo": [], "jacobi-N": ["align.jacobi_steps=16"]}.items():
         run = tmp_path / method
-        cfg = tiny(data, *ALIGN, "align.strategy=reverse", f"align.reverse={method.split('-')[0]}", *extra,
+        cfg = tiny(data, *align, "align.strategy=reverse", f"align.reverse={method.split('-')[0]}", *extra,
                    "align.feature_cache=false", "train.steps=4", "train.ckpt_every=4")
         train(cfg, run, device="cpu")
         finals[method] = (rows(run), load_checkpoint(run / "ckpt-0000004.pt")["model"])
@@ -104,7 +111,7 @@ def test_every_reverse_method_trains_on_the_same_values_with_its_own_gradient(da
     assert gap > 1e-5 and exact_gap < gap / 100
 
 
-def test_compiled_training_matches_eager_without_graph_breaks(data, cache, tmp_path, monkeypatch):
+def test_compiled_training_matches_eager_without_graph_breaks(data, cache, align, tmp_path, monkeypatch):
     """train.compile=true with R-REPA (pseudo): the same losses as eager, and the objective (flow forward,
     reverse path, projector, loss) captured without a graph break. The "aot_eager" backend (dynamo and AOT
     autograd, no code generation) stands in for inductor, whose C++ build takes over a minute here."""
@@ -117,7 +124,7 @@ def test_compiled_training_matches_eager_without_graph_breaks(data, cache, tmp_p
     losses = {}
     for compiled in (False, True):
         run = tmp_path / str(compiled)
-        train(tiny(data, *ALIGN, "align.feature_cache=false", f"train.compile={compiled}", "train.steps=3",
+        train(tiny(data, *align, "align.feature_cache=false", f"train.compile={compiled}", "train.steps=3",
                    "train.ckpt_every=3"), run, device="cpu")
         losses[compiled] = [r[k] for r in rows(run) for k in ("loss", "align_loss")]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
@@ -126,8 +133,8 @@ def test_compiled_training_matches_eager_without_graph_breaks(data, cache, tmp_p
     torch._dynamo.reset()
 
 
-def test_targets_come_from_the_cache(data, cache, tmp_path, encoder_calls):
-    cfg = tiny(data, *ALIGN, "align.feature_cache=true", "train.steps=3", "data.hflip=true")
+def test_targets_come_from_the_cache(data, cache, align, tmp_path, encoder_calls):
+    cfg = tiny(data, *align, "align.feature_cache=true", "train.steps=3", "data.hflip=true")
     train(cfg, tmp_path / "a", device="cpu")
     built = list((cache / "features").iterdir())
     assert any((p / "features.npy").is_file() for p in built)
@@ -137,13 +144,13 @@ def test_targets_come_from_the_cache(data, cache, tmp_path, encoder_calls):
     assert encoder_calls == {"images": 128, "batches": 2}
     assert "align_loss" in rows(tmp_path / "b")[0]
     # Cached (float16) and online targets give the same alignment loss on the same batches.
-    train(tiny(data, *ALIGN, "align.feature_cache=false", "train.steps=3", "data.hflip=true"), tmp_path / "c",
+    train(tiny(data, *align, "align.feature_cache=false", "train.steps=3", "data.hflip=true"), tmp_path / "c",
           device="cpu")
     for a, c in zip(rows(tmp_path / "a"), rows(tmp_path / "c")):
         assert a["align_loss"] == pytest.approx(c["align_loss"], abs=2e-3)
 
 
-def test_alignment_off_builds_no_encoder(data, cache, tmp_path, monkeypatch):
+def test_alignment_off_builds_no_encoder(data, cache, align, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an encoder was built with alignment off")
 
@@ -157,18 +164,18 @@ def test_alignment_off_builds_no_encoder(data, cache, tmp_path, monkeypatch):
     # Such a checkpoint cannot be resumed with alignment on (no projectors to restore): a clear error.
     monkeypatch.setattr(objective, "build_encoder", build)
     with pytest.raises(ValueError, match="without alignment.*--init-from"):
-        train(tiny(data, *ALIGN, "align.feature_cache=false", "train.steps=4"), run, resume=True, device="cpu")
+        train(tiny(data, *align, "align.feature_cache=false", "train.steps=4"), run, resume=True, device="cpu")
 
 
 # Kills the process inside the 8th flow forward (the alignment objective calls TARFlow.forward once per step).
 KILLER = killer("forward")
 
 
-def test_resume_with_alignment_after_sigkill_is_bitwise_exact(data, cache, tmp_path):
+def test_resume_with_alignment_after_sigkill_is_bitwise_exact(data, cache, align, tmp_path):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(tiny(data, *ALIGN, "align.feature_cache=true", "data.hflip=true", "train.steps=10").to_yaml())
+    cfg.write_text(tiny(data, *align, "align.feature_cache=true", "data.hflip=true", "train.steps=10").to_yaml())
     env = {**ENV, "RREPA_CACHE_DIR": str(cache)}
-    train(tiny(data, *ALIGN, "align.feature_cache=true", "data.hflip=true", "train.steps=10"), tmp_path / "ref",
+    train(tiny(data, *align, "align.feature_cache=true", "data.hflip=true", "train.steps=10"), tmp_path / "ref",
           device="cpu")  # in this process (one thread, as the others): builds the cache
     killed = rrepa("train", "--config", str(cfg), "--out", str(tmp_path / "run"), script=KILLER,
                    env={**env, "KILL_AT_CALL": "8"})  # dies inside step 8, after the checkpoint at step 6
@@ -188,11 +195,7 @@ def test_resume_with_alignment_after_sigkill_is_bitwise_exact(data, cache, tmp_p
 
 
 def test_in_training_evaluation(data, tmp_path, monkeypatch):
-    from rrepa.fmnist.evaluator import FMNISTCNN, default_evaluator_path, save_evaluator
-
-    monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    save_evaluator(FMNISTCNN(), {"test_accuracy": 0.1}, default_evaluator_path())  # random, untrained
+    monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path / "cache"))  # fresh: the shipped evaluator, nothing trained
     run = tmp_path / "run"
     train(tiny(data, "train.steps=4", "train.eval_every=2", "train.eval_samples=12", "train.eval_batch_size=5",
                "train.eval_bpd=false", "train.sample_every=0"), run, device="cpu")
@@ -226,14 +229,14 @@ def test_in_training_evaluation(data, tmp_path, monkeypatch):
         cli.main(["evaluate", "--ckpt", str(run), "--ref", "fmnist:train"])  # no --num-samples: one-line error
 
 
-def test_ddp_with_alignment_matches_one_process(data, cache, tmp_path):
+def test_ddp_with_alignment_matches_one_process(data, cache, align, tmp_path):
     # Targets from the cache, so the loader yields indices (through the DDP-sharded GlobalBatchSampler); no noise
     # and no label drop, so the two runs differ only in how the global batch is split. The projector is in DDP:
     # its gradients are averaged like the flow's.
     import subprocess
     import sys
 
-    cfg = tiny(data, *ALIGN, "align.feature_cache=true", "train.steps=3", "model.sigma=0", "train.label_drop=0",
+    cfg = tiny(data, *align, "align.feature_cache=true", "train.steps=3", "model.sigma=0", "train.label_drop=0",
                "optim.lr=1e-2", "optim.warmup_steps=0")
     (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
     train(cfg, tmp_path / "one", device="cpu")  # builds the cache first
@@ -254,11 +257,11 @@ def test_ddp_with_alignment_matches_one_process(data, cache, tmp_path):
 
 
 @pytest.mark.cuda
-def test_cuda_bf16_training_with_reverse_alignment(data, cache, tmp_path):
+def test_cuda_bf16_training_with_reverse_alignment(data, cache, align, tmp_path):
     """R-REPA (pseudo) trains on the GPU under bf16 autocast: finite losses that add up, and the checkpoint
     and exported weights load on the CPU."""
     run = tmp_path / "run"
-    cfg = tiny(data, *ALIGN, "align.strategy=reverse", "align.reverse=pseudo", "train.precision=bf16",
+    cfg = tiny(data, *align, "align.strategy=reverse", "align.reverse=pseudo", "train.precision=bf16",
                "train.steps=4", "train.ckpt_every=2")
     train(cfg, run, device="cuda")
     for x in rows(run):

@@ -424,7 +424,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "align": {**FMNIST_ALIGN, "positions": [[4, 4]]},
     },
     # Latent Fashion-MNIST: the flow on the 4 x 7 x 7 latents of the embedded autoencoder fmnist-vae
-    # (rrepa.fmnist.vae; trained on first use, ~10 CPU minutes, then cached), patch 1 on the 7 x 7 latent grid (49
+    # (rrepa.fmnist.vae; shipped with rrepa, rrepa.fmnist.shipped), patch 1 on the 7 x 7 latent grid (49
     # tokens of 4 values: the same token count as fmnist's patch 4, so about the same cost per step), sigma 0.2 on
     # the unit-variance latents (fmnist-vae's scaling sets std 1; the paper's sigma on SD-VAE latents). Optimiser,
     # loop and evaluation are fmnist's; grids, FID and class accuracy are of the decoded images. Alignment: fmnist-ssl

@@ -41,7 +41,8 @@ from torch import Tensor, nn
 
 from rrepa.checkpoint import load_state_checked
 from rrepa.encoder_base import FrozenEncoder, resize_square
-from rrepa.fmnist.encoder import EMBEDDED_NAME, embedded_encoder_path, ensure_embedded, load_embedded
+from rrepa.fmnist.encoder import EMBEDDED_NAME, load_embedded
+from rrepa.fmnist.shipped import shipped
 from rrepa.utils import is_offline
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -207,18 +208,16 @@ def encoder_names() -> list[str]:
 
 
 def build_encoder(name: str, weights: str | os.PathLike | None = None, image_size: int | None = None,
-                  device: str | torch.device = "cpu", *, model_kwargs: dict | None = None,
-                  train_if_missing: bool = True) -> FrozenEncoder:
-    """A frozen encoder by name: 'fmnist-ssl' (weights: its .safetensors file, default the cache, trained
-    there first if missing and train_if_missing) or a DINOv2 name (weights: Meta's .pth or timm's file;
-    image_size: the side images are resized to, a multiple of 14, default 224)."""
+                  device: str | torch.device = "cpu", *, model_kwargs: dict | None = None) -> FrozenEncoder:
+    """A frozen encoder by name: 'fmnist-ssl' (weights: its .safetensors file, default the copy rrepa ships,
+    rrepa.fmnist.shipped) or a DINOv2 name (weights: Meta's .pth or timm's file; image_size: the side images are
+    resized to, a multiple of 14, default 224)."""
     if name == EMBEDDED_NAME:
         if image_size not in (None, 28):
             raise ValueError(f"{EMBEDDED_NAME} works at 28 x 28 (7 x 7 tokens); got image_size={image_size}")
-        if weights is None:
-            path = embedded_encoder_path()
-            if not path.is_file() and train_if_missing:
-                ensure_embedded(path, device=device)
-            weights = path
-        return load_embedded(weights, device)
+        if weights is not None and not Path(weights).is_file():
+            raise FileNotFoundError(f"{EMBEDDED_NAME} weights {weights} do not exist (relative to {Path.cwd()}); "
+                                    f"check the path, train them with `rrepa encoder train --out {weights}`, or "
+                                    f"give none to use the shipped {EMBEDDED_NAME}")
+        return load_embedded(shipped(EMBEDDED_NAME) if weights is None else weights, device)
     return load_dinov2(name, weights, image_size, device, model_kwargs)

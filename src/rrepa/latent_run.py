@@ -57,7 +57,7 @@ def data_config(data: DataConfig | Mapping) -> DataConfig:
 
 def load_run_vae(data: DataConfig, device: str | torch.device = "cpu",
                  log: Callable[[str], None] = print) -> VAE:
-    """The VAE of data.vae (fmnist-vae: the embedded one, trained on first use), refused in one line when
+    """The VAE of data.vae (fmnist-vae: the embedded one rrepa ships), refused in one line when
     data.vae_fingerprint pins another one (the run was trained with other weights)."""
     vae = load_vae(data.vae, device=device, data_path=data.path if data.name == "fmnist" else None, log=log)
     if data.vae_fingerprint and vae.fingerprint != data.vae_fingerprint:

@@ -95,28 +95,17 @@ def test_save_load_same_hash_and_outputs(tiny, tmp_path, fmnist_test):
     assert other.name != a.name
 
 
-def test_load_evaluator_cache_reuse(tiny, monkeypatch, tmp_path):
-    path = default_evaluator_path()
-    assert path == tmp_path / "cache" / "evaluator" / "fmnist-cnn.safetensors"
-    with pytest.raises(FileNotFoundError, match="rrepa evaluator train"):
-        load_evaluator(train_if_missing=False)
-    trained = []
-
-    def fake_train(**kw):
-        trained.append(kw)
-        loaded = load_evaluator_file(tiny[0])
-        return loaded.model, dict(loaded.info)
-
-    monkeypatch.setattr(ev_mod, "train_evaluator", fake_train)
-    first = load_evaluator(log=lambda m: None)  # missing: trained once and cached
-    assert len(trained) == 1 and path.is_file()
-    second = load_evaluator()  # cached: no training
-    assert len(trained) == 1 and second.name == first.name
-    # A pinned (explicit) path that is missing is an error naming it, never a new evaluator trained there (#33 item 2).
+def test_the_default_evaluator_is_the_shipped_one_and_nothing_is_trained(monkeypatch, tmp_path):
+    """No evaluator is trained on first use (#30): the default is the shipped fmnist-cnn, the network the README's
+    and results/' FIDs name; a pinned path that is missing is an error naming it (#33 item 2)."""
+    monkeypatch.setattr(ev_mod, "train_evaluator", lambda **kw: pytest.fail("an evaluator was trained"))
+    ev = load_evaluator()
+    assert ev.name == "fmnist-cnn@a46eda2ff3" and ev.test_accuracy == pytest.approx(0.9174)
+    assert not default_evaluator_path().exists()  # the cache, where `rrepa evaluator train` writes, is untouched
     with pytest.raises(FileNotFoundError, match=f"evaluator weights {tmp_path / 'no' / 'such.safetensors'} do not "
                                                 f"exist.*rrepa evaluator train --out"):
         load_evaluator(tmp_path / "no" / "such.safetensors", log=lambda m: None)
-    assert len(trained) == 1 and not (tmp_path / "no").exists()
+    assert not (tmp_path / "no").exists()
 
 
 def signal_at_step(monkeypatch, step: int) -> None:
@@ -150,18 +139,24 @@ def test_an_interrupted_training_continues_to_the_same_weights(tmp_path, monkeyp
     assert any("other settings" in m for m in logs)
 
 
-def test_evaluate_that_must_train_the_evaluator_says_so_and_stops_cleanly(fmnist_test, tmp_path, monkeypatch,
-                                                                          capsys):
+def test_evaluate_starts_at_once_and_an_interrupted_retraining_stops_cleanly(fmnist_test, tmp_path, monkeypatch,
+                                                                             capsys):
+    """`rrepa evaluate` on a fresh machine measures with the shipped evaluator at once; `rrepa evaluator train`,
+    interrupted, keeps its progress and says how to continue."""
     from rrepa import cli
 
     x, y = fmnist_test
     write_samples_npz(tmp_path / "samples.npz", x[:20], y[:20])
+    monkeypatch.setattr(ev_mod, "train_evaluator", lambda **kw: pytest.fail("an evaluator was trained"))
+    cli.main(["evaluate", "--samples", str(tmp_path / "samples.npz"), "--ref", "fmnist:test", "--device", "cpu"])
+    assert "fmnist-cnn@a46eda2ff3" in capsys.readouterr().out
+    monkeypatch.undo()
+    monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path / "cache"))
     signal_at_step(monkeypatch, 2)
     with pytest.raises(SystemExit) as e:
-        cli.main(["evaluate", "--samples", str(tmp_path / "samples.npz"), "--ref", "fmnist:test", "--device", "cpu"])
+        cli.main(["evaluator", "train"])
     err = capsys.readouterr().err
-    assert e.value.code == 130 and "Traceback" not in err
-    assert "`rrepa evaluator train`" in err and "training the evaluator:" in err  # the pointer, the progress bar
+    assert e.value.code == 130 and "Traceback" not in err and "training the evaluator:" in err  # the progress bar
     assert re.fullmatch(r"interrupted the evaluator's training at step 2 of 1407; its progress is saved in \S+"
                         r"fmnist-cnn\.safetensors\.partial\.pt: run the same command again to continue",
                         err.strip().splitlines()[-1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import functools
 import json
 import math
 import os
@@ -25,7 +24,6 @@ from rrepa.fmnist.vae import (
     VAEArch,
     VAETrainConfig,
     default_vae_path,
-    ensure_fmnist_vae,
     reconstruction_quality,
     save_vae,
     train_vae,
@@ -128,23 +126,14 @@ def test_an_interrupted_training_continues_to_the_same_weights(data, tmp_path, m
     assert any("other settings" in m for m in logs)
 
 
-def test_ensure_trains_once_into_the_cache(data, tmp_path, monkeypatch):
+def test_fmnist_vae_by_name_is_the_shipped_one(tmp_path, monkeypatch):
+    """data.vae=fmnist-vae loads the autoencoder rrepa ships (#30): nothing is trained on first use, and its
+    fingerprint is the one results/fmnist-latent was trained with."""
     monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(vae_mod, "VAETrainConfig", functools.partial(VAETrainConfig, **TINY))
-    monkeypatch.setattr(vae_mod, "VAEArch", lambda: TINY_ARCH)
-    logs = []
-    path = ensure_fmnist_vae(data_path=str(data), log=logs.append)
-    assert path == default_vae_path() == tmp_path / "cache" / "vae" / "fmnist-vae"
-    assert sum("training it" in m for m in logs) == 1
-    assert sorted(os.listdir(path.parent)) == ["fmnist-vae"]  # no lock, no progress file, no temporary folder
-    info = json.loads((path / "rrepa_vae.json").read_text())
-    assert info["test"]["images"] == 24 and math.isfinite(info["test"]["psnr"])
-    assert info["fingerprint"] == VAE.load(path).fingerprint
-    assert ensure_fmnist_vae(data_path=str(data), log=logs.append) == path
-    assert sum("training it" in m for m in logs) == 1  # cached: not trained again
-    (tmp_path / "broken").mkdir()
-    with pytest.raises(ValueError, match="exists but is not a VAE folder"):
-        ensure_fmnist_vae(tmp_path / "broken")
+    monkeypatch.setattr(vae_mod, "train_vae", lambda *a, **kw: pytest.fail("a VAE was trained"))
+    vae = vae_mod.load_vae("fmnist-vae")
+    assert vae.fingerprint.startswith("e0900420b4") and vae.latent_shape((28, 28)) == (4, 7, 7)
+    assert not default_vae_path().exists()  # the cache, where `rrepa vae train` writes, is untouched
 
 
 class ShiftVAE:

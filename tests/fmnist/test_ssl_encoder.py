@@ -85,10 +85,10 @@ def test_embedded_save_load_identity_and_cache(tmp_path, monkeypatch):
     enc = EmbeddedEncoder(backbone, info={"probe_test_accuracy": 0.5})
     monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path))
     path = tmp_path / "encoders" / "fmnist-ssl.safetensors"
-    with pytest.raises(FileNotFoundError, match="rrepa encoder train"):
-        build_encoder("fmnist-ssl", train_if_missing=False)
+    with pytest.raises(FileNotFoundError, match=f"fmnist-ssl weights {path} do not exist.*rrepa encoder train"):
+        build_encoder("fmnist-ssl", path)
     save_embedded(path, backbone, enc.info)
-    loaded = build_encoder("fmnist-ssl")  # from the cache
+    loaded = build_encoder("fmnist-ssl", path)  # a retrained file, picked explicitly
     x = torch.rand(4, 1, 28, 28) * 2 - 1
     assert torch.equal(loaded(x), enc(x))
     assert loaded.fingerprint == enc.fingerprint and loaded.info == {"probe_test_accuracy": 0.5}

@@ -25,7 +25,7 @@ from rrepa.eval.inception import INCEPTION_FILENAME
 from rrepa.eval.npz import read_samples_npz
 from rrepa.eval.reference import DEFAULT_PR_MAX, reference_stats
 from rrepa.eval.samples import build_feature_network, evaluate_samples, format_markdown, samples_from_checkpoint
-from rrepa.fmnist.evaluator import default_evaluator_path, load_evaluator_file, train_and_save_evaluator
+from rrepa.fmnist.evaluator import default_evaluator_path, load_evaluator, train_and_save_evaluator
 from rrepa.precision import resolve_precision
 from rrepa.utils import atomic_write
 
@@ -110,14 +110,14 @@ def cmd_evaluator_train(args: argparse.Namespace) -> None:
     # Ctrl-C keeps the progress beside `out`: the same command continues from there.
     train_and_save_evaluator(out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
-    ev = load_evaluator_file(out)
+    ev = load_evaluator(out)
     print(json.dumps({"feature_network": ev.name, "path": str(out), "test_accuracy": ev.info["test_accuracy"],
                       "train_seconds": ev.info["train_seconds"], "epochs": ev.info["epochs"]}))
 
 
 def cmd_evaluator_info(args: argparse.Namespace) -> None:
     """Print the cached evaluator's name, test accuracy and training settings as JSON."""
-    ev = load_evaluator_file(args.path or default_evaluator_path())
+    ev = load_evaluator(args.path)  # default: the shipped evaluator
     print(json.dumps({"feature_network": ev.name, **ev.info}, indent=2))
 
 
@@ -165,8 +165,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluator", help="the embedded Fashion-MNIST evaluator (train, info)")
     esub = p.add_subparsers(dest="evaluator_command", required=True, metavar="ACTION")
-    t = esub.add_parser("train", help="train the Fashion-MNIST CNN and cache it (about 12 minutes on 2 idle CPU "
-                                          "cores; Ctrl-C keeps its progress, the same command continues)")
+    t = esub.add_parser("train", help="train another Fashion-MNIST CNN into the cache (the shipped one stays the "
+                                      "default; about 12 minutes on 2 idle cores; Ctrl-C keeps its progress)")
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=3e-3)
@@ -176,5 +176,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_output(t, "$RREPA_CACHE_DIR/evaluator/fmnist-cnn.safetensors", what="weights file")
     t.set_defaults(func=cmd_evaluator_train)
     i = esub.add_parser("info", help="print the cached evaluator's name, test accuracy and training settings")
-    i.add_argument("path", nargs="?", help="weights file (default: the cache file)")
+    i.add_argument("path", nargs="?", help="weights file (default: the shipped fmnist-cnn)")
     i.set_defaults(func=cmd_evaluator_info)

@@ -1,10 +1,11 @@
 """``fmnist-ssl``, the embedded encoder (the alignment target of the fmnist preset): a small CNN giving d = 128
 tokens on a 7 x 7 grid for 28 x 28 inputs, trained by rrepa on the Fashion-MNIST training split with a
 self-supervised objective (SimCLR's NT-Xent between two augmented views, on the mean-pooled tokens through
-a projection MLP; the labels are never read). It is cached in ``<cache>/encoders/fmnist-ssl.safetensors``
-(``<cache>`` is rrepa.utils.cache_dir()), trained on first use when missing, and retrained with
-``rrepa encoder train`` (which also reports a linear-probe accuracy, rrepa.eval.linear's probe on the
-mean-pooled tokens). Input: x in [-1, 1]; RGB is averaged to gray; other sizes are resized to 28 x 28.
+a projection MLP; the labels are never read). rrepa ships it (rrepa.fmnist.shipped), so nothing is trained on
+first use; ``rrepa encoder train`` trains another into ``<cache>/encoders/fmnist-ssl.safetensors`` (``<cache>`` is
+rrepa.utils.cache_dir()) and reports its linear-probe accuracy (rrepa.eval.linear's probe on the mean-pooled
+tokens); ``align.encoder_weights`` picks such a file. Input: x in [-1, 1]; RGB is averaged to gray; other sizes
+are resized to 28 x 28.
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from rrepa.checkpoint import load_state_checked
-from rrepa.data import DataConfig, TensorImageDataset, build_dataset
+from rrepa.data import TensorImageDataset
 from rrepa.encoder_base import FrozenEncoder, resize_square
 from rrepa.eval.linear import DEFAULT_L2_GRID
 from rrepa.eval.linear import linear_probe as fit_probe
-from rrepa.features import file_lock
 from rrepa.utils import atomic_write, cache_dir, from_uint8, lr_factor
 
 EMBEDDED_NAME = "fmnist-ssl"
@@ -40,7 +40,7 @@ INFO_KEY = "rrepa_encoder_info"  # safetensors metadata: training info (steps, t
 
 
 def embedded_encoder_path() -> Path:
-    """Where the embedded encoder is cached: <cache>/encoders/fmnist-ssl.safetensors."""
+    """Where `rrepa encoder train` writes a retrained encoder: <cache>/encoders/fmnist-ssl.safetensors."""
     return cache_dir() / "encoders" / EMBEDDED_FILE
 
 
@@ -315,7 +315,7 @@ def train_ssl_encoder(dataset, cfg: SSLTrainConfig | None = None, arch: SSLConfi
 
 
 # --------------------------------------------------------------------------------------------
-# The linear probe, and training on first use
+# The linear probe
 # --------------------------------------------------------------------------------------------
 
 
@@ -363,21 +363,3 @@ def _probe(xtr: Tensor, xte: Tensor, train_set, test_set, max_iter: int, weight_
     r = fit_probe(xtr, ytr, xte, yte, k, grid=grid, max_iter=max_iter)
     return {"probe_train_accuracy": round(r["train_acc"], 4), "probe_test_accuracy": round(r["test_acc"], 4),
             "probe_train_images": int(xtr.shape[0]), "probe_test_images": int(xte.shape[0]), "probe_l2": r["l2"]}
-
-
-def ensure_embedded(path: str | os.PathLike | None = None, data_path: str | None = None,
-                    device: str | torch.device = "cpu", log: Callable[[str], None] = print) -> Path:
-    """The cached fmnist-ssl file, trained (default settings, Fashion-MNIST train split) if missing."""
-    path = Path(path) if path is not None else embedded_encoder_path()
-    if path.is_file():
-        return path
-    with file_lock(path.with_name(f".{path.name}.lock")):  # DDP ranks on one host: one trains, the others wait
-        if path.is_file():
-            return path
-        log(f"fmnist-ssl encoder not found at {path}; training it (a few minutes, once; "
-            f"`rrepa encoder train` does the same)")
-        train_set = build_dataset(DataConfig(name="fmnist", path=data_path), "train")
-        backbone, info = train_ssl_encoder(train_set, device=device, log=log)
-        save_embedded(path, backbone, info)
-    return path
-

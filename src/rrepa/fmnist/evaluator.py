@@ -1,4 +1,4 @@
-"""The embedded evaluator: a small Fashion-MNIST CNN classifier that rrepa trains itself.
+"""The embedded evaluator: a small Fashion-MNIST CNN classifier that rrepa trained itself and ships.
 
 It is the offline default feature network of ``rrepa evaluate`` (``--features fmnist``): no pretrained
 weights can be downloaded here, and Inception-v3 features of 28 x 28 grey images say little anyway.
@@ -19,10 +19,12 @@ Training (``train_evaluator``): Adam with a one-cycle learning rate, batch 128, 
 training images with random horizontal flips, seeded. The weights go to
 ``$RREPA_CACHE_DIR/evaluator/fmnist-cnn.safetensors`` (else ``$XDG_CACHE_HOME/rrepa/...``, else
 ``~/.cache/rrepa/...``), written atomically, with the test accuracy, training time and settings in the
-file's metadata. ``load_evaluator`` loads that file and trains it first when it is missing. That training
-shows a progress bar (rate, ETA) and keeps its exact state in ``fmnist-cnn.safetensors.partial.pt`` beside
-the weights (every 100 steps, and on Ctrl-C / SIGTERM), so an interrupted training continues where it
-stopped and still gives the same weights, hence the same name.
+file's metadata (``rrepa evaluator train``). ``load_evaluator()`` loads the copy rrepa ships
+(rrepa.fmnist.shipped, ``fmnist-cnn@a46eda2ff3``) and never trains; a retrained file is used when given
+(``--evaluator-weights``, ``train.eval_weights``). The training shows a progress bar (rate, ETA) and keeps its
+exact state in ``fmnist-cnn.safetensors.partial.pt`` beside the weights (every 100 steps, and on Ctrl-C /
+SIGTERM), so an interrupted training continues where it stopped and still gives the same weights, hence the
+same name.
 
 The evaluator's name, ``fmnist-cnn@<hash>``, carries the first 10 hex digits of a SHA-256 over its
 weights (tensor names, shapes and bytes), so numbers and cached reference statistics from differently
@@ -51,12 +53,14 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from rrepa.fmnist.dataset import find_fashion_mnist, load_fashion_mnist
+from rrepa.fmnist.shipped import shipped
 from rrepa.precision import float32
 from rrepa.run import run_lock
 from rrepa.utils import Interrupted, as_nchw_uint8, atomic_write, cache_dir, deferred_interrupts, torch_save
 
 logger = logging.getLogger(__name__)
 
+EVALUATOR_NAME = "fmnist-cnn"
 EVALUATOR_FILE = "fmnist-cnn.safetensors"
 ARCH = "fmnist-cnn-v1"
 FMNIST_MEAN = 0.2860
@@ -66,6 +70,8 @@ FEATURE_DIM = 128
 
 
 def default_evaluator_path() -> Path:
+    """Where `rrepa evaluator train` writes a retrained evaluator: <cache>/evaluator/fmnist-cnn.safetensors (the
+    default evaluator is the shipped one, rrepa.fmnist.shipped)."""
     return cache_dir() / "evaluator" / EVALUATOR_FILE
 
 
@@ -358,25 +364,16 @@ def load_evaluator_file(path: str | os.PathLike, device: str | torch.device = "c
     return FMNISTEvaluator(model, info, device=device, batch_size=batch_size)
 
 
-def load_evaluator(path: str | os.PathLike | None = None, *, train_if_missing: bool = True,
-                   device: str | torch.device = "cpu", batch_size: int = 500,
-                   log: Callable[[str], None] | None = None, **train_kwargs) -> FMNISTEvaluator:
-    """The embedded evaluator from ``path`` (default: the cache file). When the file is missing and
-    ``train_if_missing``, train one (about 12 minutes on 2 idle CPU cores, resumable after Ctrl-C;
-    ``train_kwargs`` go to train_evaluator) and save it there first. A path given explicitly (a pinned file) is
-    never trained into: when it is missing, that is an error naming it (a mistyped pin would otherwise cost minutes
-    of training and give FIDs under another network)."""
-    if path is not None and not Path(path).is_file():
+def load_evaluator(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
+                   batch_size: int = 500, log: Callable[[str], None] | None = None) -> FMNISTEvaluator:
+    """The embedded evaluator from ``path``, or, without one, the copy rrepa ships (rrepa.fmnist.shipped: the
+    network every FID in the README and results/ was measured with; nothing is trained on first use). A path
+    given explicitly (a pinned file, or one `rrepa evaluator train` wrote) that is missing is an error naming it.
+    ``log`` is accepted for the callers' uniformity; loading says nothing."""
+    if path is None:
+        return load_evaluator_file(shipped(EVALUATOR_NAME), device=device, batch_size=batch_size)
+    if not Path(path).is_file():
         raise FileNotFoundError(f"evaluator weights {path} do not exist (relative to {Path.cwd()}); check the path, "
                                 f"train them there with `rrepa evaluator train --out {path}`, or give none to use "
-                                f"the cached default")
-    path = Path(path) if path is not None else default_evaluator_path()
-    if not path.is_file():
-        if not train_if_missing:
-            raise FileNotFoundError(f"evaluator weights {path} not found (train them with `rrepa evaluator train`)")
-        (log or logger.warning)(
-            f"no evaluator weights at {path}: training the embedded Fashion-MNIST CNN first, once (3 epochs of 60k "
-            f"images, about 4 minutes per epoch on 2 idle CPU cores; the bar shows the ETA). Ctrl-C keeps its "
-            f"progress for the next run; `rrepa evaluator train` does this step on its own")
-        train_and_save_evaluator(path, log=log, **train_kwargs)
+                                f"the shipped {EVALUATOR_NAME}")
     return load_evaluator_file(path, device=device, batch_size=batch_size)

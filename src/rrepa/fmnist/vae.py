@@ -23,8 +23,8 @@ the flow's latents have mean 0 and variance 1.
 
 Saving (``save_vae``): ``save_pretrained`` into a temporary folder beside the target, synced, then renamed into
 place, with ``rrepa_vae.json`` (settings, time, test PSNR) beside the weights: a half-written folder is never left
-under the final name. ``ensure_fmnist_vae`` returns the cached folder ``<cache>/vae/fmnist-vae`` and trains it
-first, once, under a lock, when it is missing.
+under the final name. ``rrepa vae train`` writes into ``<cache>/vae/fmnist-vae``; the name ``fmnist-vae`` (data.vae)
+means the copy rrepa ships (rrepa.fmnist.shipped), never trained on first use.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 
 from rrepa.data import DataConfig, build_dataset
 from rrepa.fmnist.encoder import dataset_images
-from rrepa.run import RunInUseError, run_lock
+from rrepa.fmnist.shipped import shipped
+from rrepa.run import run_lock
 from rrepa.utils import (
     Interrupted,
     atomic_write,
@@ -62,7 +63,7 @@ from rrepa.utils import (
     to_uint8,
     torch_save,
 )
-from rrepa.vae import CONFIG_FILE, VAE, WEIGHTS_FILES, autoencoder_kl
+from rrepa.vae import VAE, autoencoder_kl
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -294,7 +295,7 @@ def reconstruction_quality(vae: VAE, dataset, limit: int | None = None, batch_si
 
 
 # --------------------------------------------------------------------------------------------
-# The folder (diffusers layout): saved atomically, trained on first use
+# The folder (diffusers layout): saved atomically
 # --------------------------------------------------------------------------------------------
 
 
@@ -337,12 +338,6 @@ def save_vae(model: AutoencoderKL, path: str | os.PathLike, info: dict | None = 
     return path
 
 
-def is_complete(path: str | os.PathLike) -> bool:
-    """Whether `path` is a folder holding a diffusers config and weights."""
-    path = Path(path)
-    return (path / CONFIG_FILE).is_file() and any((path / f).is_file() for f in WEIGHTS_FILES)
-
-
 def _train_and_save(path: Path, cfg: VAETrainConfig | None, arch: VAEArch | None, data_path: str | None,
                     device: str | torch.device, log: Callable[[str], None], progress: bool) -> dict:
     """Train (resumably), measure the test PSNR, save; the caller holds the lock."""
@@ -376,34 +371,11 @@ def train_and_save_vae(path: str | os.PathLike, cfg: VAETrainConfig | None = Non
         return _train_and_save(path, cfg, arch, data_path, device, log, progress)
 
 
-def ensure_fmnist_vae(path: str | os.PathLike | None = None, data_path: str | None = None,
-                      device: str | torch.device = "cpu", log: Callable[[str], None] = print) -> Path:
-    """The folder of the embedded autoencoder (default <cache>/vae/fmnist-vae), trained with the default
-    settings first when it is missing (about 10 minutes on 2 CPU cores, once; resumable after Ctrl-C). A process
-    that finds another one training it waits for it."""
-    path = Path(path) if path is not None else default_vae_path()
-    waiting = False
-    while not is_complete(path):
-        if path.exists():
-            raise ValueError(f"{path} exists but is not a VAE folder (no {CONFIG_FILE} and weights); remove it, "
-                             f"and it is trained again")
-        try:
-            with run_lock(path.parent, warn=log, name=f".{path.name}.lock"):
-                if not is_complete(path):
-                    log(f"{FMNIST_VAE_NAME} not found at {path}; training it (about 10 minutes on 2 CPU cores, once; "
-                        f"Ctrl-C keeps its progress; `rrepa vae train` does the same)")
-                    _train_and_save(path, None, None, data_path, device, log, progress=True)
-        except RunInUseError as err:
-            if not waiting:
-                log(f"waiting for the {FMNIST_VAE_NAME} training of another process ({err})")
-                waiting = True
-            time.sleep(5)
-    return path
-
-
 def load_vae(source: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
              data_path: str | None = None, log: Callable[[str], None] = print) -> VAE:
-    """VAE.load(source), where the name "fmnist-vae" is the embedded autoencoder (ensure_fmnist_vae)."""
+    """VAE.load(source), where the name "fmnist-vae" is the embedded autoencoder rrepa ships
+    (rrepa.fmnist.shipped; nothing is trained on first use). data_path and log are accepted for the callers'
+    uniformity."""
     if str(source) == FMNIST_VAE_NAME and not Path(source).exists():
-        return VAE.load(ensure_fmnist_vae(data_path=data_path, device=device, log=log), device=device, dtype=dtype)
+        return VAE.load(shipped(FMNIST_VAE_NAME), device=device, dtype=dtype)
     return VAE.load(source, device=device, dtype=dtype)
