@@ -385,7 +385,7 @@ def fake_results(folder: Path, grid: dict, final_of: set[str], lr_of: dict[str, 
 def test_cells_finished_elsewhere_with_the_same_config_are_reused(tmp_path):
     from rrepa.experiment import EvalLog, reuse_cells, run_grid
 
-    common = ["model.width=32", "model.head_dim=16", "train.steps=40"]
+    common = ["model.width=32", "model.head_dim=16", "train.steps=40", "train.eval_every=20"]
     source = {"preset": "fmnist", "seeds": [0, 1], "set": common, "arms": {"baseline": [], "fast": ["optim.lr=3e-3"]}}
     rows = fake_results(tmp_path / "src", source, final_of={"baseline-s0", "baseline-s1", "fast-s0"},
                         lr_of={"fast-s0": "optim.lr=1e-2"})
@@ -435,4 +435,18 @@ def test_a_missing_pinned_file_fails_the_grid_up_front(tmp_path, monkeypatch):
                                                 r".safetensors does not exist .*run the grid from the folder"):
         run_grid(tmp_path / "grid.yaml", tmp_path / "out", log=lambda m: None)
     assert not (tmp_path / "out").exists() and not list(elsewhere.iterdir())
+
+
+def test_a_grid_that_would_log_no_evaluation_is_refused_up_front(tmp_path):
+    """Issue #33 item 14: cells without train.eval_every log nothing the report could show; the runner says so
+    before anything is trained or written."""
+    from rrepa.experiment import run_grid
+
+    grid = {"preset": "fmnist", "seeds": [0], "set": ["train.steps=4"], "arms": {"baseline": [],
+                                                                             "evaluated": ["train.eval_every=2"]}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    with pytest.raises(ValueError, match=r"cell\(s\) baseline-s0 have train.eval_every=0, so they would log no "
+                                         r"evaluation"):
+        run_grid(tmp_path / "grid.yaml", tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out").exists()
 

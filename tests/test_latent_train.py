@@ -232,6 +232,35 @@ def test_one_line_errors(data, cache, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_a_moved_vae_is_given_with_the_vae_option(data, cache, tmp_path, capsys):
+    """Issue #33 item 13: a latent run whose VAE folder moved samples with `--vae NEW_PATH` (the fingerprint is still
+    checked), which the error's advice names; --vae of a pixel run is refused."""
+    import shutil
+
+    vae_dir = tiny_vae(tmp_path / "v")
+    run = tmp_path / "run"
+    train(resolve("fmnist-latent", overrides=[*TINY, f"data.path={data}", f"data.vae={vae_dir}",
+                                              "train.eval_bpd=false", "train.sample_every=0"]), run, device="cpu")
+    moved = tmp_path / "moved"
+    shutil.move(vae_dir, moved)
+    sample = ["sample", "--ckpt", str(run), "--num-samples", "2", "--format", "npz", "--device", "cpu"]
+    with pytest.raises(SystemExit):
+        cli.main(sample)
+    assert "--vae" in capsys.readouterr().err
+    cli.main([*sample, "--vae", str(moved)])
+    assert np.load(run / "samples-seed0.npz")["arr_0"].shape == (2, 28, 28, 1)
+    other = tiny_vae(tmp_path / "w", seed=1)
+    with pytest.raises(SystemExit):
+        cli.main([*sample, "--vae", str(other), "--overwrite"])
+    assert "the run was trained with" in capsys.readouterr().err
+    pixels = tmp_path / "pixels"
+    train(resolve("fmnist", overrides=[*TINY, f"data.path={data}", "train.eval_bpd=false", "train.sample_every=0",
+                                       "model.patch_size=7"]), pixels, device="cpu")
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--ckpt", str(pixels), "--num-samples", "2", "--vae", str(moved), "--device", "cpu"])
+    assert "this run trains on pixels" in capsys.readouterr().err
+
+
 def test_grid_probes_a_latent_cell_on_its_latents(data, tmp_path):
     """`rrepa experiment probe` of a latent cell reads the split's latents (4 x 7 x 7), not the 28 x 28 images."""
     from rrepa.experiment import probe_grid, read_evals, run_grid

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rrepa.data import TensorImageDataset
+from rrepa.data import DataConfig, TensorImageDataset
 from rrepa.latents import (
     MANIFEST,
     LatentCache,
@@ -232,6 +232,12 @@ def test_a_half_written_shard_is_never_read(tmp_path):
     np.save(tmp_path / shard_file(2), np.zeros((1, 1, 4, 4, 4), np.float16))
     with pytest.raises(StaleCacheError, match=r"shard 2 is float16 \(1, 1, 4, 4, 4\).*says float16 \(2, 1, 4, 4, 4\)"):
         LatentCache.open(tmp_path)
+    # ... and a truncated one is reported before anything calls the cache complete (issue #33 item 16)
+    (tmp_path / shard_file(2)).write_bytes((tmp_path / shard_file(2)).read_bytes()[:20])
+    said = []
+    with pytest.raises(StaleCacheError, match="shard 2 is unreadable"):
+        build(tmp_path, log=said.append)
+    assert not any("complete and matching" in m for m in said)
 
 
 def test_resume_after_sigkill(tmp_path):
@@ -343,7 +349,7 @@ def test_with_the_real_vae_class(tmp_path):
 def run_cli(argv, monkeypatch, vae):
     from rrepa.cli import latents as cli
 
-    monkeypatch.setattr(cli.VAE, "load", classmethod(lambda cls, source, device, dtype: vae))
+    monkeypatch.setattr(cli, "load_vae", lambda source, device, dtype: vae)
     parser = argparse.ArgumentParser(prog="rrepa")
     cli.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["latents", "encode", *argv])
@@ -359,8 +365,9 @@ def test_cli_encodes_an_npz_file(tmp_path, monkeypatch, capsys):
             "--shard-size", "3", "--device", "cpu"]
     run_cli(argv, monkeypatch, StandIn())
     printed = capsys.readouterr().out
-    assert f"wrote {out}: 7 latents (and the latents of their mirrors) of shape 4 x 4 x 4, stored as float16" in printed
-    cache = LatentCache.open(out)
+    assert f"wrote {out / 'train'}: 7 latents (and the latents of their mirrors) of shape 4 x 4 x 4, stored as " \
+           f"float16" in printed and f"--set data.latent_cache={out} --set data.hflip=true" in printed
+    cache = LatentCache.open(out / "train")  # DIR/<split>, where training looks for it
     assert cache.labels.tolist() == list(range(7)) and cache.manifest["data"]["num_classes"] == 1000
     want = StandIn().encode(from_uint8(rows.reshape(7, 3, 8, 8)[4:5]).flip(-1))
     assert torch.allclose(cache.latents([4], [True]), want, atol=1e-2)
@@ -378,5 +385,23 @@ def test_cli_fashion_mnist_resized(tmp_path, monkeypatch, capsys):
     run_cli(["--vae", "x", "--data", "fmnist", "--data-dir", "/usr/share/datasets/fashion-mnist", "--split", "test",
              "--image-size", "32", "--out", str(tmp_path), "--batch-size", "500", "--device", "cpu"], monkeypatch, vae)
     assert "10000 latents of shape 2 x 16 x 16, stored as float16" in capsys.readouterr().out
-    cache = LatentCache.open(tmp_path)
+    cache = LatentCache.open(tmp_path / "test")
     assert cache.manifest["grey_to_rgb"] and cache.manifest["data"]["image_size"] == 32 and len(cache.shards) == 1
+
+
+@needs_vae_module
+def test_training_reuses_the_cache_the_command_built(tmp_path, monkeypatch, capsys):
+    """Issue #33 item 6: `rrepa latents encode ... --out DIR` then `rrepa train --set data.latent_cache=DIR` reads
+    DIR/train as it is: nothing is encoded again."""
+    from rrepa.latent_run import latent_dataset
+
+    rows = torch.randint(0, 256, (7, 3 * 8 * 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    np.savez(tmp_path / "train.npz", data=rows.numpy(), labels=np.arange(1, 8))
+    vae = StandIn()
+    run_cli(["--vae", "x", "--data", str(tmp_path / "train.npz"), "--image-size", "8", "--out",
+             str(tmp_path / "lat"), "--flip", "--device", "cpu"], monkeypatch, vae)
+    monkeypatch.setattr(vae, "encode", lambda *a, **kw: pytest.fail("encoded again"))
+    data = DataConfig(name="npz", path=str(tmp_path / "train.npz"), image_size=8, vae="x",
+                      latent_cache=str(tmp_path / "lat"))
+    latents = latent_dataset(data, vae, "train", hflip=True, progress=False, log=lambda m: None)
+    assert len(latents) == 7

@@ -232,6 +232,11 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
         if unknown:
             raise ValueError(f"--only names unknown arms {sorted(unknown)}; the grid has {', '.join(grid.arms)}")
         cells = [c for c in cells if c.arm in only]
+    silent = [c.name for c in cells if c.cfg.train.eval_every == 0]
+    if silent:  # such cells train and log nothing the report could show
+        raise ValueError(f"{grid_file}: cell(s) {', '.join(silent)} have train.eval_every=0, so they would log no "
+                         f"evaluation and `rrepa experiment report` would have nothing to show; set "
+                         f"train.eval_every (e.g. - train.eval_every=300 under set:)")
     for c in cells:  # a missing pinned file fails the grid here, once, not every cell (nor trains a network there)
         try:
             check_pinned_files(c.cfg)

@@ -59,10 +59,17 @@ def load_run_vae(data: DataConfig, device: str | torch.device = "cpu",
                  log: Callable[[str], None] = print) -> VAE:
     """The VAE of data.vae (fmnist-vae: the embedded one rrepa ships), refused in one line when
     data.vae_fingerprint pins another one (the run was trained with other weights)."""
-    vae = load_vae(data.vae, device=device, data_path=data.path if data.name == "fmnist" else None, log=log)
+    try:
+        vae = load_vae(data.vae, device=device, data_path=data.path if data.name == "fmnist" else None, log=log)
+    except FileNotFoundError as err:
+        if not data.vae_fingerprint:  # not a trained run's VAE: the loader's own advice fits
+            raise
+        raise FileNotFoundError(f"{err}; if the run's VAE moved, give its new place (train: --set data.vae=PATH; "
+                                f"sample, evaluate, bpd, classify, probe: --vae PATH)") from err
     if data.vae_fingerprint and vae.fingerprint != data.vae_fingerprint:
         raise ValueError(f"VAE {data.vae} is @{vae.fingerprint[:10]}, but the run was trained with "
-                         f"@{data.vae_fingerprint[:10]}; give the run's own VAE (--set data.vae=PATH)")
+                         f"@{data.vae_fingerprint[:10]}; give the run's own VAE (train: --set data.vae=PATH; "
+                         f"sample, evaluate, bpd, classify, probe: --vae PATH)")
     return vae
 
 

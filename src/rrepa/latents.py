@@ -1,9 +1,9 @@
 """A disk cache of a dataset's VAE latents: every clean image encoded once, memory-mapped for training a latent
 flow (the paper's SD-VAE variant), optionally with the latents of each image's horizontal mirror.
 
-A cache folder (``rrepa latents encode --out DIR``) holds ``manifest.json``, shards ``shard-00000.npy``
-(latents (n_k, F, c, h, w) in the storage dtype; F = 2 with flips: entry 0 the image, entry 1 its mirror, matched
-index for index; else F = 1) with ``shard-00000.labels.npy`` ((n_k,) int64) beside, and ``.lock``
+A cache folder (``rrepa latents encode --out DIR`` writes ``DIR/<split>``) holds ``manifest.json``, shards
+``shard-00000.npy`` (latents (n_k, F, c, h, w) in the storage dtype; F = 2 with flips: entry 0 the image, entry 1
+its mirror, matched index for index; else F = 1) with ``shard-00000.labels.npy`` ((n_k,) int64) beside, and ``.lock``
 (rrepa.features.file_lock: builders take turns). Shard k holds items [k * shard_size, (k + 1) * shard_size). The
 latents of a flipped image are the VAE's latents of the flipped image, not the flipped latents (a VAE is not
 flip-equivariant), as in ImageNet latent pipelines and in rrepa.features. Latents are the VAE's scaled ones,
@@ -245,7 +245,8 @@ class LatentCache:
         m = _read_manifest(path)
         if m is None:
             raise FileNotFoundError(f"{path} is not a latent cache (no {MANIFEST}); make one with "
-                                    f"`rrepa latents encode --out {path}`")
+                                    f"`rrepa latents encode --split {split or 'train'} --out DIR` (it writes "
+                                    f"DIR/{split or 'train'})")
         req = _request(vae, dataset, split, flip, sample, seed, dtype, image_size)
         why = _mismatch(m, req)
         if why is not None:
@@ -312,8 +313,9 @@ class LatentCache:
                 if why is not None:
                     raise StaleCacheError(f"latent cache {path} {why}; {_FIX}")
                 if len(m["shards"]) == _num_shards(m):
+                    cache = cls(path, m)  # reads every shard: a damaged one is reported before anything is said
                     log(f"latent cache {path}: complete and matching; nothing to encode")
-                    return cls(path, m)
+                    return cache
                 if m["flips"] != flip:  # an incomplete cache continues as it began
                     raise StaleCacheError(f"latent cache {path} is half encoded {'with' if m['flips'] else 'without'} "
                                           f"flips; finish it with the same arguments or {_FIX}")

@@ -44,8 +44,11 @@ def test_samples_npz_bad_input(tmp_path):
     with pytest.raises(ValueError, match="labels"):
         read_samples_npz(tmp_path / "l.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(ValueError, match=r"not an \.npz archive \(it does not start like a zip file\)"):
         read_samples_npz(tmp_path / "junk.npz")
+    (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04" + b"\0" * 20)  # a zip's first bytes, then nothing readable
+    with pytest.raises(ValueError, match="not a readable .npz file"):
+        read_samples_npz(tmp_path / "cut.npz")
 
 
 def test_write_samples_npz_takes_the_flows_float_output(tmp_path):

@@ -17,7 +17,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rrepa.cli.options import add_data_dir, add_device, add_overwrite, add_precision, precision_scope, refuse_existing
+from rrepa.cli.options import (
+    add_data_dir,
+    add_device,
+    add_overwrite,
+    add_precision,
+    add_vae,
+    precision_scope,
+    refuse_existing,
+    with_vae,
+)
 from rrepa.data import build_dataset
 from rrepa.distributed import resolve_device
 from rrepa.eval.classify import (
@@ -84,6 +93,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
     refuse_existing(args, out / "classify.json")  # before classifying anything
     device = resolve_device(args.device)
     model, info = load_run(args.ckpt, args.weights, device, warn=tqdm.write)
+    info = with_vae(info, args.vae)
     K = num_classes(model)  # before loading any data: an unconditional model fails here
     dataset = dataset_for(model, info, args.split, args.data_dir, args.dataset)
     scope, precision = precision_scope(args, device)
@@ -130,6 +140,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=("fmnist", "folder", "npz"),
                    help="dataset kind (default: the run's data.name; fmnist for a 1 x 28 x 28 model)")
     add_device(p)
+    add_vae(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

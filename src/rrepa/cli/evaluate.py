@@ -16,6 +16,7 @@ from rrepa.cli.options import (
     add_output,
     add_overwrite,
     add_precision,
+    add_vae,
     finite_float,
     output_path,
     refuse_existing,
@@ -57,7 +58,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         images, labels = samples_from_checkpoint(
             args.ckpt, args.num_samples, batch_size=args.sample_batch_size, seed=args.seed, device=device,
             weights=args.weights, progress=True, precision=precision, guidance=args.guidance,
-            temperature=args.temperature, log=log)
+            temperature=args.temperature, log=log, vae=args.vae)
         if images.shape[0] < least:
             raise ValueError(f"only {images.shape[0]} of the {args.num_samples} samples are finite, the metrics need "
                              f"at least {least}; the model (or sampler) diverged: try another checkpoint or a lower "
@@ -161,6 +162,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_overwrite(p, "--out file")
     add_device(p)
     add_precision(p)
+    add_vae(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("evaluator", help="the embedded Fashion-MNIST evaluator (train, info)")

@@ -8,8 +8,8 @@ from pathlib import Path
 from rrepa.cli.options import add_data_dir, add_device
 from rrepa.data import DATASET_NAMES, DataConfig
 from rrepa.distributed import resolve_device
+from rrepa.fmnist.vae import load_vae
 from rrepa.latents import DTYPES, SHARD_SIZE, LatentCache, image_dataset
-from rrepa.vae import VAE
 
 VAE_DTYPES = ("float32", "bfloat16")  # rrepa.vae.VAE computes in these (bf16: autocast)
 
@@ -41,8 +41,10 @@ def cmd_encode(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     cfg = data_config(args.data, args.data_dir, args.image_size)
     dataset = image_dataset(cfg, args.split)  # before the VAE: a bad --data fails fast
-    vae = VAE.load(args.vae, device, args.vae_dtype)
-    cache = LatentCache.build_or_open(args.out, vae, dataset, split=args.split, flip=args.flip, sample=args.sample,
+    vae = load_vae(args.vae, device, args.vae_dtype)
+    # DIR/<split>: the layout `rrepa train --set data.latent_cache=DIR` reads, so that training reuses the cache.
+    out = Path(args.out) / args.split
+    cache = LatentCache.build_or_open(out, vae, dataset, split=args.split, flip=args.flip, sample=args.sample,
                                       seed=args.seed, dtype=args.dtype, batch_size=args.batch_size,
                                       shard_size=args.shard_size, num_workers=args.num_workers, device=device,
                                       rebuild=args.rebuild)
@@ -50,7 +52,8 @@ def cmd_encode(args: argparse.Namespace) -> None:
     flips = " (and the latents of their mirrors)" if cache.flips else ""
     print(f"wrote {cache.path}: {len(cache)} latents{flips} of shape {c} x {h} x {w}, stored as {cache.dtype} "
           f"(round trip |z_stored - z| / std: max {cache.roundtrip['max']:.1e}, rms {cache.roundtrip['rms']:.1e}), "
-          f"posterior {cache.manifest['mode']}s of {cache.manifest['vae']['name']}")
+          f"posterior {cache.manifest['mode']}s of {cache.manifest['vae']['name']}; train on it with --set "
+          f"data.latent_cache={args.out}" + (" --set data.hflip=true" if cache.flips else ""))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,17 +61,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("latents", help="VAE latent caches (encode a dataset once for latent flows)")
     lsub = p.add_subparsers(dest="latents_command", required=True, metavar="ACTION")
     e = lsub.add_parser("encode", help="encode a dataset with a VAE into a memory-mapped latent cache",
-                        description="Encode every image of a dataset split once with a VAE into DIR: shards of "
+                        description="Encode every image of a dataset split once with a VAE into DIR/<split>: shards "
+                                    "of "
                                     "latents and labels and a manifest. A killed run resumes at its first incomplete "
                                     "shard; a cache of another VAE, data, size or mode is refused unless --rebuild.")
-    e.add_argument("--vae", required=True, metavar="PATH_OR_ID", help="the VAE: a diffusers folder or a hub id")
+    e.add_argument("--vae", required=True, metavar="PATH_OR_ID",
+                   help="the VAE: a diffusers folder, a hub id, or fmnist-vae (the shipped one)")
     e.add_argument("--vae-dtype", choices=VAE_DTYPES, default="float32", help="the VAE's compute dtype")
     e.add_argument("--data", required=True, metavar="NAME_OR_PATH",
                    help="fmnist (with optional --data-dir), folder / npz with --data-dir, or a path: an ImageNet-"
                         "layout image folder, an .npz file or a folder of them")
     add_data_dir(e, help="where the named dataset is (as `rrepa train --data-dir`)")
     e.add_argument("--split", choices=("train", "test"), default="train")
-    e.add_argument("--out", required=True, metavar="DIR", help="the cache folder (new, or a cache to finish)")
+    e.add_argument("--out", required=True, metavar="DIR",
+                   help="the cache root, as data.latent_cache: the split's cache goes into DIR/<split> (new, or a "
+                        "cache to finish), where `rrepa train --set data.latent_cache=DIR` finds it")
     e.add_argument("--image-size", type=int, help="image side in pixels (default 28 for fmnist, which is resized "
                                                   "to another size; required for folder / npz)")
     e.add_argument("--flip", action="store_true", help="also store the latents of the horizontally flipped images")

@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rrepa.cli.classify import add_common_args, dataset_for, default_out_dir
-from rrepa.cli.options import add_overwrite, refuse_existing
+from rrepa.cli.options import add_overwrite, refuse_existing, with_vae
 from rrepa.distributed import resolve_device
 from rrepa.eval.linear import DEFAULT_L2_GRID
 from rrepa.eval.probe import POOLS, markdown_table, probe_model, save_heatmap
@@ -36,6 +36,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
     refuse_existing(args, out / f"probe-{args.pool}.json")  # before extracting anything
     device = resolve_device(args.device)
     model, info = load_run(args.ckpt, args.weights, device, warn=tqdm.write)
+    info = with_vae(info, args.vae)
     train_set = dataset_for(model, info, "train", args.data_dir, args.dataset)
     test_set = dataset_for(model, info, "test", args.data_dir, args.dataset)
     res = probe_model(model, train_set, test_set, limit_train=args.limit_train, limit_test=args.limit_test,

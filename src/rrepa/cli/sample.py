@@ -15,9 +15,11 @@ from rrepa.cli.options import (
     add_device,
     add_overwrite,
     add_precision,
+    add_vae,
     finite_float,
     precision_scope,
     refuse_existing,
+    with_vae,
 )
 from rrepa.eval.bpd import describe_bpd, evaluate_bpd
 from rrepa.jacobi import Jacobi, as_sampler
@@ -44,6 +46,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     refuse_existing(args, *(out.with_suffix(f".{f}") for f in sorted(formats)))  # before drawing anything
     with distributed.process_group(args.device) as d:
         model, info = load_run(args.ckpt, args.weights, d.device)
+        info = with_vae(info, args.vae)
         T = model.cfg.num_blocks
         if sampler is not None and not 0 <= sampler.sequential_blocks <= T:
             raise ValueError(f"--sequential-blocks must lie in 0..{T} for this {T}-block model, got "
@@ -111,6 +114,7 @@ def cmd_bpd(args: argparse.Namespace) -> None:
         refuse_existing(args, Path(args.json), flag="--json")
     with distributed.process_group(args.device) as d:
         model, info = load_run(args.ckpt, args.weights, d.device)
+        info = with_vae(info, args.vae)
         data = data_config(info["config"].get("data", {}))
         if args.data_dir:
             data.path = args.data_dir
@@ -167,6 +171,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output path without extension (default <run>/samples-seed<seed>)")
     add_overwrite(p, "samples file")
     add_device(p)
+    add_vae(p)
     add_precision(p)
     p.set_defaults(func=cmd_sample)
 
@@ -189,5 +194,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="also write the result to this JSON file")
     add_overwrite(p, "--json file")
     add_device(p)
+    add_vae(p)
     add_precision(p)
     p.set_defaults(func=cmd_bpd)

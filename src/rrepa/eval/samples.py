@@ -111,20 +111,23 @@ def evaluate_samples(images, net, ref, *, labels=None, splits: int = 10, k: int 
 def samples_from_checkpoint(ckpt: str, num_samples: int, *, batch_size: int = 100, seed: int = 0,
                             device: str | torch.device = "cpu", weights: str = "ema", progress: bool = False,
                             precision: str = "auto", log: Callable[[str], None] | None = None,
-                            **sampler_kwargs) -> tuple[np.ndarray, np.ndarray | None]:
+                            vae: str | None = None, **sampler_kwargs) -> tuple[np.ndarray, np.ndarray | None]:
     """Draw ``num_samples`` images from a run folder, a training checkpoint or a .safetensors file and return
     (arr_0 (N, H, W, C) uint8, labels (N,) int64 or None), exactly what ``rrepa sample --format npz`` writes
     with the same arguments (rrepa.sample.generate: batch j seeded (seed, j); labels cycle through the
     classes of a conditional model). ``sampler_kwargs`` go to generate: guidance, anneal, attn_temp,
     temperature, denoise. A latent run's samples are denoised in latent space and decoded with the run's VAE
     (rrepa.latent_run.ImageSpace): the images are the decoded ones. precision: auto | fp32 | bf16 (rrepa.precision),
-    resolved on `device` as `rrepa sample --precision` resolves it. Samples that diverge (NaN or inf) are left
-    out, as `rrepa sample` leaves them out, and reported by index and class through `log` (default: a logging
-    warning): fewer than num_samples come back then."""
+    resolved on `device` as `rrepa sample --precision` resolves it. vae: a latent run's VAE from another folder or
+    hub id than its config names (as `rrepa sample --vae`; its fingerprint is still checked). Samples that diverge
+    (NaN or inf) are left out, as `rrepa sample` leaves them out, and reported by index and class through `log`
+    (default: a logging warning): fewer than num_samples come back then."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     device = torch.device(device)
     model, info = load_run(ckpt, weights, device, warn=lambda m: logger.warning("%s", m))
+    if vae is not None:  # a latent run's VAE from another place (its fingerprint is still checked)
+        info = {**info, "config": {**info["config"], "data": {**info["config"]["data"], "vae": vae}}}
     model.validate_inputs = False  # a diverged sample is left out below, not an error of the denoising step
     space = ImageSpace.for_run(info["config"], device, log=lambda m: logger.warning("%s", m))
     K = model.cfg.num_classes
