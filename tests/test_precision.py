@@ -110,6 +110,13 @@ def test_bf16_training_learns_and_keeps_float32_state(data, tmp_path):  # noqa: 
         assert {v.dtype for v in ckpt[key].values()} == {torch.float32}, key
     state = [t for s in ckpt["optimizer"]["state"].values() for t in s.values() if t.is_floating_point()]
     assert state and {t.dtype for t in state} == {torch.float32}
+    # The commands that run a flow take the run's own precision unless --precision says otherwise.
+    from rrepa import cli
+
+    for flag, want in (([], "bf16"), (["--precision", "fp32"], "fp32")):
+        out = tmp_path / f"bpd-{want}.json"
+        cli.main(["bpd", "--ckpt", str(run), "--max-images", "8", "--device", "cpu", "--json", str(out), *flag])
+        assert json.loads(out.read_text())["dtype"] == want
 
 
 def test_auto_is_stored_resolved(data, tmp_path, monkeypatch):  # noqa: F811

@@ -67,6 +67,13 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return precision
 
 
+def run_precision(info: dict | None) -> str:
+    """The precision a run trained in, from rrepa.run.load_run's info (its stored config's train.precision); fp32
+    where it says nothing: runs from before the setting (CPU runs then computed float32), bare weights files."""
+    train = ((info or {}).get("config") or {}).get("train") or {}
+    return train.get("precision") or "fp32"
+
+
 def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
     """The context that runs a resolved precision on `device`: bfloat16 autocast for "bf16", nothing for "fp32"."""
     if check_precision(precision) == "auto":

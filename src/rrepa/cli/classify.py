@@ -96,7 +96,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
     info = with_vae(info, args.vae)
     K = num_classes(model)  # before loading any data: an unconditional model fails here
     dataset = dataset_for(model, info, args.split, args.data_dir, args.dataset)
-    scope, precision = precision_scope(args, device)
+    scope, precision = precision_scope(args, device, info)
     with scope:
         result = evaluate(model, dataset, methods, noise=args.noise, limit=args.limit, batch_size=args.batch_size,
                           seed=args.seed, steps=args.steps, step_size=args.step_size, max_rows=args.bayes_rows)

@@ -27,7 +27,6 @@ from rrepa.eval.npz import read_samples_npz
 from rrepa.eval.reference import DEFAULT_PR_MAX, reference_stats
 from rrepa.eval.samples import build_feature_network, evaluate_samples, format_markdown, samples_from_checkpoint
 from rrepa.fmnist.evaluator import default_evaluator_path, load_evaluator, train_and_save_evaluator
-from rrepa.precision import resolve_precision
 from rrepa.utils import atomic_write
 
 
@@ -54,11 +53,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                              f"the same N)")
         log(f"drawing {args.num_samples} samples from {args.ckpt} ({args.weights} weights, seed {args.seed}, "
             f"guidance {args.guidance}, temperature {args.temperature})")
-        precision = resolve_precision(args.precision, device)  # the flow's sampling; feature networks stay float32
+        drawn: dict = {}  # the precision the samples were drawn in (--precision, else the run's own)
         images, labels = samples_from_checkpoint(
             args.ckpt, args.num_samples, batch_size=args.sample_batch_size, seed=args.seed, device=device,
-            weights=args.weights, progress=True, precision=precision, guidance=args.guidance,
-            temperature=args.temperature, log=log, vae=args.vae)
+            weights=args.weights, progress=True, precision=args.precision, guidance=args.guidance,
+            temperature=args.temperature, log=log, vae=args.vae, report=drawn)
         if images.shape[0] < least:
             raise ValueError(f"only {images.shape[0]} of the {args.num_samples} samples are finite, the metrics need "
                              f"at least {least}; the model (or sampler) diverged: try another checkpoint or a lower "
@@ -85,7 +84,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                            batch_size=args.batch_size, progress=True, fid_method=args.fid_method)
     if args.ckpt is not None:
         res.update(ckpt=str(args.ckpt), weights=args.weights, seed=args.seed, guidance=args.guidance,
-                   temperature=args.temperature, dtype=precision, diverged=args.num_samples - images.shape[0])
+                   temperature=args.temperature, dtype=drawn["dtype"], diverged=args.num_samples - images.shape[0])
     else:
         res.update(samples=str(args.samples))
     res.update(ref=str(args.ref))

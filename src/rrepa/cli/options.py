@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rrepa.precision import PRECISIONS, autocast, resolve_precision
+from rrepa.precision import PRECISIONS, autocast, resolve_precision, run_precision
 
 
 def finite_float(text: str) -> float:
@@ -78,16 +78,18 @@ def refuse_empty_paths(args: argparse.Namespace) -> None:
 
 
 def add_precision(p: argparse.ArgumentParser) -> None:
-    """--precision auto | fp32 | bf16 (rrepa.precision), read with precision_scope."""
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="bf16: bfloat16 autocast for the flow (samples are denoised, and measured, in float32); "
-                        "auto (default): bf16 where the device computes it natively, else fp32")
+    """--precision auto | fp32 | bf16 (rrepa.precision), read with precision_scope; default: the run's own."""
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="bf16: bfloat16 autocast for the flow (samples are denoised, and measured, in float32); auto: "
+                        "bf16 where the device computes it natively, else fp32 (default: the precision the run "
+                        "trained in, as its config stores it; fp32 for weights without one)")
 
 
-def precision_scope(args: argparse.Namespace, device: torch.device | str) -> tuple[contextlib.AbstractContextManager,
-                                                                                    str]:
-    """(the autocast context of args.precision on device, the resolved precision: fp32 or bf16)."""
-    resolved = resolve_precision(args.precision, device)
+def precision_scope(args: argparse.Namespace, device: torch.device | str, info: dict | None = None,
+                    ) -> tuple[contextlib.AbstractContextManager, str]:
+    """(the autocast context of --precision, else of the run's own precision (info: load_run's), on device; the
+    resolved precision: fp32 or bf16)."""
+    resolved = resolve_precision(args.precision or run_precision(info), device)
     return autocast(resolved, device), resolved
 
 

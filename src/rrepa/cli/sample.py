@@ -67,7 +67,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             labels = torch.full((args.num_samples,), args.class_label, dtype=torch.int64)
         else:
             labels = torch.arange(args.num_samples) % K  # one column per class in the grid
-        scope, precision = precision_scope(args, d.device)
+        scope, precision = precision_scope(args, d.device, info)
         with scope:
             mine = generate(model, labels, args.num_samples, args.batch_size, args.seed, d, guidance=args.guidance,
                             anneal=args.anneal, attn_temp=args.attn_temp, temperature=args.temperature,
@@ -123,7 +123,7 @@ def cmd_bpd(args: argparse.Namespace) -> None:
         # A latent run: the split's latents (cached on first use) under the training noise, per latent dimension.
         vae = load_run_vae(data, d.device) if is_latent(data) else None
         dataset = eval_dataset(data, args.split, vae, device=d.device, progress=d.is_main)
-        scope, precision = precision_scope(args, d.device)
+        scope, precision = precision_scope(args, d.device, info)
         with scope:
             result = evaluate_bpd(model, dataset, args.batch_size, d, seed=args.seed,
                                   conditional=args.conditional, max_images=args.max_images)

@@ -31,7 +31,7 @@ from rrepa.eval.npz import check_labels
 from rrepa.eval.reference import ReferenceStats, progress_bar, reference_stats
 from rrepa.fmnist.evaluator import load_evaluator
 from rrepa.latent_run import ImageSpace
-from rrepa.precision import autocast, resolve_precision
+from rrepa.precision import autocast, resolve_precision, run_precision
 from rrepa.run import load_run
 from rrepa.sample import generate
 from rrepa.utils import as_nchw_uint8, drop_diverged, to_uint8
@@ -110,18 +110,19 @@ def evaluate_samples(images, net, ref, *, labels=None, splits: int = 10, k: int 
 
 def samples_from_checkpoint(ckpt: str, num_samples: int, *, batch_size: int = 100, seed: int = 0,
                             device: str | torch.device = "cpu", weights: str = "ema", progress: bool = False,
-                            precision: str = "auto", log: Callable[[str], None] | None = None,
-                            vae: str | None = None, **sampler_kwargs) -> tuple[np.ndarray, np.ndarray | None]:
-    """Draw ``num_samples`` images from a run folder, a training checkpoint or a .safetensors file and return
-    (arr_0 (N, H, W, C) uint8, labels (N,) int64 or None), exactly what ``rrepa sample --format npz`` writes
-    with the same arguments (rrepa.sample.generate: batch j seeded (seed, j); labels cycle through the
-    classes of a conditional model). ``sampler_kwargs`` go to generate: guidance, anneal, attn_temp,
-    temperature, denoise. A latent run's samples are denoised in latent space and decoded with the run's VAE
-    (rrepa.latent_run.ImageSpace): the images are the decoded ones. precision: auto | fp32 | bf16 (rrepa.precision),
-    resolved on `device` as `rrepa sample --precision` resolves it. vae: a latent run's VAE from another folder or
-    hub id than its config names (as `rrepa sample --vae`; its fingerprint is still checked). Samples that diverge
-    (NaN or inf) are left out, as `rrepa sample` leaves them out, and reported by index and class through `log`
-    (default: a logging warning): fewer than num_samples come back then."""
+                            precision: str | None = None, log: Callable[[str], None] | None = None,
+                            vae: str | None = None, report: dict | None = None,
+                            **sampler_kwargs) -> tuple[np.ndarray, np.ndarray | None]:
+    """Draw ``num_samples`` images from a run folder, a training checkpoint or a .safetensors file and return (arr_0
+    (N, H, W, C) uint8, labels (N,) int64 or None), exactly what ``rrepa sample --format npz`` writes with the same
+    arguments (rrepa.sample.generate: batch j seeded (seed, j); labels cycle through the classes of a conditional
+    model). ``sampler_kwargs`` go to generate: guidance, anneal, attn_temp, temperature, denoise. A latent run's
+    samples are denoised in latent space and decoded with the run's VAE (rrepa.latent_run.ImageSpace): the images
+    are the decoded ones. precision: auto | fp32 | bf16 (rrepa.precision; None: the run's own), resolved on `device`
+    as `rrepa sample --precision` resolves it. vae: a latent run's VAE from another folder or hub id than its config
+    names (as `rrepa sample --vae`; its fingerprint is still checked). report: a dict that receives the resolved
+    precision ("dtype"). Samples that diverge (NaN or inf) are left out, as `rrepa sample` leaves them out, and
+    reported by index and class through `log` (default: a logging warning): fewer than num_samples come back then."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     device = torch.device(device)
@@ -132,7 +133,10 @@ def samples_from_checkpoint(ckpt: str, num_samples: int, *, batch_size: int = 10
     space = ImageSpace.for_run(info["config"], device, log=lambda m: logger.warning("%s", m))
     K = model.cfg.num_classes
     labels = torch.arange(num_samples) % K if K else None
-    with autocast(resolve_precision(precision, device), device):
+    precision = resolve_precision(precision or run_precision(info), device)
+    if report is not None:
+        report["dtype"] = precision
+    with autocast(precision, device):
         parts = generate(model, labels, num_samples, batch_size, seed, Dist(device=device), progress=progress,
                          to_images=space, **sampler_kwargs)
     x, labels, diverged = drop_diverged(torch.cat([parts[j] for j in sorted(parts)]), labels)
