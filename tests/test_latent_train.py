@@ -269,7 +269,7 @@ def test_grid_probes_a_latent_cell_on_its_latents(data, tmp_path):
     grid.write_text(yaml.safe_dump({
         "preset": "fmnist-latent", "seeds": [0],
         "set": [*TINY, f"data.path={data}", f"data.vae={tiny_vae(tmp_path / 'vae')}", "train.sample_every=0",
-                "train.eval_every=0", "train.eval_bpd=false"],
+                "train.eval_every=4", "train.eval_samples=8", "train.eval_batch_size=8", "train.eval_bpd=false"],
         "arms": {"latent": []}}))
     out = tmp_path / "out"
     assert run_grid(grid, out, jobs=1, poll=0.2, probe=False, log=lambda m: None) == 0
