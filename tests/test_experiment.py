@@ -419,21 +419,35 @@ def test_cells_finished_elsewhere_with_the_same_config_are_reused(tmp_path):
         grid_from_dict({**source, "reuse": "results/x"})
 
 
-def test_a_missing_pinned_file_fails_the_grid_up_front(tmp_path, monkeypatch):
-    """Issue #33 item 2: a grid run from another folder than the one its relative pins are relative to fails once,
-    naming the file, before any cell starts (it used to train a new evaluator into every cell's relative path)."""
+def test_paths_in_a_grid_file_are_relative_to_it(tmp_path, monkeypatch):
+    """Issue #33 item 2: a grid's relative paths (pinned weights, reuse folders, data.vae where it exists) are
+    relative to the grid file, from whatever folder it is run; a pinned file that is missing fails the grid once,
+    naming it, before any cell starts (it used to train a new evaluator into every cell's relative path)."""
     from rrepa.experiment import run_grid
+    from rrepa.fmnist.evaluator import FMNISTCNN, save_evaluator
 
+    folder = tmp_path / "g"
+    save_evaluator(FMNISTCNN(), {"test_accuracy": 0.1}, folder / "w" / "ev.safetensors")
     grid = {"preset": "fmnist", "seeds": [0], "set": ["train.steps=4", "train.eval_every=2",
-                                                      "train.eval_weights=results/g/weights/fmnist-cnn.safetensors"],
-            "arms": {"baseline": []}}
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+                                                      "train.eval_weights=w/ev.safetensors"],
+            "arms": {"baseline": [], "named_vae": ["data.vae=fmnist-vae", "model.in_channels=4",
+                                                    "model.image_height=7", "model.image_width=7",
+                                                    "model.patch_size=1"]},
+            "reuse": ["../other"]}
+    (folder / "grid.yaml").write_text(yaml.safe_dump(grid))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    with pytest.raises(FileNotFoundError, match=r"cell baseline-s0: train.eval_weights=results/g/weights/fmnist-cnn"
-                                                r".safetensors does not exist .*run the grid from the folder"):
-        run_grid(tmp_path / "grid.yaml", tmp_path / "out", log=lambda m: None)
+    g = load_grid(folder / "grid.yaml")
+    base, named = g.cells()
+    assert Path(base.cfg.train.eval_weights).resolve() == (folder / "w" / "ev.safetensors").resolve()
+    assert named.cfg.data.vae == "fmnist-vae"  # a name, not a path beside the grid file: kept as it is
+    assert [Path(r).resolve() for r in g.reuse_folders()] == [(tmp_path / "other").resolve()]
+    grid["set"][-1] = "train.eval_weights=w/none.safetensors"
+    (folder / "grid.yaml").write_text(yaml.safe_dump(grid))
+    with pytest.raises(FileNotFoundError, match=r"cell baseline-s0: train.eval_weights=\S*w/none.safetensors does "
+                                                r"not exist .*relative to its own folder"):
+        run_grid(folder / "grid.yaml", tmp_path / "out", log=lambda m: None)
     assert not (tmp_path / "out").exists() and not list(elsewhere.iterdir())
 
 

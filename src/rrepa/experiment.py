@@ -42,7 +42,7 @@ from rrepa.checkpoint import list_checkpoints, weights_step
 from rrepa.config import RunConfig, read_yaml
 from rrepa.eval.probe import probe_model
 from rrepa.grid import Cell, grid_from_dict, load_grid
-from rrepa.latent_run import eval_dataset, is_latent, load_run_vae
+from rrepa.latent_run import data_config, eval_dataset, is_latent, load_run_vae
 from rrepa.run import LOCK_FILE, RunInUseError, load_run, run_lock
 from rrepa.train import check_pinned_files
 from rrepa.utils import atomic_write
@@ -241,8 +241,8 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
         try:
             check_pinned_files(c.cfg)
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"{grid_file}, cell {c.name}: {err}; run the grid from the folder its relative "
-                                    f"paths are relative to") from err
+            raise FileNotFoundError(f"{grid_file}, cell {c.name}: {err} (a grid file's relative paths are relative to "
+                                    f"its own folder)") from err
     out = Path(out)
     runs = Path(runs) if runs is not None else out / "runs"
     with run_lock(out, warn=log):  # one runner per results folder
@@ -259,7 +259,7 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
             atomic_write(configs / f"{c.name}.yaml", lambda tmp, c=c: Path(tmp).write_text(c.cfg.to_yaml()))
         runs.mkdir(parents=True, exist_ok=True)
         evals = EvalLog(out / EVALS)
-        reused = reuse_cells(cells, grid.reuse, evals, out, log)
+        reused = reuse_cells(cells, grid.reuse_folders(), evals, out, log)
         prober = (lambda: _probe_finished(out, runs, threads, log)) if probe else None
         return _run(cells, runs, configs, evals, jobs, threads, poll, log, reused, prober)
 
@@ -405,8 +405,11 @@ def probe_grid(out: str | os.PathLike, runs: str | os.PathLike | None = None, li
         log(f"probing {len(todo)} finished cell(s) ({len(done)} probed before)")
         for c in todo:
             model, info = load_run(runs / c.name, "ema")
-            vae = load_run_vae(c.cfg.data, log=log) if is_latent(c.cfg.data) else None  # a latent cell's latents
-            train_set, test_set = (eval_dataset(c.cfg.data, split, vae, log=log) for split in ("train", "test"))
+            # The run's own data section: its paths are the ones it trained with (the grid copy's are relative to a
+            # grid file this folder does not know).
+            data = data_config(info["config"]["data"])
+            vae = load_run_vae(data, log=log) if is_latent(data) else None  # a latent cell's latents
+            train_set, test_set = (eval_dataset(data, split, vae, log=log) for split in ("train", "test"))
             res = probe_model(model, train_set, test_set,
                               limit_train=limit_train, limit_test=limit_test, seed=c.cfg.train.seed,
                               progress=progress)

@@ -16,14 +16,39 @@ preset):
 
 Each (arm, seed) is a Cell `ARM-sSEED` with its resolved RunConfig; a bad override fails when the grid is read,
 before anything trains, naming the arm.
+
+Paths in a grid file are relative to the grid file's folder, wherever the grid is run from: the values of
+PATH_KEYS (weights files, data, caches; `data.vae` and `train.eval_ref` only where such a file or folder exists,
+since they also take names) and the `reuse` folders. A cell's config holds them relative to the current folder (so
+that a grid run from the repository root stores the paths a user would type there).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rrepa.config import RunConfig, read_yaml, resolve
+
+# Config keys whose values are paths: relative ones in a grid file are relative to it. The second set also takes
+# names (fmnist-vae, a hub id, fmnist:train), so a value there is a path only where it exists beside the grid file.
+PATH_KEYS = ("train.eval_weights", "align.encoder_weights", "data.path", "data.latent_cache")
+NAME_OR_PATH_KEYS = ("data.vae", "train.eval_ref")
+
+
+def rebase(override: str, root: Path) -> str:
+    """A key=value override with a relative path value (PATH_KEYS, NAME_OR_PATH_KEYS) taken relative to `root` and
+    written relative to the current folder; anything else unchanged."""
+    key, _, value = override.partition("=")
+    key, value = key.strip(), value.strip()
+    if key not in PATH_KEYS + NAME_OR_PATH_KEYS or not value or value.lower() in ("null", "none") \
+            or os.path.isabs(os.path.expanduser(value)):
+        return override
+    path = root / value
+    if key in NAME_OR_PATH_KEYS and not path.exists():
+        return override
+    return f"{key}={os.path.relpath(path)}"
 
 
 @dataclass
@@ -48,6 +73,11 @@ class Grid:
     common: list[str]  # overrides applied to every arm, before the arm's own
     arms: dict[str, dict]  # name -> {"set": [...], "seeds": [...][, "preset": name]}, in file order
     reuse: list[str] = field(default_factory=list)  # results folders whose finished, identical cells are copied
+    root: Path | None = None  # the grid file's folder, which its relative paths are relative to (None: the current)
+
+    def reuse_folders(self) -> list[str]:
+        """The reuse folders, relative to the current folder."""
+        return [v if self.root is None or os.path.isabs(v) else os.path.relpath(self.root / v) for v in self.reuse]
 
     def cells(self) -> list[Cell]:
         """Every cell, resolved and validated, seed-major (all arms of the first seed first), so that a grid cut
@@ -58,6 +88,8 @@ class Grid:
             for arm, spec in self.arms.items():
                 if seed in spec["seeds"]:
                     overrides = [*self.common, *spec["set"], f"train.seed={seed}"]
+                    if self.root is not None:
+                        overrides = [rebase(o, self.root) for o in overrides]
                     preset = spec.get("preset", self.preset)
                     try:
                         cfg = resolve(preset, None, overrides)
@@ -76,8 +108,10 @@ class Grid:
 
 
 def load_grid(path: str | os.PathLike) -> Grid:
-    """Read and check a grid file (see the module docstring)."""
-    return grid_from_dict(read_yaml(path, "grid file"), str(path))
+    """Read and check a grid file (see the module docstring); its relative paths are relative to its folder."""
+    grid = grid_from_dict(read_yaml(path, "grid file"), str(path))
+    grid.root = Path(path).parent
+    return grid
 
 
 def grid_from_dict(d, where: str = "grid") -> Grid:
