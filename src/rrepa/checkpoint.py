@@ -84,6 +84,11 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:07d}.pt"
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step a checkpoint's file name carries (the inverse of checkpoint_name): ckpt-0000300.pt -> 300."""
+    return int(Path(path).stem.split("-")[1])
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The run's checkpoints, oldest first (by step)."""
     return sorted(Path(run_dir).glob(CKPT_GLOB), key=lambda p: p.name)
@@ -132,7 +137,7 @@ class CheckpointWriteError(OSError):
                             f"read it); {fix} and continue with --resume {path.parent}")
         elif older:
             self.message = (f"could not write checkpoint {path}: {cause}; nothing is lost: {older[-1]} (step "
-                            f"{int(older[-1].stem.split('-')[1])}) is intact; {fix} and continue with --resume "
+                            f"{checkpoint_step(older[-1])}) is intact; {fix} and continue with --resume "
                             f"{path.parent}")
         else:  # nothing to resume from: --resume would fail with "no checkpoints"
             self.message = (f"could not write checkpoint {path}: {cause}; no earlier checkpoint exists, so "

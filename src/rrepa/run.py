@@ -23,6 +23,7 @@ from rrepa import distributed
 from rrepa.checkpoint import (
     CKPT_GLOB,
     LAST_POINTER,
+    checkpoint_step,
     list_checkpoints,
     load_state_checked,
     load_weights,
@@ -76,7 +77,7 @@ def load_run(path: str | os.PathLike, weights: str = "ema", device: str | torch.
     if path.is_dir():
         exported = path / ("ema.safetensors" if weights == "ema" else "model.safetensors")
         ckpts = list_checkpoints(path)
-        newest = int(ckpts[-1].stem.split("-")[1]) if ckpts else None
+        newest = checkpoint_step(ckpts[-1]) if ckpts else None
         if exported.is_file() and (newest is None or (weights_step(exported) or -1) >= newest):
             path = exported
         elif not ckpts:

@@ -47,6 +47,7 @@ from tqdm import tqdm
 from rrepa import distributed
 from rrepa.align import AlignHead
 from rrepa.checkpoint import (
+    checkpoint_step,
     list_checkpoints,
     load_latest_checkpoint,
     load_state_checked,
@@ -441,7 +442,7 @@ def check_not_finished(run_dir: Path, cfg: RunConfig) -> None:
     one line saying it is finished and how to train it further. A run stopped between its last checkpoint and
     those files (killed while exporting or measuring bits/dim) is not finished: resuming completes it."""
     ckpts = list_checkpoints(run_dir)
-    step = int(ckpts[-1].stem.split("-")[1]) if ckpts else 0
+    step = checkpoint_step(ckpts[-1]) if ckpts else 0
     ema = run_dir / "ema.safetensors"
     exported = ema.is_file() and (weights_step(ema) or -1) >= step
     if step >= cfg.train.steps and exported and (not cfg.train.eval_bpd or (run_dir / "bpd.json").is_file()):
