@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from rrepa.jacobi import Jacobi, SampleStats, as_sampler
 from rrepa.precision import bf16_active, float32
+from rrepa.utils import finite_rows
 
 Position = tuple[int, int]  # 1-indexed (block t, layer l)
 
@@ -578,7 +579,7 @@ class TARFlow(nn.Module, PyTorchModelHubMixin, library_name="rrepa", tags=["norm
             raise ValueError(f"{name} must be a float tensor in [-1, 1], got {x.dtype}; "
                              f"convert uint8 images with x / 127.5 - 1")
         if self.validate_inputs and not bool(torch.isfinite(x).all()):
-            bad = (~torch.isfinite(x.flatten(1)).all(1)).nonzero().flatten().tolist()
+            bad = (~finite_rows(x)).nonzero().flatten().tolist()
             raise ValueError(f"{name} contains NaN or infinite values in {len(bad)} of {x.shape[0]} images (rows "
                              f"{bad[:5]}{' ...' if len(bad) > 5 else ''}); give finite images in [-1, 1] (data: check "
                              f"the pipeline; samples: the model or sampler diverged on those rows)")
@@ -748,7 +749,7 @@ class TARFlow(nn.Module, PyTorchModelHubMixin, library_name="rrepa", tags=["norm
         `sampler` (see reverse), then one score step to remove the training noise (when cfg.sigma > 0 and
         denoise is True). Values are not clipped. return_stats: also return the reverse's SampleStats.
         A sample on which the model or sampler diverges (NaN or inf) is returned as it is, undenoised, with a
-        warning naming its row; `torch.isfinite(x.flatten(1)).all(1)` selects the others."""
+        warning naming its row; `rrepa.utils.finite_rows(x)` selects the others."""
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"n (the number of samples) must be an int >= 1, got {n!r}")
         if not math.isfinite(guidance) or not math.isfinite(attn_temp):
@@ -761,11 +762,12 @@ class TARFlow(nn.Module, PyTorchModelHubMixin, library_name="rrepa", tags=["norm
         elif tuple(z.shape) != shape:
             raise ValueError(f"z must have shape (n, C, H, W) = {shape}, got {tuple(z.shape)}")
         x, stats = self.reverse(z, y, guidance, anneal, attn_temp, sampler=sampler, return_stats=True)
-        ok = torch.isfinite(x.flatten(1)).all(1)
-        if not bool(ok.all()):
+        ok = finite_rows(x)
+        every = bool(ok.all())
+        if not every:
             warnings.warn(f"{int((~ok).sum())} of {n} samples diverged (NaN or inf) and are returned as they are: "
                           f"rows {(~ok).nonzero().flatten().tolist()[:10]}", RuntimeWarning, stacklevel=3)
-        if denoise and cfg.sigma > 0 and bool(ok.all()):
+        if denoise and cfg.sigma > 0 and every:
             x = self.denoise(x, y, cfg.sigma)
         elif denoise and cfg.sigma > 0 and bool(ok.any()):  # the finite rows only: the others stay as they are
             rows = ok.nonzero().flatten()

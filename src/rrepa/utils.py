@@ -186,10 +186,15 @@ def to_uint8(x: Tensor, strict: bool = True) -> Tensor:
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def finite_rows(x: Tensor) -> Tensor:
+    """(N,) bool: which of the N items of x (N, ...) hold only finite values (no NaN or inf)."""
+    return torch.isfinite(x.flatten(1)).all(1)
+
+
 def drop_diverged(x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None, str | None]:
     """Samples (N, ...) without the ones holding NaN or inf (a diverged model or sampler): (the finite samples,
     their labels, None) or, when some diverged, a one-line report of them by index and class as the third item."""
-    bad = (~torch.isfinite(x.flatten(1)).all(1)).nonzero().flatten()
+    bad = (~finite_rows(x)).nonzero().flatten()
     if not len(bad):
         return x, labels, None
     keep = torch.ones(x.shape[0], dtype=torch.bool)

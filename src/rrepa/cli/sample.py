@@ -26,7 +26,7 @@ from rrepa.jacobi import Jacobi, as_sampler
 from rrepa.latent_run import ImageSpace, data_config, eval_dataset, is_latent, load_run_vae
 from rrepa.run import load_run
 from rrepa.sample import generate, save_grid, save_npz
-from rrepa.utils import atomic_write, drop_diverged
+from rrepa.utils import atomic_write, drop_diverged, finite_rows
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -99,7 +99,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
                   f"drawn in {precision}{f' ({len(x) - N} diverged samples left out)' if diverged else ''}")
         if "png" in formats:
             # The grid keeps every sample in its place (a column per class); a diverged one is a black tile.
-            bad = ~torch.isfinite(x.flatten(1)).all(1)
+            bad = ~finite_rows(x)
             save_grid(x.masked_fill(bad[:, None, None, None], -1.0), out.with_suffix(".png"),
                       K if K and args.class_label is None else 10)
             print(f"wrote {out.with_suffix('.png')}{' (diverged samples as black tiles)' if diverged else ''}")
