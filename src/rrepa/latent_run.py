@@ -73,6 +73,18 @@ def load_run_vae(data: DataConfig, device: str | torch.device = "cpu",
     return vae
 
 
+def with_vae(info: dict, vae: str | None) -> dict:
+    """rrepa.run.load_run's info with data.vae replaced by `vae` (`--vae` of sample, evaluate, bpd, classify, probe;
+    None: unchanged), for a latent run whose VAE moved (load_run_vae still checks its fingerprint); an error for a
+    run that is not latent."""
+    if vae is None:
+        return info
+    data = dict(info["config"].get("data") or {})
+    if not data.get("vae"):
+        raise ValueError(f"--vae {vae}: this run trains on pixels (its config has no data.vae); drop --vae")
+    return {**info, "config": {**info["config"], "data": {**data, "vae": vae}}, "data": {**data, "vae": vae}}
+
+
 def check_vae_matches_model(vae: VAE, data: DataConfig, model: FlowConfig) -> None:
     """ValueError (one line) unless the VAE's latents of data.image_size images are the model's input."""
     check_latent_channels(vae, model.in_channels)

@@ -67,11 +67,12 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return precision
 
 
-def run_precision(info: dict | None) -> str:
-    """The precision a run trained in, from rrepa.run.load_run's info (its stored config's train.precision); fp32
-    where it says nothing: runs from before the setting (CPU runs then computed float32), bare weights files."""
+def resolve_for_run(setting: str | None, info: dict | None, device: torch.device | str) -> str:
+    """`setting` (auto | fp32 | bf16), else the precision the run trained in (rrepa.run.load_run's info: its stored
+    config's train.precision; fp32 where it says nothing: runs from before the setting, whose CPU runs computed
+    float32, and bare weights files), resolved on `device`."""
     train = ((info or {}).get("config") or {}).get("train") or {}
-    return train.get("precision") or "fp32"
+    return resolve_precision(setting or train.get("precision") or "fp32", device)
 
 
 def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:

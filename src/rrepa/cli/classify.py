@@ -25,7 +25,6 @@ from rrepa.cli.options import (
     add_vae,
     precision_scope,
     refuse_existing,
-    with_vae,
 )
 from rrepa.data import build_dataset
 from rrepa.distributed import resolve_device
@@ -40,7 +39,7 @@ from rrepa.eval.classify import (
     save_confusion_png,
 )
 from rrepa.flow import TARFlow
-from rrepa.latent_run import data_config, eval_dataset, is_latent, load_run_vae
+from rrepa.latent_run import data_config, eval_dataset, is_latent, load_run_vae, with_vae
 from rrepa.run import load_run
 from rrepa.utils import atomic_write
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rrepa.precision import PRECISIONS, autocast, resolve_precision, run_precision
+from rrepa.precision import PRECISIONS, autocast, resolve_for_run
 
 
 def finite_float(text: str) -> float:
@@ -89,22 +89,12 @@ def precision_scope(args: argparse.Namespace, device: torch.device | str, info: 
                     ) -> tuple[contextlib.AbstractContextManager, str]:
     """(the autocast context of --precision, else of the run's own precision (info: load_run's), on device; the
     resolved precision: fp32 or bf16)."""
-    resolved = resolve_precision(args.precision or run_precision(info), device)
+    resolved = resolve_for_run(args.precision, info, device)
     return autocast(resolved, device), resolved
 
 
 def add_vae(p: argparse.ArgumentParser) -> None:
-    """--vae: a latent run's VAE from another place (read with with_vae)."""
+    """--vae: a latent run's VAE from another place (read with rrepa.latent_run.with_vae)."""
     p.add_argument("--vae", metavar="PATH_OR_ID",
                    help="a latent run's VAE from another folder or hub id than the one its config names (its weights "
                         "must be the run's own: the fingerprint is checked)")
-
-
-def with_vae(info: dict, vae: str | None) -> dict:
-    """load_run's info with data.vae replaced by --vae (when given); an error for a run that is not latent."""
-    if vae is None:
-        return info
-    data = dict(info["config"].get("data") or {})
-    if not data.get("vae"):
-        raise ValueError(f"--vae {vae}: this run trains on pixels (its config has no data.vae); drop --vae")
-    return {**info, "config": {**info["config"], "data": {**data, "vae": vae}}, "data": {**data, "vae": vae}}

@@ -19,11 +19,10 @@ from rrepa.cli.options import (
     finite_float,
     precision_scope,
     refuse_existing,
-    with_vae,
 )
 from rrepa.eval.bpd import describe_bpd, evaluate_bpd
 from rrepa.jacobi import Jacobi, as_sampler
-from rrepa.latent_run import ImageSpace, data_config, eval_dataset, is_latent, load_run_vae
+from rrepa.latent_run import ImageSpace, data_config, eval_dataset, is_latent, load_run_vae, with_vae
 from rrepa.run import load_run
 from rrepa.sample import generate, save_grid, save_npz
 from rrepa.utils import atomic_write, drop_diverged, finite_rows

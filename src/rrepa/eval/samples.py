@@ -30,8 +30,8 @@ from rrepa.eval.inception import InceptionFeatures
 from rrepa.eval.npz import check_labels
 from rrepa.eval.reference import ReferenceStats, progress_bar, reference_stats
 from rrepa.fmnist.evaluator import load_evaluator
-from rrepa.latent_run import ImageSpace
-from rrepa.precision import autocast, resolve_precision, run_precision
+from rrepa.latent_run import ImageSpace, with_vae
+from rrepa.precision import autocast, resolve_for_run
 from rrepa.run import load_run
 from rrepa.sample import generate
 from rrepa.utils import as_nchw_uint8, drop_diverged, to_uint8
@@ -127,13 +127,12 @@ def samples_from_checkpoint(ckpt: str, num_samples: int, *, batch_size: int = 10
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     device = torch.device(device)
     model, info = load_run(ckpt, weights, device, warn=lambda m: logger.warning("%s", m))
-    if vae is not None:  # a latent run's VAE from another place (its fingerprint is still checked)
-        info = {**info, "config": {**info["config"], "data": {**info["config"]["data"], "vae": vae}}}
+    info = with_vae(info, vae)  # a latent run's VAE from another place (its fingerprint is still checked)
     model.validate_inputs = False  # a diverged sample is left out below, not an error of the denoising step
     space = ImageSpace.for_run(info["config"], device, log=lambda m: logger.warning("%s", m))
     K = model.cfg.num_classes
     labels = torch.arange(num_samples) % K if K else None
-    precision = resolve_precision(precision or run_precision(info), device)
+    precision = resolve_for_run(precision, info, device)
     if report is not None:
         report["dtype"] = precision
     with autocast(precision, device):
