@@ -31,11 +31,11 @@ from torch.utils.flop_counter import FlopCounterMode
 STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
-def _vm_hwm() -> int | None:
-    """The process's peak resident set in bytes from /proc/self/status, None where there is none."""
+def _status_bytes(field: str) -> int | None:
+    """A kB field of /proc/self/status (VmHWM, VmRSS) in bytes, None where there is no such line."""
     try:
         for line in STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
@@ -50,13 +50,7 @@ def _maxrss(who: int = resource.RUSAGE_SELF) -> int:
 
 def current_rss() -> int | None:
     """The process's resident set now, in bytes (VmRSS), None where /proc has no such line."""
-    try:
-        for line in STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _status_bytes("VmRSS")
 
 
 def reset_peak_rss() -> bool:
@@ -70,7 +64,7 @@ def reset_peak_rss() -> bool:
 
 def peak_rss() -> int:
     """The process's peak RSS in bytes since the last reset_peak_rss (since its start where resets fail)."""
-    hwm = _vm_hwm()
+    hwm = _status_bytes("VmHWM")  # the peak resident set
     return hwm if hwm is not None else _maxrss()
 
 
