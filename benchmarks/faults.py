@@ -30,16 +30,8 @@ TINY = ["train.precision=fp32", "model.patch_size=7", "model.width=32", "model.h
         "train.log_every=1", "train.sample_every=0", "train.ckpt_every=3", "train.sample_rows=1",
         "train.num_workers=0", "train.eval_batch_size=16"]
 
-# A model that diverges on every sample whose first prior value is positive (about half of them).
-DIVERGING = """
-import torch
-from rrepa.flow import TARFlow
-_reverse = TARFlow.reverse
-def diverging(self, z, *args, **kwargs):
-    x, stats = _reverse(self, z, *args, **kwargs)
-    return x.masked_fill((z.flatten(1)[:, 0] > 0)[:, None, None, None], float("nan")), stats
-TARFlow.reverse = diverging
-"""
+# A model that diverges on every sample whose first prior value is positive (about half of them): rrepa.testing.
+DIVERGING = "from rrepa.testing import diverge_where_first_prior_positive\ndiverge_where_first_prior_positive()\n"
 
 
 def failing_write(name: str, code: str) -> str:

@@ -21,6 +21,7 @@ from rrepa.eval.samples import samples_from_checkpoint
 from rrepa.flow import TARFlow
 from rrepa.run import load_run
 from rrepa.sample import generate, grid_labels, save_grid
+from rrepa.testing import diverge_where_first_prior_positive
 from rrepa.train import train
 from rrepa.utils import generator
 
@@ -92,17 +93,8 @@ def test_sample_under_torchrun_matches_one_process(run, tmp_path):
     assert np.array_equal(two["arr_0"], one["arr_0"]) and np.array_equal(two["labels"], one["labels"])
 
 
-# A model that diverges on some samples: the reverse returns NaN for every sample whose first prior value exceeds 0,
-# whichever process draws it. Run in this process, and as a script under torchrun.
-POISON = """
-import torch
-from rrepa.flow import TARFlow
-_reverse = TARFlow.reverse
-def diverging(self, z, *args, **kwargs):
-    x, stats = _reverse(self, z, *args, **kwargs)
-    return x.masked_fill((z.flatten(1)[:, 0] > 0)[:, None, None, None], float("nan")), stats
-TARFlow.reverse = diverging
-"""
+# A model that diverges on some samples (rrepa.testing), in this process and in a script under torchrun.
+POISON = "from rrepa.testing import diverge_where_first_prior_positive\ndiverge_where_first_prior_positive()\n"
 
 
 def sample_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -118,7 +110,7 @@ def test_diverged_samples_are_reported_and_the_finite_ones_kept(run, tmp_path, c
     """Issue #33 item 1: a non-finite batch neither discards the others nor blames the data pipeline; the same
     under torchrun; and every sample diverged is an error that writes nothing."""
     monkeypatch.setattr(TARFlow, "reverse", TARFlow.reverse)  # restored after the test
-    exec(POISON, {})  # noqa: S102 - the test's own source
+    diverge_where_first_prior_positive()
     args = ["sample", "--ckpt", str(run), "--num-samples", "8", "--batch-size", "2", "--device", "cpu", "--seed", "0"]
     # the prior noise of the 4 batches, drawn as generate draws it
     whole = torch.cat([torch.randn((2, 1, 28, 28), generator=generator(0, j)) for j in range(4)])

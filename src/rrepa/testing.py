@@ -23,3 +23,17 @@ def random_flow(cfg: FlowConfig, seed: int = 0, scale: float = 0.3, bias: float 
             if block.class_embed is not None:
                 block.class_embed.normal_(0, 1.0)
     return model
+
+
+def diverge_where_first_prior_positive() -> None:
+    """Make TARFlow.reverse return NaN for every sample whose first prior value is positive (about half of them),
+    whichever process draws it: a model that diverges on some samples, for the tests and benchmarks/faults.py of
+    what sampling does with them. It patches the class (a test restores it, e.g. monkeypatch.setattr(TARFlow,
+    "reverse", TARFlow.reverse) first); a script run under torchrun calls it before the command."""
+    reverse = TARFlow.reverse
+
+    def diverging(self, z, *args, **kwargs):
+        x, stats = reverse(self, z, *args, **kwargs)
+        return x.masked_fill((z.flatten(1)[:, 0] > 0)[:, None, None, None], float("nan")), stats
+
+    TARFlow.reverse = diverging
