@@ -160,6 +160,18 @@ def test_a_signal_saves_the_step_and_says_how_to_resume(data, tmp_path, sig, wor
 # --------------------------------------------------------------------------------------------
 
 
+def train_until_it_fails(data, tmp_path, capsys) -> tuple[Path, str]:
+    """`rrepa train` of the quick tiny config into tmp_path/run, which must fail with exit 2: (the run folder, the
+    one error line)."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(tiny(data, *QUICK).to_yaml())
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--config", str(cfg), "--out", str(run))
+    line = one_error_line(err, "train")
+    assert code == 2
+    return run, line
+
+
 def test_a_full_disk_while_checkpointing(data, tmp_path, capsys, monkeypatch):
     real = checkpoint.torch_save
 
@@ -170,12 +182,7 @@ def test_a_full_disk_while_checkpointing(data, tmp_path, capsys, monkeypatch):
         real(obj, path)
 
     monkeypatch.setattr(checkpoint, "torch_save", disk_full_at_step_6)
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(tiny(data, *QUICK).to_yaml())
-    run = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", "--config", str(cfg), "--out", str(run))
-    line = one_error_line(err, "train")
-    assert code == 2
+    run, line = train_until_it_fails(data, tmp_path, capsys)
     for part in (str(run / "ckpt-0000006.pt"), "No space left on device", f"{run / 'ckpt-0000003.pt'} (step 3) is "
                  f"intact", f"--resume {run}"):
         assert part in line, line
@@ -202,12 +209,7 @@ def test_a_failed_first_checkpoint_says_what_will_work(data, tmp_path, capsys, m
         real(path, write)
 
     monkeypatch.setattr(checkpoint, "atomic_write", failing)
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(tiny(data, *QUICK).to_yaml())
-    run = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", "--config", str(cfg), "--out", str(run))
-    line = one_error_line(err, "train")
-    assert code == 2
+    run, line = train_until_it_fails(data, tmp_path, capsys)
     for part in expected:
         assert part.format(run=run) in line, line
     for part in unexpected:
