@@ -81,7 +81,8 @@ class TrainConfig:
     eval_features: str = "fmnist"  # fmnist (the embedded Fashion-MNIST CNN) | inception (FID-Inception)
     eval_ref: str | None = None  # reference: None = the training split (fmnist:train, or data.path for npz)
     # Weights of that feature network (fmnist: an evaluator .safetensors; inception: the FID-Inception .pth); None =
-    # the cached default. Pin them to compare runs across machines: a retrained evaluator gives other FIDs.
+    # the default (fmnist: the evaluator rrepa ships; inception: the cached file). A retrained evaluator gives other
+    # FIDs: pin it to compare runs with it.
     eval_weights: str | None = None
     eval_guidance: float = 0.0  # guidance w of those samples
     # With eval_every, also the one-step and Bayes classifiers' top-1 (inputs at the training noise) and the

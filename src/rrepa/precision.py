@@ -96,7 +96,7 @@ def bf16_active(device: torch.device | str) -> bool:
 
 
 def describe(precision: str, setting: str) -> str:
-    """A short line for logs, e.g. "bf16 (auto: native bfloat16 on cpu)"."""
+    """A short note for logs, e.g. "bf16 (auto: native bfloat16)"; a setting other than auto as it is."""
     if setting == "auto":
         return f"{precision} (auto: {'native bfloat16' if precision == 'bf16' else 'no native bfloat16'})"
     return precision

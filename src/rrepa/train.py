@@ -461,7 +461,7 @@ def check_pinned_files(cfg: RunConfig) -> None:
         if value is not None and not Path(value).expanduser().is_file():
             raise FileNotFoundError(f"{key}={value} does not exist (a relative path is relative to the current "
                                     f"folder, {Path.cwd()}); give the path of an existing file, or drop the key to "
-                                    f"use the cached default")
+                                    f"use the default network")
 
 
 def check_data_matches_model(dataset, cfg: RunConfig) -> None:
