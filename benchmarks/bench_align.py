@@ -29,7 +29,7 @@ Tables
      jacobi-K, detach (D-REPA, for contrast) and, with --exact-check (always with --quick), jacobi-N (exact: a
      check of the naive reference; 2N block passes kept in the graph: ~35 s and ~2 GiB per sample at N = 256,
      so pair it with a small --batch) against naive, on a TRAINED model: --ckpt (run folder, .pt training
-     checkpoint or .safetensors, loaded with rrepa.run.load_run; aligned at the last layer of its last
+     checkpoint or .safetensors, loaded with rrepa.training.run.load_run; aligned at the last layer of its last
      two blocks), otherwise the benchmark's own model after a short NLL training inside this script
      (--train-steps 200 AdamW steps at lr 1e-3, batch --train-batch 4: ~75 s with 1 thread on a shared 2-core
      machine) on synthetic structured images (oriented coloured gratings, one orientation/frequency/colour per
@@ -87,11 +87,12 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from rrepa.align import AlignConfig, AlignHead
+from rrepa.align.head import AlignConfig, AlignHead
+from rrepa.align.reverse import detach_features, jacobi_reverse, naive_reverse, pseudo_reverse
 from rrepa.distributed import resolve_device
-from rrepa.flow import FlowConfig, FlowOutput, Position, TARFlow
-from rrepa.reverse import detach_features, jacobi_reverse, naive_reverse, pseudo_reverse
-from rrepa.run import load_run
+from rrepa.flow.config import FlowConfig, FlowOutput, Position
+from rrepa.flow.tarflow import TARFlow
+from rrepa.training.run import load_run
 
 CFG = FlowConfig(in_channels=3, image_height=32, image_width=32, patch_size=2, width=128, num_blocks=8,
                  layers_per_block=2, head_dim=64, num_classes=10)

@@ -23,10 +23,10 @@ import torch
 
 from common import timed, trained_like
 from rrepa.cli.classify import dataset_for
-from rrepa.config import preset_model
 from rrepa.eval.classify import class_log_likelihoods, evaluate, multi_step_logits, one_step_scores
-from rrepa.flow import FlowConfig
-from rrepa.run import load_run
+from rrepa.flow.config import FlowConfig
+from rrepa.training.config import preset_model
+from rrepa.training.run import load_run
 
 SMALL = dict(in_channels=3, image_height=32, image_width=32, patch_size=4, width=128, num_blocks=4,
              layers_per_block=2)

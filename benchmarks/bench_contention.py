@@ -41,8 +41,8 @@ def child(args: argparse.Namespace) -> None:
         import rrepa.cli  # noqa: F401 - as the `rrepa` command starts: its defaults are set before torch is imported
     import torch
 
-    from rrepa.config import resolve
-    from rrepa.flow import TARFlow
+    from rrepa.flow.tarflow import TARFlow
+    from rrepa.training.config import resolve
 
     if int(args.threads) > 0:
         torch.set_num_threads(int(args.threads))

@@ -19,8 +19,8 @@ import argparse
 import torch
 
 from common import timed, trained_like
-from rrepa.config import preset_model
-from rrepa.flow import FlowConfig
+from rrepa.flow.config import FlowConfig
+from rrepa.training.config import preset_model
 
 CONFIGS = {
     "fmnist": preset_model("fmnist"),

@@ -27,8 +27,8 @@ import torch
 
 from common import timed, train_images_per_s
 from cpu import idle_cores
+from rrepa.data.vae import VAE, autoencoder_kl
 from rrepa.fmnist.vae import load_vae
-from rrepa.vae import VAE, autoencoder_kl
 
 CONFIGS = [  # (label, preset, overrides)
     ("pixel", "fmnist", []),

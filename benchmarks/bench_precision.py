@@ -24,15 +24,16 @@ from collections.abc import Callable
 import torch
 
 from common import trained_like
-from rrepa.align import AlignHead
-from rrepa.config import preset_model, resolve
+from rrepa.align.head import AlignHead
 from rrepa.eval.classify import class_log_likelihoods, one_step_scores
-from rrepa.flow import FlowConfig, TARFlow
-from rrepa.jacobi import Jacobi
-from rrepa.objective import Objective
+from rrepa.flow.config import FlowConfig
+from rrepa.flow.jacobi import Jacobi
+from rrepa.flow.sample import draw
+from rrepa.flow.tarflow import TARFlow
 from rrepa.precision import autocast, cpu_has_native_bf16
-from rrepa.run import load_run
-from rrepa.sample import draw
+from rrepa.training.config import preset_model, resolve
+from rrepa.training.objective import Objective
+from rrepa.training.run import load_run
 
 
 def interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

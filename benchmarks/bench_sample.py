@@ -32,15 +32,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cpu import idle_cores
-from rrepa.config import preset_model
 from rrepa.distributed import Dist, resolve_device
 from rrepa.eval.reference import reference_stats
 from rrepa.eval.samples import build_feature_network, evaluate_samples
-from rrepa.flow import FlowConfig, TARFlow
-from rrepa.jacobi import Jacobi, SampleStats
-from rrepa.run import load_run
-from rrepa.sample import draw, generate
-from rrepa.testing import random_flow
+from rrepa.flow.config import FlowConfig
+from rrepa.flow.jacobi import Jacobi, SampleStats
+from rrepa.flow.sample import draw, generate
+from rrepa.flow.tarflow import TARFlow
+from rrepa.flow.testing import random_flow
+from rrepa.training.config import preset_model
+from rrepa.training.run import load_run
 from rrepa.utils import to_uint8
 
 BIG = FlowConfig(in_channels=3, image_height=32, image_width=32, patch_size=2, width=128, num_blocks=4,

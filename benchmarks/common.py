@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from rrepa.flow import FlowConfig, TARFlow
+from rrepa.flow.config import FlowConfig
+from rrepa.flow.tarflow import TARFlow
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:

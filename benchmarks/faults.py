@@ -30,8 +30,8 @@ TINY = ["train.precision=fp32", "model.patch_size=7", "model.width=32", "model.h
         "train.log_every=1", "train.sample_every=0", "train.ckpt_every=3", "train.sample_rows=1",
         "train.num_workers=0", "train.eval_batch_size=16"]
 
-# A model that diverges on every sample whose first prior value is positive (about half of them): rrepa.testing.
-DIVERGING = "from rrepa.testing import diverge_where_first_prior_positive\ndiverge_where_first_prior_positive()\n"
+# A model that diverges on every sample whose first prior value is positive (about half of them): rrepa.flow.testing.
+DIVERGING = "from rrepa.flow.testing import diverge_where_first_prior_positive\ndiverge_where_first_prior_positive()\n"
 
 
 def failing_write(name: str, code: str) -> str:
@@ -39,7 +39,7 @@ def failing_write(name: str, code: str) -> str:
     return f"""
 import errno, os
 from pathlib import Path
-from rrepa import checkpoint
+from rrepa.flow import checkpoint
 _write = checkpoint.atomic_write
 def failing(path, write):
     if Path(path).name.startswith({name!r}):
@@ -121,7 +121,7 @@ def cases(run: Path, data: Path) -> list[Case]:
              lambda rc, out, f: one_error(rc, out, "training diverged")
              and not (f / "run" / "ema.safetensors").exists(),
              prelude="""
-from rrepa.objective import Objective
+from rrepa.training.objective import Objective
 _forward = Objective.forward
 def inf_loss(self, *args, **kwargs):
     loss, logs = _forward(self, *args, **kwargs)
@@ -185,7 +185,7 @@ Objective.forward = inf_loss
         Case("20. TARFlow.from_pretrained('/nonexistent')", "a missing path, not a bad repo id",
              [], lambda rc, out, f: rc == 0 and "/nonexistent does not exist" in out,
              prelude="""
-from rrepa.flow import TARFlow
+from rrepa.flow.tarflow import TARFlow
 try:
     TARFlow.from_pretrained("/nonexistent")
 except FileNotFoundError as err:
@@ -194,7 +194,8 @@ raise SystemExit(0)
 """),
         Case("20. model.sample(0)", "a one-line ValueError", [],
              lambda rc, out, f: rc == 0 and "must be an int >= 1, got 0" in out, prelude="""
-from rrepa.flow import FlowConfig, TARFlow
+from rrepa.flow.config import FlowConfig
+from rrepa.flow.tarflow import TARFlow
 try:
     TARFlow(FlowConfig(image_height=4, image_width=4, patch_size=2, width=32, head_dim=16, num_blocks=1,
                        layers_per_block=1)).sample(0)

@@ -67,13 +67,13 @@ if [ "$part" != checks ]; then
     [ "$part" = rehearse ] && exit $status
 fi
 
-step pytest-cuda.txt 80 $py -m pytest -q -m cuda -p no:cacheprovider tests/test_flow.py tests/test_reverse.py \
-    tests/test_train_align.py tests/test_jacobi.py tests/test_vae.py
+step pytest-cuda.txt 80 $py -m pytest -q -m cuda -p no:cacheprovider tests/flow/test_tarflow.py tests/align/test_reverse.py \
+    tests/training/test_loop_align.py tests/flow/test_jacobi.py tests/data/test_vae.py
 step bench_align_bench.md 130 $py benchmarks/bench_align.py --device cuda --batch 8 64 --exact-check
 step bench_align_paper_bf16.md 150 $py benchmarks/bench_align.py --device cuda --bf16 --scale paper --batch 8 16 \
     --tables 1 3
 data=$(mktemp -d)
-$py -c "import sys; from pathlib import Path; from test_train import write_fake_fmnist; \
+$py -c "import sys; from pathlib import Path; from helpers import write_fake_fmnist; \
 write_fake_fmnist(Path(sys.argv[1]), 8192, 256)" "$data"
 step bench_train_fmnist.md 50 $py benchmarks/bench_train.py --device cuda --steps 400 --log-every 100 \
     --set "data.path=$data"

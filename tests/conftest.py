@@ -2,6 +2,7 @@
 2-core machines are often shared)."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,3 +21,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A fake Fashion-MNIST (random images in the IDX files' layout) for the tests of one module."""
+    from helpers import write_fake_fmnist  # after HF_HUB_OFFLINE is set above: huggingface_hub reads it on import
+
+    return write_fake_fmnist(tmp_path_factory.mktemp("fmnist"))

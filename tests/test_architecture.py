@@ -1,5 +1,6 @@
-"""The package's shape: no import cycles between modules, function-local imports only for heavy optional
-dependencies, and modules short enough to read in one sitting (docs/DESIGN.md, "Layout")."""
+"""The package's shape: one folder per concept, stacked in wings that import downwards only; no import cycles
+between modules; function-local imports only for heavy optional dependencies; modules short enough to read in one
+sitting (docs/DESIGN.md, "Layout")."""
 
 from __future__ import annotations
 
@@ -16,9 +17,16 @@ PACKAGE = SRC / "rrepa"
 HEAVY = {"matplotlib", "torch_fidelity", "timm", "scipy", "diffusers", "torch.utils.tensorboard"}
 # Longer than LIMIT lines, with the reason.
 LIMIT = 500
-LONG = {
-    "rrepa.flow": "the flow, its blocks and both inverses (sequential with a KV cache, Jacobi) read side by side",
-}
+LONG: dict[str, str] = {}
+# The wings, bottom to top: a module may import its own wing and those below it, never one above. The base
+# modules are shared helpers. rrepa.fmnist holds a network for each of three wings, so its modules are placed
+# one by one where their users are: the IDX reader and the autoencoder with the data, the evaluator CNN with
+# evaluation, the SSL encoder with the alignment targets.
+WINGS = ("base", "flow", "data", "eval", "align", "training", "experiments", "rehearsal", "cli")
+BASE = {"rrepa", "rrepa.utils", "rrepa.precision", "rrepa.distributed", "rrepa.fmnist.shipped", "rrepa.fmnist"}
+FMNIST = {"rrepa.fmnist.dataset": "data", "rrepa.fmnist.vae": "data", "rrepa.fmnist.evaluator": "eval",
+          "rrepa.fmnist.encoder": "align"}
+TOP_LEVEL_LIMIT = 12  # entries of src/rrepa besides __init__.py (and caches)
 
 
 def module_name(path: Path) -> str:
@@ -54,8 +62,40 @@ def graph() -> dict[str, set[str]]:
     return {name: {m for m, _, _ in imports(path) if m in MODULES and m != name} for name, path in MODULES.items()}
 
 
+def wing(module: str) -> str:
+    if module in BASE:
+        return "base"
+    if module in FMNIST:
+        return FMNIST[module]
+    return module.split(".")[1]
+
+
 def test_the_package_is_found():
-    assert {"rrepa.flow", "rrepa.train", "rrepa.eval.fid", "rrepa.fmnist.evaluator", "rrepa.cli"} <= set(MODULES)
+    assert {"rrepa.flow.tarflow", "rrepa.training.loop", "rrepa.eval.fid", "rrepa.fmnist.evaluator",
+            "rrepa.cli"} <= set(MODULES)
+
+
+def test_every_module_has_a_wing():
+    assert {wing(m) for m in MODULES} <= set(WINGS), sorted({wing(m) for m in MODULES} - set(WINGS))
+
+
+def test_the_top_level_is_short():
+    entries = sorted(p.name for p in PACKAGE.iterdir() if p.name not in ("__init__.py", "__pycache__"))
+    assert len(entries) <= TOP_LEVEL_LIMIT, f"src/rrepa has {len(entries)} entries: {entries}"
+
+
+def test_wings_import_downwards():
+    g = graph()
+    up = [f"{m} ({wing(m)}) imports {n} ({wing(n)})" for m in sorted(g) for n in sorted(g[m])
+          if WINGS.index(wing(n)) > WINGS.index(wing(m))]
+    assert not up, "imports from a higher wing:\n" + "\n".join(up)
+
+
+def test_the_wing_check_finds_an_upward_import(monkeypatch):
+    monkeypatch.setitem(globals(), "graph", lambda: {"rrepa.flow.tarflow": {"rrepa.training.loop"},
+                                                      "rrepa.training.loop": set()})
+    with pytest.raises(AssertionError, match=r"rrepa.flow.tarflow \(flow\) imports rrepa.training.loop \(training\)"):
+        test_wings_import_downwards()
 
 
 def test_no_import_cycles():

@@ -19,13 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from rrepa import checkpoint, cli, utils
-from rrepa.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint, save_checkpoint
-from rrepa.data import DataConfig, build_dataset
+from helpers import ENV, finish, rows, tiny, write_fake_fmnist
+from rrepa import cli, utils
+from rrepa.data.datasets import DataConfig, build_dataset
+from rrepa.flow import checkpoint
+from rrepa.flow.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint, save_checkpoint
 from rrepa.fmnist.dataset import find_fashion_mnist
-from rrepa.objective import Objective
-from rrepa.train import train
-from test_train import ENV, finish, rows, tiny, write_fake_fmnist
+from rrepa.training.loop import train
+from rrepa.training.objective import Objective
 
 QUICK = ("train.sample_every=0", "train.eval_bpd=false")
 
@@ -221,7 +222,7 @@ def test_the_real_writer_reports_the_os_error_not_unexpected_pos(tmp_path):
     (EFBIG, as a full disk gives ENOSPC) and the error must name the file and the cause."""
     script = """
 import resource, signal, sys, torch
-from rrepa.checkpoint import save_checkpoint
+from rrepa.flow.checkpoint import save_checkpoint
 state = {"model": {"w": torch.zeros(200_000)}, "ema": {}, "optimizer": {}, "scheduler": {}, "step": 1, "config": {}}
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))

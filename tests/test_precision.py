@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import rows, tiny
 from rrepa import precision
-from rrepa.checkpoint import load_checkpoint
-from rrepa.config import RunConfig, read_yaml
-from rrepa.flow import FlowConfig, TARFlow
-from rrepa.objective import Objective
-from rrepa.train import train
-from test_train import data, rows, tiny  # noqa: F401 (the fixture)
+from rrepa.flow.checkpoint import load_checkpoint
+from rrepa.flow.config import FlowConfig
+from rrepa.flow.tarflow import TARFlow
+from rrepa.training.config import RunConfig, read_yaml
+from rrepa.training.loop import train
+from rrepa.training.objective import Objective
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, "fp32"), (True, False, "bf16"),
@@ -131,7 +132,7 @@ def test_auto_is_stored_resolved(data, tmp_path, monkeypatch):  # noqa: F811
 def test_jacobi_refines_a_bf16_solution_to_the_float32_one():
     """Under bf16 autocast the Jacobi sampler iterates in bf16, then in float32 from that result: its images match
     the float32 sequential sampler's within the tolerance, which bf16 alone (refine=False) does not reach."""
-    from rrepa.jacobi import Jacobi
+    from rrepa.flow.jacobi import Jacobi
 
     model = small_flow()
     z, y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 1])

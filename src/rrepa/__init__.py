@@ -5,9 +5,10 @@
 import importlib
 
 __version__ = "0.1.0"
-_EXPORTS = {"FlowConfig": "rrepa.flow", "FlowOutput": "rrepa.flow", "TARFlow": "rrepa.flow",
-            "PRESETS": "rrepa.config", "RunConfig": "rrepa.config", "resolve": "rrepa.config",
-            "preset_model": "rrepa.config", "load_run": "rrepa.run"}
+_EXPORTS = {"FlowConfig": "rrepa.flow.config", "FlowOutput": "rrepa.flow.config", "TARFlow": "rrepa.flow.tarflow",
+            "PRESETS": "rrepa.training.config", "RunConfig": "rrepa.training.config",
+            "resolve": "rrepa.training.config", "preset_model": "rrepa.training.config",
+            "load_run": "rrepa.training.run"}
 __all__ = list(_EXPORTS)
 
 

@@ -68,7 +68,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 
 def resolve_for_run(setting: str | None, info: dict | None, device: torch.device | str) -> str:
-    """`setting` (auto | fp32 | bf16), else the precision the run trained in (rrepa.run.load_run's info: its stored
+    """`setting` (auto | fp32 | bf16), else the precision the run trained in (training.run.load_run's info: its stored
     config's train.precision; fp32 where it says nothing: runs from before the setting, whose CPU runs computed
     float32, and bare weights files), resolved on `device`."""
     train = ((info or {}).get("config") or {}).get("train") or {}

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import math
 import os
 import random
 import re
 import signal
+import socket
 import stat
 import tempfile
 import threading
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 CACHE_ENV = "RREPA_CACHE_DIR"  # moves the cache (datasets, embedded networks, feature caches, statistics)
 OFFLINE_ENV = "RREPA_OFFLINE"  # 1: rrepa downloads nothing (HF_HUB_OFFLINE=1 means the same)
@@ -358,3 +361,86 @@ def deferred_interrupts(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTER
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+# --------------------------------------------------------------------------------------------
+# Folders: one writer at a time
+# --------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class RunInUseError(ValueError):
+    """Another live process holds the run folder's lock."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike, warn: Callable[[str], None] = print, name: str = LOCK_FILE) -> Iterator[Path]:
+    """Hold the exclusive lock of a run folder: `RUN/.lock`, flock'ed, holding "PID@HOST". A second holder
+    is refused at once with RunInUseError naming the first one's PID. The kernel drops a flock when its
+    process dies, so a lock file left by a killed process is stale: it is taken over (and reported through
+    warn). Creates the folder when needed; on leaving removes the lock file, and the folder too when this
+    call created it and nothing was written into it. Any tool writing into a run folder may use it:
+
+        with run_lock("runs/x"):
+            ...  # the only writer of runs/x
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / name  # another name: a second, independent lock on the same folder
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                pid = holder.split("@")[0]
+                raise RunInUseError(f"{run_dir} is in use by process {pid} (lock file {path}: {holder}); wait for it "
+                                    f"to finish, stop it, or use another folder (--out)") from None
+            # The holder before us may have removed the file after we opened it: then ours is not the lock.
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+    except OSError as err:
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise naming(err, path) from err
+    try:
+        stale = os.read(fd, 200).decode(errors="replace").strip()
+        if stale:
+            warn(f"note: {path} was left by process {stale}, which no longer holds it (killed?); taking it over")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only when empty: a run that could not start leaves nothing behind
+
+
+# --------------------------------------------------------------------------------------------
+# Modules: the weights' hash
+# --------------------------------------------------------------------------------------------
+
+
+def state_fingerprint(module: nn.Module, extra: str = "") -> str:
+    """sha256 of the module's state dict (names, dtypes, shapes, bytes, in key order) and `extra`."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    h.update(extra.encode())
+    return h.hexdigest()

@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-from rrepa.checkpoint import save_weights
 from rrepa.cli.classify import register
 from rrepa.eval.classify import (
     add_noise,
@@ -26,8 +25,10 @@ from rrepa.eval.classify import (
     one_step_scores,
     predict,
 )
-from rrepa.flow import FlowConfig, FlowOutput, TARFlow
-from rrepa.run import load_run
+from rrepa.flow.checkpoint import save_weights
+from rrepa.flow.config import FlowConfig, FlowOutput
+from rrepa.flow.tarflow import TARFlow
+from rrepa.training.run import load_run
 
 torch.set_num_threads(1)
 
@@ -264,7 +265,7 @@ def test_cli_writes_accuracy_json_and_confusion_pngs(tmp_path, capsys, monkeypat
         assert math.isclose(r["top1"], sum(r["confusion"][i][i] for i in range(10)) / 11)
         assert (out / f"confusion-{m}.png").stat().st_size > 1000
     # the CLI's numbers are evaluate()'s on the same inputs
-    from rrepa.data import DataConfig, build_dataset
+    from rrepa.data.datasets import DataConfig, build_dataset
 
     model, _ = load_run(tmp_path / "w.safetensors")
     direct = evaluate(model, build_dataset(DataConfig(path=str(data)), "test"), ["one-step"], limit=11, batch_size=4,

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from rrepa.checkpoint import save_weights
 from rrepa.cli.probe import parse_grid, register
 from rrepa.eval import linear
 from rrepa.eval.linear import fit_logistic, linear_probe, select_l2
 from rrepa.eval.probe import all_positions, extract_features, markdown_table, pool_tokens, save_heatmap
-from rrepa.flow import FlowConfig, TARFlow
+from rrepa.flow.checkpoint import save_weights
+from rrepa.flow.config import FlowConfig
+from rrepa.flow.tarflow import TARFlow
 
 torch.set_num_threads(1)
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from rrepa.eval.in_training import evaluate_in_training
 from rrepa.eval.reference import ReferenceStats, reference_stats
 from rrepa.eval.samples import evaluate_samples, format_markdown
+from rrepa.training.evaluation import evaluate_in_training
 from rrepa.utils import as_nchw_uint8
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")

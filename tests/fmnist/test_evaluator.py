@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from flow_helpers import NEEDS_FMNIST
+from helpers import NEEDS_FMNIST
 from rrepa.cli.evaluate import register
-from rrepa.eval.in_training import evaluate_in_training
 from rrepa.eval.npz import write_samples_npz
 from rrepa.eval.reference import ReferenceStats
-from rrepa.eval.samples import evaluate_samples, samples_from_checkpoint
+from rrepa.eval.samples import evaluate_samples
 from rrepa.fmnist import evaluator as ev_mod
 from rrepa.fmnist.dataset import find_fashion_mnist, load_fashion_mnist
 from rrepa.fmnist.evaluator import (
@@ -30,6 +29,8 @@ from rrepa.fmnist.evaluator import (
     save_evaluator,
     train_evaluator,
 )
+from rrepa.training.evaluation import evaluate_in_training
+from rrepa.training.run import samples_from_checkpoint
 from rrepa.utils import Interrupted
 
 torch.set_num_threads(1)

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from flow_helpers import NEEDS_FMNIST
-from rrepa.data import DataConfig, build_dataset
+from helpers import NEEDS_FMNIST, check_item
+from rrepa.data.datasets import DataConfig, build_dataset
 from rrepa.fmnist import dataset as fmnist_dataset
 from rrepa.fmnist.dataset import find_fashion_mnist, read_idx
-from test_data import check_item
 
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 REAL_DOWNLOAD = fmnist_dataset.download_fashion_mnist  # kept before the autouse fixture replaces it

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import rrepa.fmnist.vae as vae_mod
+from helpers import write_fake_fmnist
 from rrepa.cli import vae as vae_cli
-from rrepa.data import DataConfig, TensorImageDataset, build_dataset
-from rrepa.encoder_base import state_fingerprint
-from rrepa.fmnist.encoder import dataset_images
+from rrepa.data.cache import dataset_images
+from rrepa.data.datasets import DataConfig, TensorImageDataset, build_dataset
+from rrepa.data.vae import VAE
 from rrepa.fmnist.evaluator import FMNISTCNN, save_evaluator
 from rrepa.fmnist.vae import (
     VAEArch,
@@ -28,9 +29,7 @@ from rrepa.fmnist.vae import (
     save_vae,
     train_vae,
 )
-from rrepa.utils import Interrupted, from_uint8
-from rrepa.vae import VAE
-from test_train import write_fake_fmnist
+from rrepa.utils import Interrupted, from_uint8, state_fingerprint
 
 TINY_ARCH = VAEArch(block_out_channels=(8, 16, 16), norm_num_groups=4)  # 28 -> 7, as the default
 TINY = dict(steps=4, batch_size=8, warmup=1, scale_images=48)

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from rrepa.encoders import build_encoder
+from rrepa.align.encoders import build_encoder
 from rrepa.fmnist import shipped as shipped_mod
 from rrepa.fmnist.evaluator import load_evaluator
 from rrepa.fmnist.shipped import SHIPPED, shipped

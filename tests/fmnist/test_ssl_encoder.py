@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from flow_helpers import NEEDS_FMNIST
+from helpers import NEEDS_FMNIST
+from rrepa.align.encoders import build_encoder
 from rrepa.cli.encoder import register
-from rrepa.data import DataConfig, TensorImageDataset, build_dataset
-from rrepa.encoders import build_encoder
+from rrepa.data.datasets import DataConfig, TensorImageDataset, build_dataset
 from rrepa.eval.linear import linear_probe as fit_probe
 from rrepa.fmnist.dataset import find_fashion_mnist
 from rrepa.fmnist.encoder import (

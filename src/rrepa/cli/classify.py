@@ -2,10 +2,10 @@
 shares with `rrepa probe`: the --ckpt / --dataset / --data-dir / --noise arguments, opening the model they name
 and its dataset, the default output folder.
 
-Checkpoints (`rrepa.run.load_run`): a `.safetensors` file written by `save_weights`; a run folder holding
+Checkpoints (`rrepa.training.run.load_run`): a `.safetensors` file written by `save_weights`; a run folder holding
 `ema.safetensors` / `model.safetensors` (picked by `weights`, "ema" or "raw"), unless the folder's newest
 `ckpt-*.pt` is newer than that export, in which case the checkpoint is used; a run folder with only `ckpt-*.pt`
-files, or one `ckpt-*.pt` file (through `rrepa.run.load_run`). The dataset settings come from the run's
+files, or one `ckpt-*.pt` file (through `rrepa.training.run.load_run`). The dataset settings come from the run's
 `config.yaml` when there is one beside the weights.
 """
 
@@ -26,7 +26,8 @@ from rrepa.cli.options import (
     precision_scope,
     refuse_existing,
 )
-from rrepa.data import build_dataset
+from rrepa.data.datasets import build_dataset
+from rrepa.data.latent_run import data_config, eval_dataset, is_latent, load_run_vae, with_vae
 from rrepa.distributed import resolve_device
 from rrepa.eval.classify import (
     DEFAULT_NOISE,
@@ -38,9 +39,8 @@ from rrepa.eval.classify import (
     num_classes,
     save_confusion_png,
 )
-from rrepa.flow import TARFlow
-from rrepa.latent_run import data_config, eval_dataset, is_latent, load_run_vae, with_vae
-from rrepa.run import load_run
+from rrepa.flow.tarflow import TARFlow
+from rrepa.training.run import load_run
 from rrepa.utils import atomic_write
 
 # --------------------------------------------------------------------------------------------

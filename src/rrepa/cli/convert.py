@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from rrepa.convert import convert_file
-from rrepa.run import export_pretrained, load_run
+from rrepa.flow.convert import convert_file
+from rrepa.training.run import export_pretrained, load_run
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

@@ -11,7 +11,7 @@ from dataclasses import asdict
 import torch
 
 from rrepa.cli.options import add_data_dir, add_device, add_output, output_path
-from rrepa.data import DataConfig, build_dataset
+from rrepa.data.datasets import DataConfig, build_dataset
 from rrepa.distributed import resolve_device
 from rrepa.fmnist.encoder import (
     EMBEDDED_FILE,

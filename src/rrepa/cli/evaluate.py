@@ -25,8 +25,9 @@ from rrepa.distributed import resolve_device
 from rrepa.eval.inception import INCEPTION_FILENAME
 from rrepa.eval.npz import read_samples_npz
 from rrepa.eval.reference import DEFAULT_PR_MAX, reference_stats
-from rrepa.eval.samples import build_feature_network, evaluate_samples, format_markdown, samples_from_checkpoint
+from rrepa.eval.samples import build_feature_network, evaluate_samples, format_markdown
 from rrepa.fmnist.evaluator import default_evaluator_path, load_evaluator, train_and_save_evaluator
+from rrepa.training.run import samples_from_checkpoint
 from rrepa.utils import atomic_write
 
 

@@ -6,8 +6,8 @@ import argparse
 import signal
 import sys
 
-from rrepa.experiment import probe_grid, run_grid
-from rrepa.report import write_report
+from rrepa.experiments.report import write_report
+from rrepa.experiments.runner import probe_grid, run_grid
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = actions.add_parser("run", help="train every unfinished cell of a grid (finished ones are skipped, killed "
                                        "ones resume) and log every evaluation to OUT/evals.jsonl",
                            description="A grid YAML names preset, seeds, common `set` overrides and arms (lists of "
-                                       "overrides); see rrepa.experiment and results/*/grid.yaml.")
+                                       "overrides); see rrepa.experiments.runner and results/*/grid.yaml.")
     q.add_argument("grid", help="the grid YAML file")
     q.add_argument("--out", required=True, help="results folder (evals.jsonl, configs/, README.md, plots)")
     q.add_argument("--runs", help="where the cells' run folders go (default OUT/runs; checkpoints are large)")

@@ -1,4 +1,4 @@
-"""`rrepa latents encode`: encode a dataset once with a VAE into a memory-mapped latent cache (rrepa.latents)."""
+"""`rrepa latents encode`: encode a dataset once with a VAE into a memory-mapped latent cache (rrepa.data.latents)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import argparse
 from pathlib import Path
 
 from rrepa.cli.options import add_data_dir, add_device
-from rrepa.data import DATASET_NAMES, DataConfig
+from rrepa.data.datasets import DATASET_NAMES, DataConfig
+from rrepa.data.latents import DTYPES, SHARD_SIZE, LatentCache, image_dataset
 from rrepa.distributed import resolve_device
 from rrepa.fmnist.vae import load_vae
-from rrepa.latents import DTYPES, SHARD_SIZE, LatentCache, image_dataset
 
-VAE_DTYPES = ("float32", "bfloat16")  # rrepa.vae.VAE computes in these (bf16: autocast)
+VAE_DTYPES = ("float32", "bfloat16")  # rrepa.data.vae.VAE computes in these (bf16: autocast)
 
 
 def data_config(data: str, data_dir: str | None, image_size: int | None) -> DataConfig:

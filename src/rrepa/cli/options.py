@@ -94,7 +94,7 @@ def precision_scope(args: argparse.Namespace, device: torch.device | str, info: 
 
 
 def add_vae(p: argparse.ArgumentParser) -> None:
-    """--vae: a latent run's VAE from another place (read with rrepa.latent_run.with_vae)."""
+    """--vae: a latent run's VAE from another place (read with rrepa.data.latent_run.with_vae)."""
     p.add_argument("--vae", metavar="PATH_OR_ID",
                    help="a latent run's VAE from another folder or hub id than the one its config names (its weights "
                         "must be the run's own: the fingerprint is checked)")

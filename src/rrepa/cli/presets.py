@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from rrepa.config import PRESETS, resolve
-from rrepa.flow import TARFlow
+from rrepa.flow.tarflow import TARFlow
+from rrepa.training.config import PRESETS, resolve
 
 
 def cmd_presets(args: argparse.Namespace) -> None:

@@ -11,11 +11,11 @@ from tqdm import tqdm
 
 from rrepa.cli.classify import add_common_args, dataset_for, default_out_dir
 from rrepa.cli.options import add_overwrite, refuse_existing
+from rrepa.data.latent_run import with_vae
 from rrepa.distributed import resolve_device
 from rrepa.eval.linear import DEFAULT_L2_GRID
 from rrepa.eval.probe import POOLS, markdown_table, probe_model, save_heatmap
-from rrepa.latent_run import with_vae
-from rrepa.run import load_run
+from rrepa.training.run import load_run
 from rrepa.utils import atomic_write
 
 

@@ -1,14 +1,14 @@
 """`rrepa rehearse`: an ImageNet preset end to end at full size with random weights on synthetic data
-(rrepa.rehearse), and `--plan`, the GPU capacity plan from its measurements (rrepa.capacity)."""
+(rrepa.rehearsal.rehearse), and `--plan`, the GPU capacity plan from its measurements (rrepa.rehearsal.capacity)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from rrepa.capacity import H100_BF16_TFLOPS, format_plan, plan
 from rrepa.cli.options import add_device
-from rrepa.rehearse import PRESETS, SCALES, STAGES, Rehearsal, format_report, rehearse, report_path
+from rrepa.rehearsal.capacity import H100_BF16_TFLOPS, format_plan, plan
+from rrepa.rehearsal.rehearse import PRESETS, SCALES, STAGES, Rehearsal, format_report, rehearse, report_path
 
 
 def cmd_plan(args: argparse.Namespace) -> None:

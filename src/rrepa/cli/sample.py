@@ -20,11 +20,11 @@ from rrepa.cli.options import (
     precision_scope,
     refuse_existing,
 )
+from rrepa.data.latent_run import ImageSpace, data_config, eval_dataset, is_latent, load_run_vae, with_vae
 from rrepa.eval.bpd import describe_bpd, evaluate_bpd
-from rrepa.jacobi import Jacobi, as_sampler
-from rrepa.latent_run import ImageSpace, data_config, eval_dataset, is_latent, load_run_vae, with_vae
-from rrepa.run import load_run
-from rrepa.sample import generate, save_grid, save_npz
+from rrepa.flow.jacobi import Jacobi, as_sampler
+from rrepa.flow.sample import generate, save_grid, save_npz
+from rrepa.training.run import load_run
 from rrepa.utils import atomic_write, drop_diverged, finite_rows
 
 

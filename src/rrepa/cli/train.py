@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 from rrepa.cli.options import add_data_dir, add_device
-from rrepa.config import resolve
-from rrepa.run import stored_config
-from rrepa.train import train
+from rrepa.training.config import resolve
+from rrepa.training.loop import train
+from rrepa.training.run import stored_config
 
 
 def cmd_train(args: argparse.Namespace) -> None:

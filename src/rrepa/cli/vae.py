@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 
 from rrepa.cli.options import add_data_dir, add_device, add_output, output_path
-from rrepa.data import DataConfig, build_dataset
+from rrepa.data.cache import dataset_images
+from rrepa.data.datasets import DataConfig, build_dataset
+from rrepa.data.vae import DTYPES
 from rrepa.distributed import resolve_device
 from rrepa.eval.samples import build_feature_network, evaluate_samples
-from rrepa.fmnist.encoder import dataset_images
 from rrepa.fmnist.vae import (
     FMNIST_VAE_NAME,
     VAETrainConfig,
@@ -19,7 +20,6 @@ from rrepa.fmnist.vae import (
     reconstruction_quality,
     train_and_save_vae,
 )
-from rrepa.vae import DTYPES
 
 
 def cmd_vae_train(args: argparse.Namespace) -> None:

@@ -1,7 +1,7 @@
 """Bits/dim of a dataset split (docs/DESIGN.md section 7): the flow's likelihood of 8-bit images with uniform
 dequantization, and how a figure names its protocol (true or null label; the model's training noise).
 
-A latent run's split (rrepa.latent_run.LatentPairs, marked ``latent``) is measured per LATENT dimension instead:
+A latent run's split (rrepa.data.latent_run.LatentPairs, marked ``latent``) is measured per LATENT dimension instead:
 -log p(z + sigma * eps) / (c h w) in nats and bits, with z the VAE latents of the clean test images and eps ~ N(0, I)
 at the training sigma (the density the flow was trained on; latents are continuous: no dequantization). These
 figures are not comparable with pixel bits/dim; the result says so in "unit" and "protocol"."""
@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from rrepa.distributed import Dist
-from rrepa.flow import TARFlow
+from rrepa.flow.tarflow import TARFlow
 from rrepa.utils import generator
 
 

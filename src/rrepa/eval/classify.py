@@ -46,7 +46,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from rrepa import utils
-from rrepa.flow import TARFlow
+from rrepa.flow.tarflow import TARFlow
 
 METHODS = ("one-step", "multi-step", "bayes")
 NOISE_MODES = ("clean", "train")

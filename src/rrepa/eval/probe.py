@@ -36,7 +36,8 @@ from tqdm import tqdm
 from rrepa import utils
 from rrepa.eval.classify import DEFAULT_NOISE, add_noise, batches
 from rrepa.eval.linear import DEFAULT_L2_GRID, linear_probe
-from rrepa.flow import Position, TARFlow
+from rrepa.flow.config import Position
+from rrepa.flow.tarflow import TARFlow
 
 POOLS = ("mean", "max", "flatten-small")
 

@@ -1,6 +1,6 @@
 """Sample-quality metrics as OpenAI's ADM evaluator reports them (FID, sFID, Inception Score, precision and
 recall; docs/DESIGN.md section 9), of samples in a file or drawn from a run (during training:
-rrepa.eval.in_training).
+rrepa.training.evaluation).
 
 A feature network has ``name``, ``feature_dim``, ``has_spatial`` and ``extract(images)`` -> {"pool" (N, D),
 "probs" (N, K)[, "spatial" (N, Ds)]}; ``build_feature_network`` gives one of the two:
@@ -24,17 +24,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from rrepa.distributed import Dist
 from rrepa.eval.fid import feature_stats, frechet_distance, inception_score, precision_recall
 from rrepa.eval.inception import InceptionFeatures
 from rrepa.eval.npz import check_labels
 from rrepa.eval.reference import ReferenceStats, progress_bar, reference_stats
 from rrepa.fmnist.evaluator import load_evaluator
-from rrepa.latent_run import ImageSpace, with_vae
-from rrepa.precision import autocast, resolve_for_run
-from rrepa.run import load_run
-from rrepa.sample import generate
-from rrepa.utils import as_nchw_uint8, drop_diverged, to_uint8
+from rrepa.utils import as_nchw_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -106,43 +101,6 @@ def evaluate_samples(images, net, ref, *, labels=None, splits: int = 10, k: int 
     with progress_bar(x.shape[0], "features of the samples", progress) as bar:
         feats = net.extract(x, batch_size, progress=bar.update)
     return evaluate_features(feats, ref_stats, net.name, labels=labels, splits=splits, k=k, fid_method=fid_method)
-
-
-def samples_from_checkpoint(ckpt: str, num_samples: int, *, batch_size: int = 100, seed: int = 0,
-                            device: str | torch.device = "cpu", weights: str = "ema", progress: bool = False,
-                            precision: str | None = None, log: Callable[[str], None] | None = None,
-                            vae: str | None = None, report: dict | None = None,
-                            **sampler_kwargs) -> tuple[np.ndarray, np.ndarray | None]:
-    """Draw ``num_samples`` images from a run folder, a training checkpoint or a .safetensors file and return (arr_0
-    (N, H, W, C) uint8, labels (N,) int64 or None), exactly what ``rrepa sample --format npz`` writes with the same
-    arguments (rrepa.sample.generate: batch j seeded (seed, j); labels cycle through the classes of a conditional
-    model). ``sampler_kwargs`` go to generate: guidance, anneal, attn_temp, temperature, denoise. A latent run's
-    samples are denoised in latent space and decoded with the run's VAE (rrepa.latent_run.ImageSpace): the images
-    are the decoded ones. precision: auto | fp32 | bf16 (rrepa.precision; None: the run's own), resolved on `device`
-    as `rrepa sample --precision` resolves it. vae: a latent run's VAE from another folder or hub id than its config
-    names (as `rrepa sample --vae`; its fingerprint is still checked). report: a dict that receives the resolved
-    precision ("dtype"). Samples that diverge (NaN or inf) are left out, as `rrepa sample` leaves them out, and
-    reported by index and class through `log` (default: a logging warning): fewer than num_samples come back then."""
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
-    device = torch.device(device)
-    model, info = load_run(ckpt, weights, device, warn=lambda m: logger.warning("%s", m))
-    info = with_vae(info, vae)  # a latent run's VAE from another place (its fingerprint is still checked)
-    model.validate_inputs = False  # a diverged sample is left out below, not an error of the denoising step
-    space = ImageSpace.for_run(info["config"], device, log=lambda m: logger.warning("%s", m))
-    K = model.cfg.num_classes
-    labels = torch.arange(num_samples) % K if K else None
-    precision = resolve_for_run(precision, info, device)
-    if report is not None:
-        report["dtype"] = precision
-    with autocast(precision, device):
-        parts = generate(model, labels, num_samples, batch_size, seed, Dist(device=device), progress=progress,
-                         to_images=space, **sampler_kwargs)
-    x, labels, diverged = drop_diverged(torch.cat([parts[j] for j in sorted(parts)]), labels)
-    if diverged:
-        (log or (lambda m: logger.warning("%s", m)))(f"warning: {diverged}")
-    return (to_uint8(x).permute(0, 2, 3, 1).numpy(),
-            None if labels is None else labels.numpy().astype(np.int64))
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ The four IDX files (each gzip-compressed ``*.gz`` or raw) are read from ``DataCo
 ``path/fashion-mnist``) when it is given (anything else there is an error that says what the folder holds);
 without it they are searched for in /usr/share/datasets/fashion-mnist (Debian's ``dataset-fashion-mnist``),
 then in the cache directory (rrepa.utils.cache_dir() + ``/fashion-mnist``), and are downloaded into that cache
-as a last resort unless offline (RREPA_OFFLINE=1 or HF_HUB_OFFLINE=1). rrepa.data.build_dataset("fmnist")
+as a last resort unless offline (RREPA_OFFLINE=1 or HF_HUB_OFFLINE=1). rrepa.data.datasets.build_dataset("fmnist")
 holds a split in memory as one uint8 tensor."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rrepa.image_io import IMAGE_EXTENSIONS
+from rrepa.data.image_io import IMAGE_EXTENSIONS
 from rrepa.utils import cache_dir, is_offline
 
 logger = logging.getLogger(__name__)

@@ -26,11 +26,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from rrepa.checkpoint import load_state_checked
-from rrepa.data import TensorImageDataset
-from rrepa.encoder_base import FrozenEncoder, resize_square
+from rrepa.align.encoder_base import FrozenEncoder, resize_square
+from rrepa.data.cache import dataset_images
 from rrepa.eval.linear import DEFAULT_L2_GRID
 from rrepa.eval.linear import linear_probe as fit_probe
+from rrepa.flow.checkpoint import load_state_checked
 from rrepa.utils import atomic_write, cache_dir, from_uint8, lr_factor
 
 EMBEDDED_NAME = "fmnist-ssl"
@@ -198,16 +198,6 @@ class SSLTrainConfig:
             raise ValueError(f"SSL training needs steps >= 1 and batch_size >= 2, got {self.steps}, {self.batch_size}")
         if self.lr <= 0 or self.temperature <= 0:
             raise ValueError("SSL training needs lr > 0 and temperature > 0")
-
-
-def dataset_images(dataset) -> Tensor:
-    """All images of an rrepa ImageDataset as (N, C, H, W) uint8, unflipped, WITHOUT reading labels
-    (uses the in-memory tensor of a TensorImageDataset, else dataset.uint8(i))."""
-    if isinstance(dataset, TensorImageDataset) and dataset.images.shape[-1] == dataset.image_size:
-        return dataset.images
-    if not hasattr(dataset, "uint8"):
-        raise ValueError(f"{type(dataset).__name__} has no uint8(i); pass an rrepa ImageDataset (rrepa.data)")
-    return torch.stack([dataset.uint8(i) for i in range(len(dataset))])
 
 
 def augment(x: Tensor, gen: torch.Generator, crop_min: float = 0.5, cutout: float = 0.25) -> Tensor:

@@ -55,8 +55,7 @@ from tqdm import tqdm
 from rrepa.fmnist.dataset import find_fashion_mnist, load_fashion_mnist
 from rrepa.fmnist.shipped import shipped
 from rrepa.precision import float32
-from rrepa.run import run_lock
-from rrepa.utils import Interrupted, as_nchw_uint8, atomic_write, cache_dir, deferred_interrupts, torch_save
+from rrepa.utils import Interrupted, as_nchw_uint8, atomic_write, cache_dir, deferred_interrupts, run_lock, torch_save
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``fmnist-vae``, the embedded autoencoder of the latent Fashion-MNIST preset: a small diffusers ``AutoencoderKL``
 that rrepa trains itself (no VAE for 28 x 28 grey images can be downloaded here), saved in diffusers layout so that
-``--vae`` takes it exactly like SD-VAE (rrepa.vae.VAE).
+``--vae`` takes it exactly like SD-VAE (rrepa.data.vae.VAE).
 
 Architecture (``VAEArch``): AutoencoderKL with block_out_channels (16, 32, 32) (three stages, two stride-2
 downsamplings: 1 x 28 x 28 -> 4 x 7 x 7), one ResNet layer per stage, GroupNorm of 8 groups, and the mid-block
@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from rrepa.data import DataConfig, build_dataset
-from rrepa.fmnist.encoder import dataset_images
+from rrepa.data.cache import dataset_images
+from rrepa.data.datasets import DataConfig, build_dataset
+from rrepa.data.vae import VAE, autoencoder_kl
 from rrepa.fmnist.shipped import shipped
-from rrepa.run import run_lock
 from rrepa.utils import (
     Interrupted,
     atomic_write,
@@ -59,11 +59,11 @@ from rrepa.utils import (
     lr_factor,
     naming,
     publish_mode,
+    run_lock,
     temp_dir_beside,
     to_uint8,
     torch_save,
 )
-from rrepa.vae import VAE, autoencoder_kl
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -243,7 +243,7 @@ def _read_state(state_file: Path, settings: dict, log: Callable[[str], None]) ->
 def fit_latent_scaling(model: AutoencoderKL, images: Tensor, batch_size: int = 500,
                        device: str | torch.device = "cpu") -> tuple[float, float, float]:
     """Set model.config's shift_factor to the mean and scaling_factor to 1 / std of the posterior means of
-    uint8 images (N, C, H, W) (over all N x c x h x w numbers, in float64), so that rrepa.vae's latents
+    uint8 images (N, C, H, W) (over all N x c x h x w numbers, in float64), so that rrepa.data.vae's latents
     (m - shift) * scale of these images have mean 0 and std 1. Returns (scaling_factor, shift_factor, std)."""
     was_training = model.training
     model.eval()

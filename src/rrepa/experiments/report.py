@@ -1,0 +1,473 @@
+"""The report of an experiment grid (rrepa.experiments.runner): tables of mean ± std over seeds, a confidence interval
+for each of the paper's claims, and plots, written into the results folder as README.md and PNGs.
+
+The claims (R-REPA paper, tested on whatever the grid trained):
+1. R-REPA (arm `reverse`) reaches a lower FID than F-REPA (`forward`) and D-REPA (`detach`).
+2. Alignment raises the training-free classifier's accuracy above the baseline's.
+3. The one-step classifier's accuracy matches the best layer of linear probing (needs `probes.jsonl`, from
+   `rrepa experiment probe`).
+4. R-REPA reaches the baseline's final FID in fewer steps.
+The claims compare arms in the baseline's space. A grid whose arms also train on VAE latents (an arm naming a latent
+preset) gets a section of its own comparing the spaces, each with and without alignment (issue #12's table).
+
+Differences of means get Welch's t interval (95 %), which allows unequal variances and is honest about
+three seeds: its degrees of freedom are small, so its intervals are wide. A claim "holds" here when the
+interval excludes zero in the claimed direction, is "contradicted" when it excludes zero the other way, and
+is "not resolved" otherwise. Runs of one seed share their initial flow and data order, so a last section also
+gives same-seed differences against the baseline and `reverse`, with paired t intervals.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy import stats
+
+from rrepa.experiments.runner import EVALS, GRID_COPY, PROBES, read_evals
+from rrepa.utils import atomic_write
+
+# (key in evals.jsonl, column title, format, lower is better)
+METRICS = [("fid", "FID", "{:.1f}", True), ("precision", "precision", "{:.3f}", False),
+           ("recall", "recall", "{:.3f}", False), ("one_step_top1", "one-step top-1", "{:.1%}", False),
+           ("bayes_top1", "Bayes top-1", "{:.1%}", False), ("bpd", "bits/dim (true labels)", "{:.4f}", True),
+           ("wall_min", "wall-clock (min)", "{:.0f}", True)]
+LEVEL = 0.95
+LATENT_BPD = "per latent dimension"  # in the bpd_protocol of a latent run's evaluations (rrepa.eval.bpd)
+
+
+def value(row: dict, key: str) -> float | None:
+    """A metric of one evaluation row; wall_min is the run's wall clock at that evaluation (wall_s: training and
+    its evaluations so far, carried across resumes) in minutes."""
+    v = row.get("wall_s") if key == "wall_min" else row.get(key)
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v) / 60 if key == "wall_min" else float(v)
+
+
+def table(rows: list[dict]) -> dict[str, dict[int, dict[str, list[float]]]]:
+    """arm -> step -> metric -> values over seeds (in seed order)."""
+    out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in sorted(rows, key=lambda r: (r["arm"], r["step"], r["seed"])):
+        for key, *_ in METRICS:
+            v = value(r, key)
+            if v is not None:
+                out[r["arm"]][r["step"]][key].append(v)
+    return out
+
+
+def by_seed(rows: list[dict], arm: str, key: str) -> dict[int, list[tuple[int, float]]]:
+    """seed -> [(step, value)] of one arm, sorted by step."""
+    out: dict = defaultdict(list)
+    for r in rows:
+        if r["arm"] == arm and isinstance(r.get(key), (int, float)):
+            out[r["seed"]].append((r["step"], float(r[key])))
+    return {s: sorted(v) for s, v in sorted(out.items())}
+
+
+def final_by_seed(rows: list[dict], arm: str, key: str, final: int) -> dict[int, float]:
+    """seed -> the arm's value of a metric at the final step (seeds not evaluated there are left out)."""
+    return {s: v for s, curve in by_seed(rows, arm, key).items() for step, v in curve if step == final}
+
+
+def finished_curves(rows: list[dict], arm: str, final: int) -> list[list[tuple[int, float]]]:
+    """The FID curves of an arm's seeds that were evaluated at the final step (a cell still training has none)."""
+    return [c for c in by_seed(rows, arm, "fid").values() if c and c[-1][0] == final]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else float("nan")
+
+
+def welch(a: list[float], b: list[float], level: float = LEVEL) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and its Welch t confidence interval (nan bounds with fewer than 2 values a side)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    diff = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return diff, float("nan"), float("nan")
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return diff, diff, diff
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    h = float(stats.t.ppf(0.5 + level / 2, df)) * se
+    return diff, diff - h, diff + h
+
+
+def paired(a: dict[int, float], b: dict[int, float], level: float = LEVEL) -> tuple[float, float, float, int]:
+    """mean over shared seeds of a[seed] - b[seed], its paired t confidence interval, and the number of shared
+    seeds (nan bounds with fewer than 2; nan everything with none). Runs of one seed share the flow's
+    initialisation and data order, so the seed-by-seed difference removes what the two runs have in common."""
+    d = np.asarray([a[s] - b[s] for s in sorted(set(a) & set(b))], dtype=np.float64)
+    if len(d) == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    mean = float(d.mean())
+    if len(d) < 2:
+        return mean, float("nan"), float("nan"), 1
+    se = float(d.std(ddof=1)) / math.sqrt(len(d))
+    if se == 0:
+        return mean, mean, mean, len(d)
+    h = float(stats.t.ppf(0.5 + level / 2, len(d) - 1)) * se
+    return mean, mean - h, mean + h, len(d)
+
+
+def verdict(lo: float, hi: float, want_negative: bool) -> str:
+    if math.isnan(lo):
+        return "not resolved (needs 2+ seeds a side)"
+    if (hi < 0) if want_negative else (lo > 0):
+        return "holds"
+    if (lo > 0) if want_negative else (hi < 0):
+        return "contradicted"
+    return "not resolved (the interval contains 0)"
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """The first step at which a decreasing-is-better curve [(step, value)] reaches target, interpolated
+    linearly between evaluations (from step 0 at +inf, i.e. never before the first evaluation)."""
+    prev = None
+    for step, v in curve:
+        if v <= target:
+            if prev is None or prev[1] == v:
+                return float(step)
+            s0, v0 = prev
+            return s0 + (step - s0) * (v0 - target) / (v0 - v)
+        prev = (step, v)
+    return None
+
+
+def _fmt(fmt: str, m: float, s: float, n: int) -> str:
+    if n == 1:
+        return fmt.format(m) + " (1 seed)"
+    return f"{fmt.format(m)} ± {fmt.format(s).rstrip('%')}" + ("%" if fmt.endswith("%}") else "")
+
+
+def _ci(fmt: str, d: float, lo: float, hi: float) -> str:
+    if math.isnan(lo):
+        return fmt.format(d)
+    return f"{fmt.format(d)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
+    """Write folder/README.md and the PNG plots from folder/evals.jsonl; returns the README's path."""
+    folder = Path(folder)
+    if not (folder / EVALS).is_file():
+        raise FileNotFoundError(f"{folder / EVALS} does not exist: run `rrepa experiment run GRID --out {folder}` "
+                                f"first")
+    rows = read_evals(folder / EVALS)
+    if not rows:
+        raise ValueError(f"{folder / EVALS} has no evaluations yet")
+    grid = yaml.safe_load((folder / GRID_COPY).read_text()) if (folder / GRID_COPY).is_file() else {}
+    arm_order = list(grid.get("arms", {})) or sorted({r["arm"] for r in rows})
+    arms = [a for a in arm_order if any(r["arm"] == a for r in rows)]
+    tab = table(rows)
+    final = max(r["step"] for r in rows)
+    latent = latent_arms(rows)
+    lines = [f"# Experiment `{folder.name}`", "",
+             f"Written by `rrepa experiment report {folder}` from `{EVALS}` ({len(rows)} evaluations). "
+             f"Every number is the mean ± standard deviation over seeds (n seeds in brackets where fewer than "
+             f"the grid's); intervals are Welch 95 % confidence intervals of a difference of means, except in "
+             f"the section paired by seed.", ""]
+    lines += _grid_section(grid, arms, rows)
+    lines += [f"## At the last evaluation (step {final:,})", "",
+              "| arm | seeds | " + " | ".join(t for _, t, _, _ in METRICS) + " |",
+              "|---|---|" + "---|" * len(METRICS)]
+    for a in arms:
+        at = tab[a].get(final, {})
+        n = max((len(v) for v in at.values()), default=0)
+        cells = [_fmt(f, *mean_std(at[k]), len(at[k])) + (" per latent dim" if k == "bpd" and a in latent else "")
+                 if at.get(k) else "—" for k, _, f, _ in METRICS]
+        lines.append(f"| {a} | {n} | " + " | ".join(cells) + " |")
+    if latent:
+        lines += ["", f"Bits/dim of {', '.join(latent)} are bits per latent dimension (VAE latents plus the training "
+                  "noise): not comparable with the pixel arms' bits/dim."]
+    lines += ["", "Wall-clock: the run's, training and its evaluations, on the machine it ran on (shared with "
+              "other cells), so a guide to cost, not a benchmark."]
+    lines += ["", "## FID during training", "",
+              "| arm | " + " | ".join(f"{s:,}" for s in sorted({r['step'] for r in rows})) + " |",
+              "|---|" + "---|" * len({r["step"] for r in rows})]
+    for a in arms:
+        lines.append(f"| {a} | " + " | ".join(
+            _fmt("{:.1f}", *mean_std(tab[a][s]["fid"]), len(tab[a][s]["fid"])) if tab[a].get(s, {}).get("fid")
+            else "—" for s in sorted({r["step"] for r in rows})) + " |")
+    same_space = [a for a in arms if (a in latent) == (baseline in latent)]
+    lines += _gap_by_step(tab, same_space, baseline, sorted({r["step"] for r in rows}))
+    lines += ["", "![FID against step](fid.png)", "", "![one-step top-1 against step](one_step.png)", ""]
+    probes = read_evals(folder / PROBES) if (folder / PROBES).is_file() else []
+    lines += _claims(rows, tab, same_space, baseline, final, probes)
+    lines += _paired_section(rows, same_space, baseline, final)
+    if latent and len(latent) < len(arms):
+        lines += _spaces(tab, arms, latent, _aligned_arms(folder, arms), final)
+    _plot_curves(rows, arms, "fid", "FID (embedded evaluator)", folder / "fid.png")
+    _plot_curves(rows, arms, "one_step_top1", "one-step top-1", folder / "one_step.png")
+    _plot_steps_to_baseline(rows, arms, baseline, final, folder / "steps_to_baseline.png")
+    path = folder / "README.md"
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return path
+
+
+def _gap_by_step(tab, arms: list[str], baseline: str, steps: list[int]) -> list[str]:
+    """Each arm's FID minus the baseline's at every evaluated step, with its Welch interval: where in training
+    an arm is ahead (convergence speed, claim 4) and whether the gap grows or closes."""
+    others = [a for a in arms if a != baseline and a in tab]
+    if baseline not in tab or not others:
+        return []
+    out = ["", f"FID minus the `{baseline}` arm's at each step (negative: ahead), Welch 95 % interval:", "",
+           "| arm | " + " | ".join(f"{s:,}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for a in others:
+        cells = []
+        for s in steps:
+            va, vb = tab[a].get(s, {}).get("fid", []), tab[baseline].get(s, {}).get("fid", [])
+            if not va or not vb:
+                cells.append("—")
+                continue
+            d, lo, hi = welch(va, vb)
+            cells.append(f"{d:+.1f}" if math.isnan(lo) else f"{d:+.1f} [{lo:+.0f}, {hi:+.0f}]")
+        out.append(f"| {a} | " + " | ".join(cells) + " |")
+    return out
+
+
+def latent_arms(rows: list[dict]) -> list[str]:
+    """The arms whose evaluations are of latent runs (their bits/dim are per latent dimension), in row order."""
+    return list(dict.fromkeys(r["arm"] for r in rows if LATENT_BPD in str(r.get("bpd_protocol", ""))))
+
+
+def _aligned_arms(folder: Path, arms: list[str]) -> set[str]:
+    """The arms that train with alignment, read from the resolved config of each arm's first stored seed (the runner
+    writes folder/configs/ARM-sSEED.yaml; an arm's seeds share every other setting)."""
+    out = set()
+    for a in arms:
+        stored = sorted((folder / "configs").glob(f"{a}-s*.yaml"))
+        if stored and (yaml.safe_load(stored[0].read_text()) or {}).get("align", {}).get("enabled"):
+            out.add(a)
+    return out
+
+
+def _spaces(tab, arms: list[str], latent: list[str], aligned: set[str], final: int) -> list[str]:
+    """Pixel against latent arms, each with and without alignment: final FID and classifier accuracies, and
+    Welch intervals (FID, one-step and Bayes top-1) of latent minus pixel (same alignment) and aligned minus
+    not (same space)."""
+    def space(a):
+        return "latents" if a in latent else "pixels"
+
+    out = ["## Pixels and latents", "",
+           "The same comparison in both spaces: each arm's final evaluation, and the training time it took.", "",
+           "| arm | space | alignment | seeds | FID | one-step top-1 | Bayes top-1 | wall-clock (min) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for a in arms:
+        at = tab[a].get(final, {})
+        cells = [_fmt(f, *mean_std(at[k]), len(at[k])) if at.get(k) else "—"
+                 for k, f in (("fid", "{:.1f}"), ("one_step_top1", "{:.1%}"), ("bayes_top1", "{:.1%}"),
+                              ("wall_min", "{:.0f}"))]
+        n = max((len(v) for v in at.values()), default=0)
+        out.append(f"| {a} | {space(a)} | {'R-REPA' if a in aligned else 'none'} | {n} | " + " | ".join(cells) + " |")
+    pairs = [(b, a, "latent - pixel") for a in arms for b in arms
+             if space(a) == "pixels" and space(b) == "latents" and (a in aligned) == (b in aligned)]
+    pairs += [(b, a, "aligned - not") for a in arms for b in arms
+              if space(a) == space(b) and a not in aligned and b in aligned]
+    if pairs:
+        out += ["", "| comparison | kind | FID difference [95 % CI] | verdict (lower FID) | one-step difference "
+                "[95 % CI] | verdict (higher top-1) | Bayes difference [95 % CI] | verdict (higher top-1) |",
+                "|---|---|---|---|---|---|---|---|"]
+    for b, a, kind in pairs:
+        cells = []
+        for key, fmt, lower in (("fid", "{:+.1f}", True), ("one_step_top1", "{:+.1%}", False),
+                                ("bayes_top1", "{:+.1%}", False)):
+            vb, va = _final_values(tab, b, final, key), _final_values(tab, a, final, key)
+            if vb and va:
+                d, lo, hi = welch(vb, va)
+                cells += [_ci(fmt, d, lo, hi), verdict(lo, hi, lower)]
+            else:
+                cells += ["—", "—"]
+        out.append(f"| {b} - {a} | {kind} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
+def _grid_section(grid: dict, arms: list[str], rows: list[dict]) -> list[str]:
+    if not grid:
+        return []
+    out = ["## The grid", "",
+           f"Preset `{grid.get('preset')}`, seeds {grid.get('seeds')}, common overrides "
+           f"`{' '.join(grid.get('set', [])) or '(none)'}`. Each row is "
+           f"`rrepa train --preset {grid.get('preset')} --set ... ` with these overrides:", "",
+           "| arm | overrides | seeds evaluated |", "|---|---|---|"]
+    for a in arms:
+        spec = grid["arms"][a]
+        seeds = sorted({r["seed"] for r in rows if r["arm"] == a})
+        preset = f"`--preset {spec['preset']}` " if "preset" in spec else ""
+        out.append(f"| {a} | {preset}`{' '.join(spec.get('set', [])) or '(none)'}` | {seeds} |")
+    return [*out, ""]
+
+
+def _final_values(tab, arm: str, final: int, key: str) -> list[float]:
+    return tab.get(arm, {}).get(final, {}).get(key, [])
+
+
+def _claims(rows, tab, arms, baseline: str, final: int, probes: list[dict]) -> list[str]:
+    out = ["## The paper's claims, tested", ""]
+    fid = {a: _final_values(tab, a, final, "fid") for a in arms}
+    # 1. R-REPA's FID against F-REPA's and D-REPA's (and the baseline's).
+    out += ["**Claim 1: R-REPA reaches a lower FID than F-REPA and D-REPA.** Difference of final FIDs "
+            "(negative: R-REPA better):", ""]
+    compared = []
+    for other in ("forward", "detach", baseline):
+        if "reverse" in fid and other in fid and fid["reverse"] and fid[other]:
+            d, lo, hi = welch(fid["reverse"], fid[other])
+            compared.append(f"| reverse - {other} | {_ci('{:+.1f}', d, lo, hi)} | {verdict(lo, hi, True)} |")
+    if compared:
+        out += ["| comparison | difference [95 % CI] | verdict |", "|---|---|---|", *compared]
+    else:
+        out.append(f"Not tested: needs the `reverse` arm and one of `forward`, `detach`, `{baseline}` at step "
+                   f"{final:,}.")
+    out += ["", "The paper also reports sFID; the embedded Fashion-MNIST evaluator has no spatial features, so "
+            "sFID is not measured here.", ""]
+    # 2. The classifier's accuracy, aligned arms against the baseline.
+    out += ["**Claim 2: alignment raises the training-free classifier's accuracy.** Difference of final top-1 "
+            "against the baseline (positive: alignment better):", "",
+            "| arm | one-step: difference [95 % CI] | verdict | Bayes: difference [95 % CI] | verdict |",
+            "|---|---|---|---|---|"]
+    for a in arms:
+        if a == baseline:
+            continue
+        cells = []
+        for key in ("one_step_top1", "bayes_top1"):
+            va, vb = _final_values(tab, a, final, key), _final_values(tab, baseline, final, key)
+            if va and vb:
+                d, lo, hi = welch(va, vb)
+                cells += [_ci("{:+.1%}", d, lo, hi), verdict(lo, hi, False)]
+            else:
+                cells += ["—", "—"]
+        out.append(f"| {a} | " + " | ".join(cells) + " |")
+    # 3. The one-step classifier against the best linear probe, per arm.
+    out += ["", "**Claim 3: the one-step classifier matches the best linear probe.** Final one-step top-1 against "
+            "the best (block, layer) probe of the same EMA weights, on the same test images (difference: one-step "
+            "minus probe):", ""]
+    if probes:
+        out += ["| arm | one-step top-1 | best probe top-1 | best position(s) | difference [95 % CI] | verdict |",
+                "|---|---|---|---|---|---|"]
+        for a in arms:
+            p = [r for r in probes if r["arm"] == a]
+            one = {r["seed"]: r["one_step_top1"] for r in rows if r["arm"] == a and r["step"] == final
+                   and isinstance(r.get("one_step_top1"), (int, float))}
+            pairs = [(one[r["seed"]], r["probe_top1"]) for r in p if r["seed"] in one]
+            if not pairs:
+                continue
+            o, q = [x for x, _ in pairs], [y for _, y in pairs]
+            d, lo, hi = welch(o, q)
+            where = ", ".join(sorted({f"({r['probe_block']}, {r['probe_layer']})" for r in p}))
+            word = {"holds": "one-step is above the probe", "contradicted": "does not hold: one-step is below"}.get(
+                verdict(lo, hi, False), "not resolved (the interval contains 0)"
+                if not math.isnan(lo) else "not resolved (needs 2+ seeds)")
+            out.append(f"| {a} | {_fmt('{:.1%}', *mean_std(o), len(o))} | {_fmt('{:.1%}', *mean_std(q), len(q))} | "
+                       f"{where} | {_ci('{:+.1%}', d, lo, hi)} | {word} |")
+    else:
+        out.append("Not measured yet: run `rrepa experiment probe` on the results folder.")
+    # 4. Steps to the baseline's final FID.
+    out += ["", "**Claim 4: R-REPA reaches the baseline's final FID in fewer steps.**", ""]
+    if fid.get(baseline):
+        target = float(np.mean(fid[baseline]))
+        out += [f"Target: the baseline's mean FID at step {final:,}, {target:.1f}. Steps each seed needed to reach "
+                "it (interpolated between evaluations; '—': not reached by the last evaluation), and the speed-up "
+                f"{final:,} / steps of the seeds that reached it:", "",
+                "| arm | steps per seed | speed-up (mean) |", "|---|---|---|"]
+        for a in arms:
+            reached = [steps_to_reach(c, target) for c in finished_curves(rows, a, final)]
+            ok = [s for s in reached if s is not None]
+            speed = f"{np.mean([final / s for s in ok]):.2f}x ({len(ok)} of {len(reached)} seeds)" if ok else "—"
+            out.append(f"| {a} | " + ", ".join("—" if s is None else f"{s:,.0f}" for s in reached) + f" | {speed} |")
+        out += ["", "![steps to the baseline's final FID](steps_to_baseline.png)", ""]
+    else:
+        out += [f"Needs the `{baseline}` arm at step {final:,}.", ""]
+    return out
+
+
+def _paired_section(rows, arms: list[str], baseline: str, final: int) -> list[str]:
+    """Each arm against the baseline and against `reverse` (R-REPA, the arm exploratory grids vary), seed by seed:
+    the mean of same-seed differences at the final step with its paired t interval. One seed gives a
+    difference without an interval, still fairer than a single run set against another arm's mean."""
+    refs = [r for r in (baseline, "reverse") if r in arms]
+    pairs = [(a, r) for r in refs for a in arms if a not in (r, baseline)]
+    keys = (("fid", "FID", "{:+.1f}", True), ("one_step_top1", "one-step top-1", "{:+.1%}", False),
+            ("bayes_top1", "Bayes top-1", "{:+.1%}", False))
+    rows_out = []
+    for a, r in pairs:
+        cells, n = [], 0
+        for key, _, fmt, lower in keys:
+            d, lo, hi, n_key = paired(final_by_seed(rows, a, key, final), final_by_seed(rows, r, key, final))
+            n = max(n, n_key)
+            word = verdict(lo, hi, lower).split(" (")[0]  # the reason in brackets is the table's caption
+            cells.append("—" if n_key == 0 else _ci(fmt, d, lo, hi) + (f", {word}" if n_key > 1 else ""))
+        if n:
+            rows_out.append(f"| {a} - {r} | {n} | " + " | ".join(cells) + " |")
+    if not rows_out:  # no pair of arms has finished a common seed yet
+        return []
+    out = ["## Paired by seed", "",
+           "Runs of one seed start from the same initial flow and see the data in the same order, so differences "
+           "taken seed by seed remove that shared part. Each cell: the mean over shared seeds of (arm - reference) "
+           "at the final step, with a paired t 95 % interval and its verdict where 2 or more seeds are shared "
+           "(`holds`: the interval excludes 0 in the better direction: lower FID, higher top-1).", "",
+           "| comparison | seeds | " + " | ".join(f"{t} difference" for _, t, _, _ in keys) + " |",
+           "|---|---|" + "---|" * len(keys), *rows_out]
+    return [*out, ""]
+
+
+def _plot_curves(rows, arms, key: str, ylabel: str, path: Path) -> None:
+    import matplotlib  # heavy; only for the plots
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for a in arms:
+        per_step: dict = defaultdict(list)
+        for r in rows:
+            if r["arm"] == a and isinstance(r.get(key), (int, float)):
+                per_step[r["step"]].append(float(r[key]))
+        if not per_step:
+            continue
+        steps = sorted(per_step)
+        m = np.array([np.mean(per_step[s]) for s in steps])
+        sd = np.array([np.std(per_step[s], ddof=1) if len(per_step[s]) > 1 else 0.0 for s in steps])
+        (line,) = ax.plot(steps, m, marker="o", ms=3, label=f"{a} (n={max(len(v) for v in per_step.values())})")
+        ax.fill_between(steps, m - sd, m + sd, color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{ylabel}: mean over seeds, band ± 1 std")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def _plot_steps_to_baseline(rows, arms, baseline: str, final: int, path: Path) -> None:
+    import matplotlib  # heavy; only for the plots
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = [v for c in by_seed(rows, baseline, "fid").values() for s, v in c if s == final]
+    if not base:
+        return
+    target = float(np.mean(base))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, a in enumerate(arms):
+        reached = [steps_to_reach(c, target) for c in finished_curves(rows, a, final)]
+        ok = [s for s in reached if s is not None]
+        if ok:
+            ax.bar(i, np.mean(ok), color="C0", alpha=0.5)
+            ax.scatter([i] * len(ok), ok, color="k", s=12, zorder=3)
+        missing = len(reached) - len(ok)
+        if missing:
+            ax.text(i, final * 1.02, f"{missing} not reached", ha="center", fontsize=7)
+    ax.axhline(final, color="grey", ls="--", lw=1)
+    ax.set_xticks(range(len(arms)), arms)
+    ax.set_ylabel("steps")
+    ax.set_title(f"steps to reach the baseline's final FID ({target:.1f})")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)

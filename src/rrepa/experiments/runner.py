@@ -1,0 +1,424 @@
+"""Experiment grids: arms x seeds of ordinary rrepa runs, resumable across sessions, with one evaluation log.
+
+A grid file (rrepa.experiments.grid) names a preset, the seeds, common overrides and the arms.
+
+`rrepa experiment run GRID --out results/NAME` trains every cell `ARM-sSEED` as a separate `rrepa train`
+process into `RUNS/ARM-sSEED` (RUNS defaults to `results/NAME/runs`; checkpoints are large, keep them out of
+git), `jobs` at a time with `threads` intra-op threads each. It is resumable: finished cells are skipped (also
+when their run folder is gone but the log holds their final evaluation), a cell with checkpoints continues from
+the newest one, a cell killed before its first checkpoint restarts. A cell named in a `reuse` folder (another
+grid's results) with the same name, a resolved config equal to the one stored there (`configs/ARM-sSEED.yaml`) and
+its final evaluation logged there is not trained again: its evaluations and probes are copied, so that grids
+which share a baseline share its cells.
+Every in-training evaluation of every cell is appended, once, as one JSON line to `results/NAME/evals.jsonl`
+(keys arm, seed, step, fid, precision, recall, one_step_top1, bayes_top1, bpd, wall_s, ...): the runner copies
+them from the cells' metrics.jsonl, keyed by (arm, seed, step), so a cell that is killed and resumed, and so
+evaluates a step again, never duplicates a line (the evaluation is deterministic: fixed noise, EMA weights
+restored exactly). Linear probes at every (block, layer) of each finished cell go to `probes.jsonl`, one line
+per cell: the runner probes each cell as it finishes (`--no-probe` turns that off), while the cell's run folder,
+which a fresh machine lacks, is still there; `rrepa experiment probe results/NAME` probes any finished cell left
+unprobed (it may run while the grid trains). `rrepa experiment report results/NAME` (experiments.report) turns both
+logs into tables and plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from rrepa.data.latent_run import data_config, eval_dataset, is_latent, load_run_vae
+from rrepa.eval.probe import probe_model
+from rrepa.experiments.grid import Cell, grid_from_dict, load_grid
+from rrepa.flow.checkpoint import list_checkpoints, weights_step
+from rrepa.training.config import RunConfig, read_yaml
+from rrepa.training.loop import check_pinned_files
+from rrepa.training.run import load_run
+from rrepa.utils import LOCK_FILE, RunInUseError, atomic_write, run_lock
+
+EVALS = "evals.jsonl"
+PROBE_LOCK = ".probe.lock"  # the prober's own lock: probing may run beside the runner, which holds LOCK_FILE
+PROBES = "probes.jsonl"
+GRID_COPY = "grid.yaml"
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation log
+# --------------------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], int]:
+    """A run's metrics.jsonl: its evaluation lines with their `eval_` prefix removed, and the last step logged (0
+    when none). A line still being written (the last one, while the run is alive) is skipped."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return [], 0
+    evals, step = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        step = max(step, int(row["step"]))
+        if "eval_fid" in row:
+            evals.append({"step": row["step"], **{k[5:]: v for k, v in row.items() if k.startswith("eval_")}})
+    return evals, step
+
+
+def eval_rows(run_dir: Path) -> list[dict]:
+    """The evaluation lines of a run's metrics.jsonl (see read_metrics)."""
+    return read_metrics(run_dir)[0]
+
+
+def _append_line(path: Path, row: dict) -> None:
+    """Append one JSON line in a single write, on disk before it returns (a kill leaves at most a partial line)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class EvalLog:
+    """results/NAME/evals.jsonl: one line per (arm, seed, step), appended with a single write each."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.keys: set[tuple[str, int, int]] = set()
+        if path.is_file():
+            lines = path.read_text().splitlines(keepends=True)
+            good = []
+            for line in lines:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill mid-write
+                if line.endswith("\n") and self.key(row) not in self.keys:
+                    self.keys.add(self.key(row))
+                    good.append(line)
+            if good != lines:
+                atomic_write(path, lambda tmp: Path(tmp).write_text("".join(good)))
+
+    @staticmethod
+    def key(row: dict) -> tuple[str, int, int]:
+        return row["arm"], int(row["seed"]), int(row["step"])
+
+    def drop(self, cell: Cell) -> int:
+        """Remove the cell's lines (a cell that starts again from step 0: they describe a run that is gone)."""
+        rows = read_evals(self.path) if self.path.is_file() else []
+        keep = [r for r in rows if (r["arm"], int(r["seed"])) != (cell.arm, cell.seed)]
+        if len(keep) < len(rows):
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in keep)))
+            self.keys = {self.key(r) for r in keep}
+        return len(rows) - len(keep)
+
+    def add(self, cell: Cell, rows: list[dict]) -> int:
+        """Append the rows not logged yet; returns how many were new."""
+        new = 0
+        for row in rows:
+            row = {"arm": cell.arm, "seed": cell.seed, **row}
+            if self.key(row) in self.keys:
+                continue
+            _append_line(self.path, row)
+            self.keys.add(self.key(row))
+            new += 1
+        return new
+
+
+def read_evals(path: str | os.PathLike) -> list[dict]:
+    """The rows of an evals.jsonl (a trailing partial line is ignored)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Running the grid
+# --------------------------------------------------------------------------------------------
+
+
+def reuse_cells(cells: list[Cell], sources: list[str], evals: EvalLog, out: Path, log=tqdm.write) -> set[str]:
+    """Copy the evaluations (and probes) of the cells another grid's results folder finished with the same resolved
+    config into this grid's logs; returns the names of the cells taken, which are not trained here."""
+    taken: set[str] = set()
+    for src in map(Path, sources):
+        if not (src / EVALS).is_file():
+            raise FileNotFoundError(f"reuse: {src / EVALS} does not exist; name a results folder of another grid")
+        rows, probes = read_evals(src / EVALS), read_evals(src / PROBES) if (src / PROBES).is_file() else []
+        for c in cells:
+            stored = src / "configs" / f"{c.name}.yaml"
+            if c.name in taken or not stored.is_file():
+                continue
+            if not same_config(stored, c.cfg):
+                log(f"{c.name}: not reused from {src}: its resolved config differs from {stored}")
+                continue
+            mine = [{k: v for k, v in r.items() if k not in ("arm", "seed")} for r in rows
+                    if (r["arm"], r["seed"]) == (c.arm, c.seed)]
+            if not any(r["step"] == c.cfg.train.steps for r in mine):
+                continue  # not finished there (yet): trained here
+            new = evals.add(c, mine)
+            with run_lock(out, warn=log, name=PROBE_LOCK):  # probes.jsonl is the prober's
+                have = {(r["arm"], r["seed"]) for r in read_evals(out / PROBES)} if (out / PROBES).is_file() else set()
+                for r in probes:
+                    if (r["arm"], r["seed"]) == (c.arm, c.seed) and (c.arm, c.seed) not in have:
+                        _append_line(out / PROBES, r)
+            taken.add(c.name)
+            log(f"{c.name}: reused from {src} ({new} evaluation(s) copied)")
+    return taken
+
+
+def same_config(stored: Path, cfg: RunConfig) -> bool:
+    """Whether a stored config.yaml describes the run cfg describes. The stored one is read as a RunConfig, so a
+    field added to rrepa since it was written takes its default (which keeps the old behaviour) instead of making
+    every finished cell look different; a key rrepa does not know (a newer rrepa's) makes it differ."""
+    try:
+        return RunConfig.from_dict(read_yaml(stored)).to_dict() == cfg.to_dict()
+    except (KeyError, ValueError):
+        return False
+
+
+def cell_state(cell: Cell, run_dir: Path) -> str:
+    """done | resume (has checkpoints) | restart (killed before its first checkpoint) | new."""
+    t = cell.cfg.train
+    ema = run_dir / "ema.safetensors"
+    if ema.is_file() and weights_step(ema) == t.steps and (not t.eval_bpd or (run_dir / "bpd.json").is_file()):
+        return "done"
+    if list_checkpoints(run_dir):
+        return "resume"
+    return "restart" if run_dir.exists() and any(run_dir.iterdir()) else "new"
+
+
+def train_command(cell: Cell, run_dir: Path, state: str, config_file: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "rrepa.cli", "train"]
+    if state == "resume":
+        return [*cmd, "--resume", str(run_dir)]
+    return [*cmd, "--preset", cell.preset, "--config", str(config_file), "--out", str(run_dir),
+            *(["--overwrite"] if state == "restart" else [])]
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the runner dies (even by SIGKILL), so no cell trains on unsupervised; and
+    take SIGINT again (a runner started in the background, `cmd &`, ignores it, and children inherit that), so
+    that stopping the runner stops the cells."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    with contextlib.suppress(Exception):  # not Linux: no parent-death signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | os.PathLike | None = None,
+             jobs: int = 2, threads: int = 1, poll: float = 5.0, only: list[str] | None = None,
+             probe: bool = True, log=tqdm.write) -> int:
+    """Train every unfinished cell of the grid; returns the number of cells that failed. With probe, each time a
+    cell finishes, the finished cells not probed yet are probed (probe_grid, on the freed core), while their
+    run folders, a cache that another machine or session may not have, still exist."""
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"--jobs and --threads must be >= 1, got {jobs} and {threads}")
+    grid = load_grid(grid_file)
+    cells = grid.cells()
+    if only:
+        unknown = set(only) - set(grid.arms)
+        if unknown:
+            raise ValueError(f"--only names unknown arms {sorted(unknown)}; the grid has {', '.join(grid.arms)}")
+        cells = [c for c in cells if c.arm in only]
+    silent = [c.name for c in cells if c.cfg.train.eval_every == 0]
+    if silent:  # such cells train and log nothing the report could show
+        raise ValueError(f"{grid_file}: cell(s) {', '.join(silent)} have train.eval_every=0, so they would log no "
+                         f"evaluation and `rrepa experiment report` would have nothing to show; set "
+                         f"train.eval_every (e.g. - train.eval_every=300 under set:)")
+    for c in cells:  # a missing pinned file fails the grid here, once, not every cell (nor trains a network there)
+        try:
+            check_pinned_files(c.cfg)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{grid_file}, cell {c.name}: {err} (a grid file's relative paths are relative to "
+                                    f"its own folder)") from err
+    out = Path(out)
+    runs = Path(runs) if runs is not None else out / "runs"
+    with run_lock(out, warn=log):  # one runner per results folder
+        stored = out / GRID_COPY
+        if stored.is_file() and grid_from_dict(yaml.safe_load(stored.read_text()), str(stored)).to_dict() != \
+                grid.to_dict():
+            raise ValueError(f"{out} holds the results of another grid ({stored} differs from {grid_file}); choose "
+                             f"another --out, or delete {out} to start over")
+        atomic_write(stored, lambda tmp: Path(tmp).write_text(yaml.safe_dump(grid.to_dict(), sort_keys=False)))
+        _ignore_local_files(out, runs)
+        configs = out / "configs"
+        configs.mkdir(exist_ok=True)
+        for c in cells:  # the resolved config of every cell, beside its results
+            atomic_write(configs / f"{c.name}.yaml", lambda tmp, c=c: Path(tmp).write_text(c.cfg.to_yaml()))
+        runs.mkdir(parents=True, exist_ok=True)
+        evals = EvalLog(out / EVALS)
+        reused = reuse_cells(cells, grid.reuse_folders(), evals, out, log)
+        prober = (lambda: _probe_finished(out, runs, threads, log)) if probe else None
+        return _run(cells, runs, configs, evals, jobs, threads, poll, log, reused, prober)
+
+
+def _ignore_local_files(out: Path, runs: Path) -> None:
+    """OUT/.gitignore, unless the folder has one: results folders are meant to be committed while a grid runs,
+    and the locks (and run folders kept inside OUT) are this machine's, not results."""
+    if (out / ".gitignore").exists():
+        return
+    names = [LOCK_FILE, PROBE_LOCK]
+    runs, out_dir = runs.resolve(), out.resolve()
+    if runs.is_relative_to(out_dir):
+        names.insert(0, runs.relative_to(out_dir).as_posix() + "/")
+    atomic_write(out / ".gitignore", lambda tmp: Path(tmp).write_text("".join(f"{n}\n" for n in names)))
+
+
+def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int, threads: int, poll: float,
+         log, reused: set[str] = frozenset(), prober: Callable[[], None] | None = None) -> int:
+    states = {c.name: "done" if c.name in reused else cell_state(c, runs / c.name) for c in cells}
+    for c in cells:  # the log is the record and run folders a cache: a cell whose final evaluation is logged is
+        if states[c.name] == "new" and (c.arm, c.seed, c.cfg.train.steps) in evals.keys:  # done without them
+            states[c.name] = "done"
+    for c in cells:  # finished cells may still have evaluations the log lacks (a runner killed at the end)
+        if states[c.name] != "new":
+            evals.add(c, eval_rows(runs / c.name))
+    pending = [c for c in cells if states[c.name] != "done"]
+    if prober is not None and len(pending) < len(cells):  # cells a killed runner finished but did not probe
+        prober()
+    log(f"{len(cells)} cells: {len(cells) - len(pending)} done, {len(pending)} to run ({jobs} at a time, "
+        f"{threads} thread(s) each); runs in {runs}")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TQDM_MININTERVAL": "30"}  # the cells' logs get a progress line every 30 s, not every step
+    total = sum(c.cfg.train.steps for c in pending)
+    bar = tqdm(total=total, desc="grid", unit="step", dynamic_ncols=True)
+    done_steps = {c.name: read_metrics(runs / c.name)[1] for c in pending}
+    bar.update(sum(done_steps.values()))
+    running: dict[str, tuple[Cell, subprocess.Popen]] = {}
+    failed: list[str] = []
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                c = pending.pop(0)
+                run_dir = runs / c.name
+                state = cell_state(c, run_dir)
+                if state in ("new", "restart") and evals.drop(c):
+                    log(f"{c.name} starts again from step 0: its earlier evaluations are removed from the log")
+                cmd = train_command(c, run_dir, state, configs / f"{c.name}.yaml")
+                logfile = open(runs / f"{c.name}.log", "a")  # noqa: SIM115 - closed when the process ends
+                logfile.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {state}: {' '.join(cmd)}\n")
+                logfile.flush()
+                proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, preexec_fn=_die_with_parent)
+                logfile.close()
+                running[c.name] = (c, proc)
+                log(f"started {c.name} ({state}, PID {proc.pid})")
+            time.sleep(poll)
+            for name, (c, proc) in list(running.items()):
+                rows, step = read_metrics(runs / name)  # one read of the file per poll
+                new = evals.add(c, rows)
+                bar.update(max(0, step - done_steps[name]))
+                done_steps[name] = max(step, done_steps[name])
+                if new:
+                    log(f"{name}: {new} new evaluation(s), step {step}")
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                if proc.returncode == 0 and cell_state(c, runs / name) == "done":
+                    log(f"finished {name}")
+                    if prober is not None:
+                        prober()
+                else:
+                    failed.append(name)
+                    log(f"FAILED {name} (exit code {proc.returncode}); see {runs / name}.log:\n"
+                        + "".join(_tail(runs / f"{name}.log")))
+    except KeyboardInterrupt:
+        log(f"interrupted: stopping {len(running)} cell(s); they keep their checkpoints, run the same command "
+            f"again to continue")
+        _stop([p for _, p in running.values()])
+        for name, (c, _) in running.items():
+            evals.add(c, eval_rows(runs / name))
+        raise
+    finally:
+        bar.close()
+    log(f"{len(cells) - len(failed)} of {len(cells)} cells done" + (f"; failed: {', '.join(failed)}" if failed
+                                                                     else ""))
+    return len(failed)
+
+
+def _probe_finished(out: Path, runs: Path, threads: int, log) -> None:
+    """probe_grid with the cells' thread budget; a prober already at work (`rrepa experiment probe` by hand)
+    is left to it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        probe_grid(out, runs, progress=False, log=log)
+    except RunInUseError as err:
+        log(f"not probing now: {err}")
+    finally:
+        torch.set_num_threads(before)
+
+
+def _tail(path: Path, n: int = 15) -> list[str]:
+    lines = path.read_text(errors="replace").splitlines(keepends=True) if path.is_file() else []
+    return [line.split("\r")[-1] for line in lines[-n:]]
+
+
+def _stop(procs: list[subprocess.Popen], grace: float = 120.0) -> None:
+    """SIGINT first (a training run then saves a checkpoint), SIGKILL after `grace` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.time() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# Linear probes of the finished cells
+# --------------------------------------------------------------------------------------------
+
+
+def probe_grid(out: str | os.PathLike, runs: str | os.PathLike | None = None, limit_train: int = 10_000,
+               limit_test: int = 2000, progress: bool = True, log=tqdm.write) -> int:
+    """Linear probes (rrepa.eval.probe) of the final EMA weights of every finished cell not probed yet, one line each
+    in OUT/probes.jsonl: {arm, seed, step, probe_top1, probe_block, probe_layer, positions, ...}. The test
+    images are the first limit_test of the test split, those of the in-training one-step and Bayes top-1.
+    Returns the number of cells probed."""
+    out = Path(out)
+    if not (out / GRID_COPY).is_file():
+        raise FileNotFoundError(f"{out / GRID_COPY} does not exist: run `rrepa experiment run GRID --out {out}` "
+                                f"first")
+    runs = Path(runs) if runs is not None else out / "runs"
+    cells = grid_from_dict(yaml.safe_load((out / GRID_COPY).read_text()), str(out / GRID_COPY)).cells()
+    path = out / PROBES
+    probed = 0
+    with run_lock(out, warn=log, name=PROBE_LOCK):  # not the runner's lock: probing may run beside training
+        done = {(r["arm"], r["seed"]) for r in read_evals(path)} if path.is_file() else set()
+        todo = [c for c in cells if (c.arm, c.seed) not in done and cell_state(c, runs / c.name) == "done"]
+        log(f"probing {len(todo)} finished cell(s) ({len(done)} probed before)")
+        for c in todo:
+            model, info = load_run(runs / c.name, "ema")
+            # The run's own data section: its paths are the ones it trained with (the grid copy's are relative to a
+            # grid file this folder does not know).
+            data = data_config(info["config"]["data"])
+            vae = load_run_vae(data, log=log) if is_latent(data) else None  # a latent cell's latents
+            train_set, test_set = (eval_dataset(data, split, vae, log=log) for split in ("train", "test"))
+            res = probe_model(model, train_set, test_set,
+                              limit_train=limit_train, limit_test=limit_test, seed=c.cfg.train.seed,
+                              progress=progress)
+            best = res["best"]
+            row = {"arm": c.arm, "seed": c.seed, "step": info["step"], "probe_top1": best["test_acc"],
+                   "probe_block": best["block"], "probe_layer": best["layer"], "train_images": res["train_images"],
+                   "test_images": res["test_images"], "pool": res["pool"], "noise": res["noise"],
+                   "positions": [{k: r[k] for k in ("block", "layer", "test_acc")} for r in res["positions"]]}
+            _append_line(path, row)
+            probed += 1
+            log(f"{c.name}: best probe block {best['block']}, layer {best['layer']}: {best['test_acc']:.1%}")
+    return probed

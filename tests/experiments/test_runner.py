@@ -1,0 +1,466 @@
+"""Experiment grids (rrepa.experiments.runner): the evaluation log, a real 2 arms x 2 seeds grid killed and resumed (no
+evaluation line lost or duplicated, the same values as an uninterrupted grid), and the report from a fixture log."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from scipy import stats
+
+from helpers import ENV, write_fake_fmnist
+from rrepa.experiments.grid import grid_from_dict, load_grid
+from rrepa.experiments.report import paired, steps_to_reach, verdict, welch, write_report
+from rrepa.experiments.runner import EvalLog, cell_state, probe_grid, read_evals
+
+TIMING = {"wall_s", "eval_seconds", "eval_seconds_test"}  # the only keys that differ between two identical runs
+
+
+def test_eval_log_drops_a_line_cut_short_and_duplicates(tmp_path):
+    path = tmp_path / "evals.jsonl"
+    good = [{"arm": "a", "seed": 0, "step": 2, "fid": 1.0}, {"arm": "a", "seed": 0, "step": 4, "fid": 0.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*good, good[0]]) + '{"arm": "a", "se')
+    log = EvalLog(path)
+    assert read_evals(path) == good and log.keys == {("a", 0, 2), ("a", 0, 4)}
+    # A cell that starts again from step 0 loses its lines; the others keep theirs.
+    other = {"arm": "b", "seed": 0, "step": 2, "fid": 3.0}
+    log.add(grid_from_dict({"arms": {"b": []}}).cells()[0], [{"step": 2, "fid": 3.0}])
+    assert log.drop(grid_from_dict({"arms": {"a": []}}).cells()[0]) == 2
+    assert read_evals(path) == [other] and log.keys == {("b", 0, 2)}
+
+
+# --------------------------------------------------------------------------------------------
+# A real grid, killed and resumed
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grid_file(tmp_path_factory) -> Path:
+    from rrepa.fmnist.evaluator import FMNISTCNN, save_evaluator
+
+    root = tmp_path_factory.mktemp("grid")
+    data = write_fake_fmnist(root / "data", n_train=64, n_test=32)
+    torch.manual_seed(0)
+    evaluator = save_evaluator(FMNISTCNN(), {"test_accuracy": 0.1}, root / "evaluator.safetensors")  # random
+    path = root / "grid.yaml"
+    path.write_text(yaml.safe_dump({
+        "preset": "fmnist", "seeds": [0, 1],
+        "set": ["model.patch_size=7", "model.width=32", "model.head_dim=16", "model.num_blocks=2",
+                "model.layers_per_block=1", "optim.batch_size=8", "optim.warmup_steps=2", "train.steps=80",
+                "train.log_every=5", "train.sample_every=0", "train.ckpt_every=10", "train.keep_last=0",
+                "train.eval_every=20", "train.eval_samples=20", "train.eval_test_images=16",
+                "train.eval_batch_size=16", f"train.eval_weights={evaluator}", f"data.path={data}"],
+        "arms": {"baseline": [], "fast": ["optim.lr=3e-3"]}}))
+    return path
+
+
+def runner(grid: Path, out: Path, **kw) -> subprocess.Popen:
+    env = {**ENV, "RREPA_CACHE_DIR": str(out.parent / "cache")}
+    return subprocess.Popen([sys.executable, "-m", "rrepa.cli", "experiment", "run", str(grid), "--out", str(out),
+                             "--jobs", "2", "--no-report"], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def keyed(rows: list[dict]) -> dict[tuple, dict]:
+    return {(r["arm"], r["seed"], r["step"]): {k: v for k, v in r.items() if k not in TIMING} for r in rows}
+
+
+def test_grid_killed_and_resumed_loses_and_duplicates_nothing(grid_file, tmp_path):
+    expected = {(a, s, step) for a in ("baseline", "fast") for s in (0, 1) for step in (20, 40, 60, 80)}
+    # The reference: the grid uninterrupted.
+    finish(runner(grid_file, tmp_path / "ref"))
+    ref = read_evals(tmp_path / "ref" / "evals.jsonl")
+    assert len(ref) == len(expected) and set(keyed(ref)) == expected
+    assert {"arm", "seed", "step", "fid", "precision", "recall", "one_step_top1", "bayes_top1", "bpd",
+            "wall_s"} <= set(ref[0])
+    assert keyed(ref)[("fast", 1, 40)] != keyed(ref)[("baseline", 1, 40)]  # the arms really differ
+    # The folder is meant to be committed as it fills: this machine's locks and run folders are ignored.
+    assert (tmp_path / "ref" / ".gitignore").read_text().split() == ["runs/", ".lock", ".probe.lock"]
+    # The same grid, killed (runner and cells at once) while a cell is between checkpoints.
+    out = tmp_path / "killed"
+    out.mkdir()
+    (out / ".gitignore").write_text("mine\n")  # a folder's own .gitignore is left alone
+    proc = runner(grid_file, out)
+    runs, grid = out / "runs", load_grid(grid_file)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if any(cell_state(c, runs / c.name) == "resume" for c in grid.cells()):
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    while True:  # until no process of the group is left (the cells die with the group)
+        try:
+            os.killpg(proc.pid, 0)
+            time.sleep(0.05)
+        except ProcessLookupError:
+            break
+    states = {c.name: cell_state(c, runs / c.name) for c in grid.cells()}
+    assert "resume" in states.values() and set(states.values()) != {"done"}, states
+    before = read_evals(out / "evals.jsonl") if (out / "evals.jsonl").exists() else []
+    log = finish(runner(grid_file, out))
+    assert "(resume" in log
+    after = read_evals(out / "evals.jsonl")
+    assert len(after) == len(expected) and set(keyed(after)) == expected  # no duplicate, none lost
+    assert after[:len(before)] == before  # lines are only ever appended
+    assert (out / ".gitignore").read_text() == "mine\n"
+    assert keyed(after) == keyed(ref)  # the resumed cells evaluate exactly as the uninterrupted ones
+    # Run again: everything is done, nothing is trained or logged twice.
+    log = finish(runner(grid_file, out))
+    assert "4 done, 0 to run" in log and read_evals(out / "evals.jsonl") == after
+    # The runner probed each finished cell once, killed run or not, on the test images of its evaluations
+    # (the fake split's 32, fewer than the default 2,000), and as the uninterrupted grid did.
+    probes = read_evals(out / "probes.jsonl")
+    assert sorted((r["arm"], r["seed"]) for r in probes) == [(a, s) for a in ("baseline", "fast") for s in (0, 1)]
+    assert all(r["step"] == 80 and r["test_images"] == 32 and len(r["positions"]) == 2 and 0 <= r["probe_top1"] <= 1
+               for r in probes)
+    untimed = [{k: v for k, v in r.items() if k not in TIMING} for r in probes]
+    ref_probes = read_evals(tmp_path / "ref" / "probes.jsonl")
+    assert sorted(map(json.dumps, untimed)) == sorted(json.dumps({k: v for k, v in r.items() if k not in TIMING})
+                                                      for r in ref_probes)
+    assert probe_grid(out, log=lambda m: None) == 0 and read_evals(out / "probes.jsonl") == probes
+    # A runner killed after its cells finished but before it probed them: the next one probes them first.
+    (out / "probes.jsonl").unlink()
+    log = finish(runner(grid_file, out))
+    assert "4 done, 0 to run" in log and "probing 4 finished cell(s)" in log
+    assert sorted(map(json.dumps, read_evals(out / "probes.jsonl"))) == sorted(map(json.dumps, probes))
+    # The run folders are a cache: without them, the cells whose final evaluation is logged stay done.
+    shutil.rmtree(runs)
+    log = finish(runner(grid_file, out))
+    assert "4 done, 0 to run" in log and read_evals(out / "evals.jsonl") == after
+    # Another grid into the same folder is refused.
+    other = tmp_path / "other.yaml"
+    other.write_text(grid_file.read_text().replace("optim.lr=3e-3", "optim.lr=1e-2"))
+    proc = runner(other, out)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "holds the results of another grid" in text
+
+
+def test_a_second_runner_on_the_same_folder_is_refused(grid_file, tmp_path):
+    out = tmp_path / "out"
+    first = runner(grid_file, out)
+    try:
+        deadline = time.time() + 60
+        while not (out / ".lock").is_file() or not (out / ".lock").read_text().strip():
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = runner(grid_file, out)
+        text, _ = second.communicate(timeout=120)
+        assert second.returncode == 2 and f"in use by process {first.pid}" in text
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """A log as the runner writes it: one JSON object a line."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_grid_file(folder: Path, arms: tuple[str, ...]) -> None:
+    """The grid.yaml a run of `arms` x seeds 0-2 leaves beside its log, each arm without overrides."""
+    (folder / "grid.yaml").write_text(yaml.safe_dump({"preset": "fmnist", "seeds": [0, 1, 2], "set": [],
+                                                      "arms": {a: {"set": [], "seeds": [0, 1, 2]} for a in arms}}))
+
+
+def fixture_rows() -> list[dict]:
+    """Three seeds of four arms; reverse's FID is clearly lower, forward's no different from the baseline's."""
+    rng = np.random.default_rng(0)
+    base = {"baseline": 100.0, "forward": 99.0, "detach": 95.0, "reverse": 80.0}
+    rows = []
+    for arm, f in base.items():
+        for seed in range(3):
+            for step in (100, 200, 300, 400):
+                fid = f * 400 / step + rng.normal(0, 1.0)
+                rows.append({"arm": arm, "seed": seed, "step": step, "fid": fid, "precision": 0.5, "recall": 0.3,
+                             "one_step_top1": 0.5 + (0.05 if arm == "reverse" else 0.0) + rng.normal(0, 0.005),
+                             "bayes_top1": 0.6, "bpd": 5.4, "wall_s": step * 1.0})
+    return rows
+
+
+def test_welch_interval_matches_scipy():
+    rng = np.random.default_rng(1)
+    a, b = list(rng.normal(1, 1, 3)), list(rng.normal(0, 2, 4))
+    d, lo, hi = welch(a, b)
+    res = stats.ttest_ind(a, b, equal_var=False)
+    se = abs(d / res.statistic)
+    # the interval is d +- t_{0.975, df} se, so its half-width over se is the t quantile at the Welch df:
+    assert d == pytest.approx(np.mean(a) - np.mean(b), abs=1e-12)
+    assert stats.t.cdf((hi - d) / se, res.df) == pytest.approx(0.975, abs=1e-9)
+    assert lo == pytest.approx(2 * d - hi, abs=1e-12)
+    assert math.isnan(welch([1.0], [2.0, 3.0])[1])
+
+
+def test_paired_interval_matches_scipy():
+    """Only the shared seeds count, and the interval is scipy's paired t interval of their differences."""
+    rng = np.random.default_rng(3)
+    shared = rng.normal(0, 5, 4)  # a seed effect both arms have in common
+    a = {s: shared[s] + 1.0 + rng.normal(0, 0.3) for s in range(4)} | {7: 99.0}
+    b = {s: shared[s] + rng.normal(0, 0.3) for s in range(4)}
+    d, lo, hi, n = paired(a, b)
+    ci = stats.ttest_rel([a[s] for s in range(4)], [b[s] for s in range(4)]).confidence_interval(0.95)
+    assert n == 4 and d == pytest.approx(np.mean([a[s] - b[s] for s in range(4)]), abs=1e-12)
+    assert (lo, hi) == pytest.approx((ci.low, ci.high), abs=1e-9)
+    _, w_lo, w_hi = welch([a[s] for s in range(4)], list(b.values()))
+    assert hi - lo < (w_hi - w_lo) / 5  # the shared seed effect cancels in the pairs, not in the means
+    d, lo, hi, n = paired({0: 3.0, 1: 5.0}, {0: 1.0})
+    assert (d, n) == (2.0, 1) and math.isnan(lo) and math.isnan(hi)
+    assert paired({0: 1.0}, {1: 1.0})[3] == 0
+
+
+@pytest.mark.parametrize("lo, hi, want_negative, word", [
+    (-3, -1, True, "holds"), (1, 3, True, "contradicted"), (-1, 1, True, "not resolved"),
+    (1, 3, False, "holds"), (-3, -1, False, "contradicted"), (float("nan"), float("nan"), False, "not resolved")])
+def test_verdict(lo, hi, want_negative, word):
+    assert verdict(lo, hi, want_negative).startswith(word)
+
+
+def test_steps_to_reach_interpolates():
+    curve = [(100, 50.0), (200, 30.0), (300, 20.0)]
+    assert steps_to_reach(curve, 40.0) == pytest.approx(150.0)
+    assert steps_to_reach(curve, 50.0) == 100.0 and steps_to_reach(curve, 60.0) == 100.0
+    assert steps_to_reach(curve, 10.0) is None
+
+
+def test_report_from_a_fixture_log(tmp_path):
+    rows = fixture_rows()
+    # a fourth reverse seed still training (evaluated up to step 200): no final values, and no part in claim 4
+    unfinished = [{**r, "seed": 3} for r in rows if r["arm"] == "reverse" and r["seed"] == 0 and r["step"] <= 200]
+    write_jsonl(tmp_path / "evals.jsonl", rows + unfinished)
+    write_grid_file(tmp_path, ("baseline", "forward", "detach", "reverse"))
+    probes = [{"arm": a, "seed": s, "step": 400, "probe_top1": 0.8 - (0.3 if a == "reverse" else 0.0) + 0.01 * s,
+               "probe_block": 4, "probe_layer": 2} for a in ("baseline", "reverse") for s in range(3)]
+    write_jsonl(tmp_path / "probes.jsonl", probes)
+    text = write_report(tmp_path).read_text()
+    for png in ("fid.png", "one_step.png", "steps_to_baseline.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    final = {a: [r["fid"] for r in rows if r["arm"] == a and r["step"] == 400] for a in ("baseline", "reverse",
+                                                                                        "forward")}
+    m, s = np.mean(final["reverse"]), np.std(final["reverse"], ddof=1)
+    assert f"| reverse | 3 | {m:.1f} ± {s:.1f} |" in text
+    d, lo, hi = welch(final["reverse"], final["forward"])
+    line = next(x for x in text.splitlines() if x.startswith("| reverse - forward"))
+    assert f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" in line and "holds" in line
+    assert any("not resolved" in x for x in text.splitlines() if x.startswith("| forward |"))  # claim 2
+    # Claim 3: baseline's one-step (~50 %) is far below its probe (~81 %); reverse's (~55 %) is near its (~51 %).
+    lines = [x for x in text.splitlines() if "(4, 2)" in x]
+    assert len(lines) == 2 and "does not hold" in lines[0] and lines[0].startswith("| baseline")
+    one = [r["one_step_top1"] for r in rows if r["arm"] == "baseline" and r["step"] == 400]
+    d, lo, hi = welch(one, [p["probe_top1"] for p in probes if p["arm"] == "baseline"])
+    assert f"{d:+.1%} [{lo:+.1%}, {hi:+.1%}]" in lines[0]
+    # FID minus the baseline's, step by step: reverse is ahead at every step, by its interval at step 400.
+    gap = text.split("FID minus the `baseline` arm's at each step")[1].split("![FID")[0]
+    row = next(x for x in gap.splitlines() if x.startswith("| reverse |")).split(" | ")
+    d, lo, hi = welch(final["reverse"], final["baseline"])
+    assert row[-1].rstrip(" |") == f"{d:+.1f} [{lo:+.0f}, {hi:+.0f}]" and len(row) == 5  # arm + 4 steps
+    assert "| baseline |" not in gap
+    # Claim 4: reverse reaches the baseline's final mean FID (about 100) before its last evaluation.
+    line = next(x for x in text.splitlines() if x.startswith("| reverse |") and "x (" in x)
+    assert "3 of 3 seeds" in line
+    # Paired by seed: against the baseline and against reverse, each cell the paired mean and interval.
+    section = text.split("## Paired by seed")[1]
+    row = next(x for x in section.splitlines() if x.startswith("| reverse - baseline |"))
+    fid = {a: {r["seed"]: r["fid"] for r in rows if r["arm"] == a and r["step"] == 400} for a in ("reverse",
+                                                                                                "baseline")}
+    d, lo, hi, n = paired(fid["reverse"], fid["baseline"])
+    assert n == 3 and f"| 3 | {d:+.1f} [{lo:+.1f}, {hi:+.1f}], {verdict(lo, hi, True).split(' (')[0]} |" in row
+    assert any(x.startswith("| forward - reverse | 3 |") for x in section.splitlines())
+    assert not any(x.startswith(("| baseline -", "| reverse - reverse")) for x in section.splitlines())
+    with pytest.raises(FileNotFoundError, match="experiment run"):
+        write_report(tmp_path / "nothing")
+
+
+def test_report_of_a_grid_whose_reverse_arm_is_still_training(tmp_path):
+    """Claim 1 and the paired section need reverse's final step: until then they say so, no empty tables."""
+    rows = [r for r in fixture_rows() if r["arm"] in ("baseline", "reverse") and not (r["arm"] == "reverse"
+                                                                                    and r["step"] == 400)]
+    write_jsonl(tmp_path / "evals.jsonl", rows)
+    write_grid_file(tmp_path, ("baseline", "reverse"))
+    text = write_report(tmp_path).read_text()
+    claim1 = text.split("**Claim 1")[1].split("**Claim 2")[0]
+    assert "Not tested: needs the `reverse` arm" in claim1 and "| comparison |" not in claim1
+    assert "## Paired by seed" not in text
+    rows += [r for r in fixture_rows() if r["arm"] == "reverse" and r["step"] == 400]  # reverse finishes
+    write_jsonl(tmp_path / "evals.jsonl", rows)
+    text = write_report(tmp_path).read_text()
+    assert "| reverse - baseline |" in text.split("**Claim 1")[1].split("**Claim 2")[0]
+    assert any(x.startswith("| reverse - baseline | 3 |") for x in text.split("## Paired by seed")[1].splitlines())
+
+
+def test_report_compares_pixel_and_latent_arms(tmp_path):
+    """A grid with latent arms: their bits/dim are labelled per latent dimension, the claims keep to the
+    baseline's space, and a section compares the spaces with and without alignment."""
+    rng = np.random.default_rng(2)
+    fid = {"baseline": 130.0, "reverse": 128.0, "latent": 60.0, "latent_reverse": 58.0}
+    bayes = {"baseline": 0.70, "reverse": 0.72, "latent": 0.85, "latent_reverse": 0.85}
+    rows = []
+    for arm, f in fid.items():
+        latent = arm.startswith("latent")
+        for seed in range(2):
+            for step in (100, 200):
+                rows.append({"arm": arm, "seed": seed, "step": step, "fid": f * 200 / step + rng.normal(0, 1.0),
+                             "one_step_top1": 0.6 + rng.normal(0, 0.01),
+                             "bayes_top1": bayes[arm] + rng.normal(0, 0.01), "bpd": 2.0 if latent else 5.2,
+                             "bpd_protocol": "VAE latents + N(0, 0.2^2) noise, per latent dimension, no "
+                             "dequantization, true label" if latent else "uniform dequantization, true label",
+                             "wall_s": 60.0 * step})
+    write_jsonl(tmp_path / "evals.jsonl", rows)
+    (tmp_path / "configs").mkdir()
+    for arm in fid:
+        for seed in range(2):
+            (tmp_path / "configs" / f"{arm}-s{seed}.yaml").write_text(yaml.safe_dump(
+                {"align": {"enabled": arm.endswith("reverse")}, "data": {"vae": "v" if arm.startswith("latent")
+                                                                                else None}}))
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"preset": "fmnist", "seeds": [0, 1], "set": [], "arms": {
+        "baseline": {"set": []}, "reverse": {"set": ["align.enabled=true"]},
+        "latent": {"preset": "fmnist-latent", "set": []},
+        "latent_reverse": {"preset": "fmnist-latent", "set": ["align.enabled=true"]}}}))
+    text = write_report(tmp_path).read_text()
+    lines = text.splitlines()
+    final_table = [x for x in lines if x.startswith("| latent |") and "per latent dim" in x]
+    assert len(final_table) == 1 and final_table[0].endswith("| 200 ± 0 |")  # wall-clock: 200 x 60 s = 200 min
+    assert not any("per latent dim" in x for x in lines if x.startswith("| baseline |"))
+    claims = text.split("## The paper's claims, tested")[1].split("## Pixels and latents")[0]
+    assert "| latent" not in claims and "| reverse |" in claims
+    row = next(x for x in lines if x.startswith("| latent - baseline |"))
+    f_l = [r["fid"] for r in rows if r["arm"] == "latent" and r["step"] == 200]
+    f_b = [r["fid"] for r in rows if r["arm"] == "baseline" and r["step"] == 200]
+    d, lo, hi = welch(f_l, f_b)
+    assert "latent - pixel" in row and f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" in row and "holds" in row
+    b_l = [r["bayes_top1"] for r in rows if r["arm"] == "latent" and r["step"] == 200]
+    b_b = [r["bayes_top1"] for r in rows if r["arm"] == "baseline" and r["step"] == 200]
+    d, lo, hi = welch(b_l, b_b)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[6] == f"{d:+.1%} [{lo:+.1%}, {hi:+.1%}]" and cells[7] == verdict(lo, hi, False)
+    assert any(x.startswith("| latent_reverse - latent | aligned - not |") for x in lines)
+    assert not any(x.startswith("| latent_reverse - baseline |") for x in lines)  # alignment differs
+    assert "| latent | latents | none | 2 |" in text and "| reverse | pixels | R-REPA | 2 |" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Reusing another grid's cells
+# --------------------------------------------------------------------------------------------
+
+
+def fake_results(folder: Path, grid: dict, final_of: set[str], lr_of: dict[str, str] | None = None) -> list[dict]:
+    """A results folder as a runner leaves it, without training: the stored config of every cell (lr_of: other
+    overrides for some, so that their config differs), evaluations up to the final step for the cells in final_of
+    (else only the first), a probe per finished cell."""
+    (folder / "configs").mkdir(parents=True)
+    rows, probes = [], []
+    for c in grid_from_dict(grid).cells():
+        cfg = c.cfg if c.name not in (lr_of or {}) else grid_from_dict(
+            {**grid, "set": [*grid["set"], lr_of[c.name]]}).cells()[0].cfg
+        (folder / "configs" / f"{c.name}.yaml").write_text(cfg.to_yaml())
+        steps = (20, 40) if c.name in final_of else (20,)
+        rows += [{"arm": c.arm, "seed": c.seed, "step": s, "fid": 100.0 - s + c.seed, "wall_s": 1.0} for s in steps]
+        if c.name in final_of:
+            probes.append({"arm": c.arm, "seed": c.seed, "step": 40, "probe_top1": 0.5, "probe_block": 1,
+                           "probe_layer": 1})
+    write_jsonl(folder / "evals.jsonl", rows)
+    write_jsonl(folder / "probes.jsonl", probes)
+    return rows
+
+
+def test_cells_finished_elsewhere_with_the_same_config_are_reused(tmp_path):
+    from rrepa.experiments.runner import EvalLog, reuse_cells, run_grid
+
+    common = ["model.width=32", "model.head_dim=16", "train.steps=40", "train.eval_every=20"]
+    source = {"preset": "fmnist", "seeds": [0, 1], "set": common, "arms": {"baseline": [], "fast": ["optim.lr=3e-3"]}}
+    rows = fake_results(tmp_path / "src", source, final_of={"baseline-s0", "baseline-s1", "fast-s0"},
+                        lr_of={"fast-s0": "optim.lr=1e-2"})
+    grid = {**source, "reuse": [str(tmp_path / "src")]}
+    # A config stored before a field existed (here train.max_skipped_fraction) still describes the same run.
+    stored = tmp_path / "src" / "configs" / "baseline-s1.yaml"
+    old = yaml.safe_load(stored.read_text())
+    del old["train"]["max_skipped_fraction"]
+    stored.write_text(yaml.safe_dump(old))
+    out = tmp_path / "out"
+    out.mkdir()
+    logs = []
+    taken = reuse_cells(grid_from_dict(grid).cells(), grid["reuse"], EvalLog(out / "evals.jsonl"), out, logs.append)
+    # baseline: finished there, same config -> taken; fast-s0: finished but its config differs; fast-s1: unfinished
+    assert taken == {"baseline-s0", "baseline-s1"}
+    assert any("fast-s0: not reused" in m and "config differs" in m for m in logs)
+    copied = read_evals(out / "evals.jsonl")
+    assert copied == [r for r in rows if r["arm"] == "baseline"]
+    assert [(r["arm"], r["seed"]) for r in read_evals(out / "probes.jsonl")] == [("baseline", 0), ("baseline", 1)]
+    # Again: nothing is copied twice.
+    reuse_cells(grid_from_dict(grid).cells(), grid["reuse"], EvalLog(out / "evals.jsonl"), out, logs.append)
+    assert read_evals(out / "evals.jsonl") == copied and len(read_evals(out / "probes.jsonl")) == 2
+    # A grid made only of reused cells trains nothing.
+    only = {**grid, "arms": {"baseline": []}}
+    (tmp_path / "only.yaml").write_text(yaml.safe_dump(only))
+    logs.clear()
+    assert run_grid(tmp_path / "only.yaml", tmp_path / "out2", log=logs.append) == 0
+    assert any("2 done, 0 to run" in m for m in logs) and not (tmp_path / "out2" / "runs" / "baseline-s0").exists()
+    assert read_evals(tmp_path / "out2" / "evals.jsonl") == copied
+    with pytest.raises(ValueError, match="reuse must be a list"):
+        grid_from_dict({**source, "reuse": "results/x"})
+
+
+def test_paths_in_a_grid_file_are_relative_to_it(tmp_path, monkeypatch):
+    """Issue #33 item 2: a grid's relative paths (pinned weights, reuse folders, data.vae where it exists) are
+    relative to the grid file, from whatever folder it is run; a pinned file that is missing fails the grid once,
+    naming it, before any cell starts (it used to train a new evaluator into every cell's relative path)."""
+    from rrepa.experiments.runner import run_grid
+    from rrepa.fmnist.evaluator import FMNISTCNN, save_evaluator
+
+    folder = tmp_path / "g"
+    save_evaluator(FMNISTCNN(), {"test_accuracy": 0.1}, folder / "w" / "ev.safetensors")
+    grid = {"preset": "fmnist", "seeds": [0], "set": ["train.steps=4", "train.eval_every=2",
+                                                      "train.eval_weights=w/ev.safetensors"],
+            "arms": {"baseline": [], "named_vae": ["data.vae=fmnist-vae", "model.in_channels=4",
+                                                    "model.image_height=7", "model.image_width=7",
+                                                    "model.patch_size=1"]},
+            "reuse": ["../other"]}
+    (folder / "grid.yaml").write_text(yaml.safe_dump(grid))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    g = load_grid(folder / "grid.yaml")
+    base, named = g.cells()
+    assert Path(base.cfg.train.eval_weights).resolve() == (folder / "w" / "ev.safetensors").resolve()
+    assert named.cfg.data.vae == "fmnist-vae"  # a name, not a path beside the grid file: kept as it is
+    assert [Path(r).resolve() for r in g.reuse_folders()] == [(tmp_path / "other").resolve()]
+    grid["set"][-1] = "train.eval_weights=w/none.safetensors"
+    (folder / "grid.yaml").write_text(yaml.safe_dump(grid))
+    with pytest.raises(FileNotFoundError, match=r"cell baseline-s0: train.eval_weights=\S*w/none.safetensors does "
+                                                r"not exist .*relative to its own folder"):
+        run_grid(folder / "grid.yaml", tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out").exists() and not list(elsewhere.iterdir())
+
+
+def test_a_grid_that_would_log_no_evaluation_is_refused_up_front(tmp_path):
+    """Issue #33 item 14: cells without train.eval_every log nothing the report could show; the runner says so
+    before anything is trained or written."""
+    from rrepa.experiments.runner import run_grid
+
+    grid = {"preset": "fmnist", "seeds": [0], "set": ["train.steps=4"], "arms": {"baseline": [],
+                                                                             "evaluated": ["train.eval_every=2"]}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    with pytest.raises(ValueError, match=r"cell\(s\) baseline-s0 have train.eval_every=0, so they would log no "
+                                         r"evaluation"):
+        run_grid(tmp_path / "grid.yaml", tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+

@@ -1,0 +1,95 @@
+"""What the test modules share: models for the math tests, a fake Fashion-MNIST, the tiny training config, `rrepa`
+in a subprocess (pytest puts this folder on sys.path: tests/conftest.py lives here)."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rrepa.data.datasets import ImageDataset
+from rrepa.flow.testing import random_flow  # noqa: F401 - the tests import it from here
+from rrepa.training.config import resolve
+
+# The GPU variant of a device-parametrised test is marked `cuda` and skipped without a GPU (conftest.py).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+# Why the tests that need the real Fashion-MNIST are skipped without it (`make test` installs it where it can).
+NEEDS_FMNIST = ("needs Fashion-MNIST in /usr/share/datasets/fashion-mnist: run `make data` (Debian, as root) or "
+                "`apt-get install dataset-fashion-mnist`")
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RREPA_OFFLINE": "1"}
+
+
+def write_fake_fmnist(folder: Path, n_train: int = 64, n_test: int = 32) -> Path:
+    """Fashion-MNIST-shaped IDX files with random images: a few KB instead of 30 MB."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        image_header = b"\0\0\x08\x03" + np.array([n, 28, 28], ">u4").tobytes()  # IDX: uint8, 3 dims
+        label_header = b"\0\0\x08\x01" + np.array([n], ">u4").tobytes()
+        (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(image_header + images.tobytes()))
+        (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(label_header + labels.tobytes()))
+    return folder
+
+
+def tiny(data: Path, *extra: str):
+    """A 2-block, 1-layer flow over 16 tokens of 7 x 7 pixels, batch 8: a step takes milliseconds. float32 unless
+    extra says otherwise: `auto` would be bf16 on some machines and fp32 on others (tests/test_precision.py)."""
+    return resolve("fmnist", overrides=["train.precision=fp32",
+        "model.patch_size=7", "model.width=32", "model.head_dim=16", "model.num_blocks=2", "model.layers_per_block=1",
+        "optim.batch_size=8", "optim.warmup_steps=2", "optim.lr=1e-3", "train.steps=6", "train.log_every=1",
+        "train.sample_every=3", "train.ckpt_every=3", "train.sample_rows=1", "train.num_workers=0",
+        "train.eval_batch_size=16", f"data.path={data}", *extra])
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def rrepa(*args: str, env=None, script: str = "from rrepa import cli; cli.main()") -> subprocess.Popen:
+    """`rrepa ARGS` (or another script given ARGS) in a fresh process."""
+    return subprocess.Popen([sys.executable, "-c", script, *args], env=env or ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(p: subprocess.Popen, rc: int = 0) -> str:
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == rc, out[-3000:]
+    return out
+
+
+def killer(method: str) -> str:
+    """A `rrepa` CLI script that SIGKILLs itself inside the KILL_AT_CALL-th call of TARFlow.<method>."""
+    return f"""
+import os, signal, sys
+from rrepa import cli
+from rrepa.flow.tarflow import TARFlow
+original, calls = TARFlow.{method}, [0]
+def killing(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(os.environ["KILL_AT_CALL"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, *args, **kwargs)
+TARFlow.{method} = killing
+cli.main(sys.argv[1:])
+"""
+
+
+def sgd(groups, lr, betas=None, fused=None):
+    """Stands in for torch.optim.AdamW in the DDP test: an update linear in the gradient."""
+    return torch.optim.SGD(groups, lr=lr)
+
+
+def check_item(ds: ImageDataset, i: int) -> None:
+    x, y = ds[i]
+    assert x.dtype == torch.float32 and x.shape == (ds.channels, ds.image_size, ds.image_size)
+    assert x.min() >= -1 and x.max() <= 1
+    assert y.dtype == torch.int64 and y.ndim == 0 and 0 <= int(y) < ds.num_classes
