@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from helpers import rows, tiny
 from rrepa import precision
+from rrepa.align.head import AlignConfig, AlignHead
 from rrepa.flow.checkpoint import load_checkpoint
 from rrepa.flow.config import FlowConfig
 from rrepa.flow.tarflow import TARFlow
@@ -94,7 +95,37 @@ def test_what_stays_float32_under_bf16():
     torch.testing.assert_close(denoised, model.denoise(x, y), atol=0, rtol=0)
 
 
-def test_bf16_training_learns_and_keeps_float32_state(data, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("parts", [[], ["path"], ["projector"], ["path", "projector"]])
+def test_align_float32_parts_run_in_float32_under_bf16(parts):
+    """align.float32 puts the features' path (the reverse pass) and / or the projector in float32 under bf16
+    autocast: the features h that reach the projector are bit for bit the float32 pass's with "path" (and differ
+    by bf16's rounding without), the projector's first layer returns float32 with "projector" (bf16 without);
+    with both parts the loss is bit for bit the float32 computation's on the same forward output."""
+    model, x, y = small_flow(), torch.randn(4, 1, 8, 8) * 0.5, torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(1)
+    head = AlignHead(AlignConfig(positions=[(2, 2)], strategy="reverse", reverse="pseudo", projector_hidden=16,
+                                 float32=parts), flow_width=64, encoder_dim=6)
+    seen = []
+    head.projectors["t2_l2"][0].register_forward_hook(lambda m, i, o: seen.append((i[0].detach(), o.dtype)))
+    target = torch.randn(4, 16, 6)
+    with precision.autocast("bf16", "cpu"):
+        out = model(x, y)
+        loss = head(model, x, y, target, forward_out=out).loss
+    reference = head(model, x, y, target, forward_out=out).loss  # float32 throughout, on the same forward output
+    (h, dtype), (h32, _) = seen
+    assert torch.equal(h, h32) == ("path" in parts)
+    assert dtype == (torch.float32 if "projector" in parts else torch.bfloat16)
+    assert torch.equal(loss, reference) == (parts == ["path", "projector"])
+
+
+def test_align_float32_names_known_parts():
+    with pytest.raises(ValueError, match="align.float32 must list distinct parts among path, projector"):
+        AlignConfig(float32=["head"])
+    with pytest.raises(ValueError, match="needs strategy detach or reverse"):
+        AlignConfig(strategy="forward", float32=["path"])
+
+
+def test_bf16_training_learns_and_keeps_float32_state(data, tmp_path):
     """A bf16 run: its loss falls; weights, EMA and AdamW state are float32; config.yaml, the checkpoint and
     bpd.json record the resolved precision."""
     run = tmp_path / "run"
@@ -120,7 +151,7 @@ def test_bf16_training_learns_and_keeps_float32_state(data, tmp_path):  # noqa: 
         assert json.loads(out.read_text())["dtype"] == want
 
 
-def test_auto_is_stored_resolved(data, tmp_path, monkeypatch):  # noqa: F811
+def test_auto_is_stored_resolved(data, tmp_path, monkeypatch):
     """auto is resolved once, at the start, and the run stores the result (a resume keeps it on any machine)."""
     monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     run = tmp_path / "run"

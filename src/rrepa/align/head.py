@@ -26,6 +26,7 @@ is our reading of its description, not a copy of its code.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,10 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rrepa import precision
 from rrepa.align.reverse import REVERSE_METHODS, STRATEGIES, aligned_features
 from rrepa.flow.config import Position, as_positions
 from rrepa.flow.tarflow import TARFlow
 
+FLOAT32_PARTS = ("path", "projector")
 GRID_MODES = ("pool", "interpolate")
 PROJECTORS = ("mlp", "conv")
 TARGET_NORMS = ("none", "spatial")
@@ -70,6 +73,10 @@ class AlignConfig:
     projector: str = "mlp"
     # none | spatial (iREPA: targets standardised over the spatial positions of each image, per channel).
     target_norm: str = "none"
+    # Parts of the alignment computed in float32 when training runs in bf16 (train.precision): "path" (the
+    # detached or reverse pass that gives the features h) and / or "projector". Empty: everything follows
+    # train.precision. The loss itself is always float32.
+    float32: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.positions = as_positions(self.positions, "AlignConfig.positions")
@@ -89,6 +96,13 @@ class AlignConfig:
             raise ValueError(f"unknown projector {self.projector!r}; choose one of {', '.join(PROJECTORS)}")
         if self.target_norm not in TARGET_NORMS:
             raise ValueError(f"unknown target_norm {self.target_norm!r}; choose one of {', '.join(TARGET_NORMS)}")
+        self.float32 = list(self.float32)
+        if not set(self.float32) <= set(FLOAT32_PARTS) or len(set(self.float32)) != len(self.float32):
+            raise ValueError(f"align.float32 must list distinct parts among {', '.join(FLOAT32_PARTS)}, got "
+                             f"{self.float32}")
+        if "path" in self.float32 and self.strategy == "forward":
+            raise ValueError("align.float32 'path' needs strategy detach or reverse: with forward the features are "
+                             "the training forward's own hidden states; drop 'path' or change the strategy")
 
 
 def position_key(position: Position) -> str:
@@ -192,8 +206,10 @@ class AlignHead(nn.Module):
             target = spatial_norm(target)
         per = {}
         for p in self.cfg.positions:
-            proj = self.projectors[position_key(p)]
-            pred = proj(features[p], flow_hw) if isinstance(proj, ConvProjector) else proj(features[p])
+            proj, h = self.projectors[position_key(p)], features[p]
+            with precision.float32(h.device) if "projector" in self.cfg.float32 else contextlib.nullcontext():
+                h = h.float() if "projector" in self.cfg.float32 else h
+                pred = proj(h, flow_hw) if isinstance(proj, ConvProjector) else proj(h)
             per[p] = cosine_alignment_loss(pred, target)
         loss = self.cfg.weight * torch.stack(list(per.values())).mean()
         return AlignOutput(loss, {p: v.detach() for p, v in per.items()})
@@ -205,8 +221,9 @@ class AlignHead(nn.Module):
         patch tokens of the same images enc_tokens (B, n, d). forward_out, drop: see
         rrepa.align.reverse.aligned_features (pass the training forward's FlowOutput to avoid a re-run)."""
         cfg = self.cfg
-        feats = aligned_features(model, x, y, cfg.positions, cfg.strategy, cfg.reverse, cfg.jacobi_steps,
-                                 forward_out, drop)
+        with precision.float32(x.device) if "path" in cfg.float32 else contextlib.nullcontext():
+            feats = aligned_features(model, x, y, cfg.positions, cfg.strategy, cfg.reverse, cfg.jacobi_steps,
+                                     forward_out, drop)
         return self.loss_from_features(feats, enc_tokens, model.cfg.grid, enc_hw)
 
 

@@ -418,8 +418,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # 64-71 % of the layers in the block nearest the noise. Here block T = 4, the first in generation, gets 5 of the
     # same 8 layers (63 %) and blocks 1-3 one each: the same blocks, layers and width as fmnist, so the same
     # 1,641,600 parameters, redistributed. Data, optimiser, loop and alignment are fmnist's (keep them in step;
-    # tests/training/test_config.py checks it) except the position: layer 4 of the 5-layer deep block, three quarters of the
-    # way up as the paper's layer 6 of 8 (fmnist's (4, 2) is the deepest layer of a 2-layer block).
+    # tests/training/test_config.py checks it) except the position: layer 4 of the 5-layer deep block, three
+    # quarters of the way up as the paper's layer 6 of 8 (fmnist's (4, 2) is the deepest layer of a 2-layer block).
     "fmnist-deep-shallow": {
         "model": {"in_channels": 1, "image_height": 28, "image_width": 28, "patch_size": 4, "width": 128,
                   "num_blocks": 4, "layers_per_block": [1, 1, 1, 5], "num_classes": 10, "sigma": 0.05},
