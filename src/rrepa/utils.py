@@ -429,6 +429,20 @@ def run_lock(run_dir: str | os.PathLike, warn: Callable[[str], None] = print, na
                 run_dir.rmdir()  # only when empty: a run that could not start leaves nothing behind
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path`, waited for: processes that would build the same file (DDP ranks on one
+    host) take turns. Not atomic_write's job, which keeps a reader from seeing a half-written file but lets two
+    writers both do the work; not run_lock's, which refuses a second writer instead of waiting."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 # --------------------------------------------------------------------------------------------
 # Modules: the weights' hash
 # --------------------------------------------------------------------------------------------

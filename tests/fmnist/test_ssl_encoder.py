@@ -194,3 +194,27 @@ def test_cli_encoder_probe_pixels(capsys):
     with pytest.raises(ValueError, match="--pixels"):
         args = parser.parse_args(["encoder", "probe"])
         args.func(args)
+
+
+def test_cli_encoder_train_and_probe_on_the_cluttered_variant(data, tmp_path, monkeypatch, capsys):
+    """--data fmnist-clutter trains on the 32 px canvases (an 8 x 8 grid from two stages) into its own default file,
+    not the cache's fmnist-ssl, and `encoder probe --data fmnist-clutter --pixels` probes those canvases."""
+    monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path))
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    variant = ["--data", "fmnist-clutter", "--data-dir", str(data)]
+    args = parser.parse_args(["encoder", "train", "--steps", "2", "--batch-size", "8", "--no-probe", "--device", "cpu",
+                              "--widths", "8", "16", "--dim", "12", *variant])
+    args.func(args)
+    out = tmp_path / "encoders" / "fmnist-clutter-ssl.safetensors"
+    assert out.is_file() and not (tmp_path / "encoders" / "fmnist-ssl.safetensors").exists()
+    enc = load_embedded(out)
+    assert enc.image_size == 32 and enc(torch.zeros(2, 1, 32, 32)).shape == (2, 64, 12)
+    capsys.readouterr()
+    args = parser.parse_args(["encoder", "probe", "--pixels", *variant])
+    args.func(args)
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    train, test = (build_dataset(DataConfig(name="fmnist-clutter", path=str(data), image_size=32), s)
+                   for s in ("train", "test"))
+    assert row["probe_test_images"] == len(test) and row["probe_test_accuracy"] == \
+        pixel_probe(train, test)["probe_test_accuracy"]

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from rrepa.data.cache import clean_uint8, dataset_fingerprint, dataset_tag, file_lock
-from rrepa.utils import from_uint8, temp_dir_beside
+from rrepa.data.cache import clean_uint8, dataset_fingerprint, dataset_tag
+from rrepa.utils import file_lock, from_uint8, temp_dir_beside
 
 try:
     import fcntl

@@ -10,8 +10,7 @@ from dataclasses import asdict
 
 import torch
 
-from rrepa.cli.options import add_data_dir, add_device, add_output, output_path
-from rrepa.data.datasets import DataConfig, build_dataset
+from rrepa.cli.options import add_data_dir, add_device, add_fmnist_variant, add_output, fmnist_variant, output_path
 from rrepa.distributed import resolve_device
 from rrepa.fmnist.encoder import (
     EMBEDDED_FILE,
@@ -26,19 +25,23 @@ from rrepa.fmnist.encoder import (
     save_embedded,
     train_ssl_encoder,
 )
+from rrepa.utils import cache_dir
 
 
 def cmd_encoder_train(args: argparse.Namespace) -> None:
     """Train the embedded fmnist-ssl encoder, cache it and report its linear-probe accuracy."""
-    out = output_path(args, embedded_encoder_path())
+    variant = cache_dir() / "encoders" / f"{args.data}-ssl.safetensors"
+    default = embedded_encoder_path() if args.data == "fmnist" else variant
+    out = output_path(args, default)
     device = resolve_device(args.device)
     cfg = SSLTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
                          crop_min=args.crop_min, cutout=args.cutout, seed=args.seed, max_images=args.max_images)
-    train_set = build_dataset(DataConfig(name="fmnist", path=args.data_dir), "train")
-    arch = SSLConfig(widths=tuple(args.widths), convs_per_stage=args.convs_per_stage, dim=args.dim)
+    train_set = fmnist_variant(args, "train")
+    arch = SSLConfig(in_channels=train_set.channels, image_size=train_set.image_size, widths=tuple(args.widths),
+                     convs_per_stage=args.convs_per_stage, dim=args.dim)
     backbone, info = train_ssl_encoder(train_set, cfg, arch, device=device)
     if not args.no_probe:
-        test_set = build_dataset(DataConfig(name="fmnist", path=args.data_dir), "test")
+        test_set = fmnist_variant(args, "test")
         enc = EmbeddedEncoder(backbone)
         t = time.perf_counter()
         info.update(linear_probe(enc, train_set, test_set, max_train=args.probe_max_train))
@@ -54,8 +57,7 @@ def cmd_encoder_probe(args: argparse.Namespace) -> None:
     with --pixels, first a line for the raw pixels."""
     if not args.files and not args.pixels:
         raise ValueError("rrepa encoder probe needs encoder files, --pixels, or both")
-    train_set = build_dataset(DataConfig(name="fmnist", path=args.data_dir), "train")
-    test_set = build_dataset(DataConfig(name="fmnist", path=args.data_dir), "test")
+    train_set, test_set = fmnist_variant(args, "train"), fmnist_variant(args, "test")
     if args.pixels:
         t = time.perf_counter()
         r = pixel_probe(train_set, test_set, max_train=args.probe_max_train)
@@ -80,7 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     esub = p.add_subparsers(dest="encoder_command", required=True, metavar="ACTION")
     t = esub.add_parser("train", help="train the embedded self-supervised Fashion-MNIST encoder (no labels)",
                         description="Train fmnist-ssl (SimCLR on the Fashion-MNIST training split, labels unused), "
-                                    "cache it and report a linear-probe accuracy on the test split.")
+                                    "cache it and report a linear-probe accuracy on the test split. With --data "
+                                    "fmnist-clutter it trains on the cluttered variant (default output "
+                                    "<cache>/encoders/fmnist-clutter-ssl.safetensors).")
     add_output(t, f"<cache>/encoders/{EMBEDDED_FILE}, cache = $RREPA_CACHE_DIR or ~/.cache/rrepa")
     t.add_argument("--steps", type=int, default=SSLTrainConfig.steps, help="optimiser steps")
     t.add_argument("--batch-size", type=int, default=SSLTrainConfig.batch_size, help="images per step (x2 views)")
@@ -98,6 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     t.add_argument("--probe-max-train", type=int, help="fit the probe on the first this many train images")
     add_data_dir(t)
+    add_fmnist_variant(t)
     add_device(t)
     t.set_defaults(func=cmd_encoder_train)
     q = esub.add_parser("probe", help="linear-probe accuracy of encoder files (one JSON line each)",
@@ -112,4 +117,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=0, help="seed of --random's initialisation")
     q.add_argument("--probe-max-train", type=int, help="fit the probe on the first this many train images")
     add_data_dir(q)
+    add_fmnist_variant(q)
     q.set_defaults(func=cmd_encoder_probe)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from rrepa.data.datasets import DataConfig, build_dataset
 from rrepa.precision import PRECISIONS, autocast, resolve_for_run
 
 
@@ -33,6 +34,22 @@ def add_data_dir(p: argparse.ArgumentParser, help: str = "folder with the Fashio
                                                          "(default: system / cache)") -> None:
     """--data-dir (args.data_dir), where the dataset is; --data-path, its older spelling, still works."""
     p.add_argument("--data-dir", "--data-path", dest="data_dir", metavar="PATH", help=help)
+
+
+def add_fmnist_variant(p: argparse.ArgumentParser) -> None:
+    """--data (fmnist | fmnist-clutter), --image-size (fmnist-clutter's canvas, default 32) and --clutter-seed,
+    for the commands that train or probe the embedded Fashion-MNIST networks; read with fmnist_variant."""
+    p.add_argument("--data", choices=("fmnist", "fmnist-clutter"), default="fmnist",
+                   help="Fashion-MNIST, or its cluttered variant (rrepa.data.clutter)")
+    p.add_argument("--image-size", type=int, help="fmnist-clutter's canvas in px (default 32)")
+    p.add_argument("--clutter-seed", type=int, default=0, help="fmnist-clutter's placement and clutter seed")
+
+
+def fmnist_variant(args: argparse.Namespace, split: str):
+    """The split of the dataset add_fmnist_variant's options (and --data-dir) name."""
+    size = args.image_size or (32 if args.data == "fmnist-clutter" else 28)
+    return build_dataset(DataConfig(name=args.data, path=args.data_dir, image_size=size,
+                                    clutter_seed=args.clutter_seed), split)
 
 
 def add_output(p: argparse.ArgumentParser, default: str, what: str = "file") -> None:

@@ -1,24 +1,16 @@
 """What the on-disk caches of a dataset share (the latent cache, the encoder-target cache): the dataset's tag and
-fingerprint, its clean images, and a file lock for builders that must take turns."""
+fingerprint and its clean images."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from rrepa.data.datasets import TensorImageDataset
 from rrepa.utils import to_uint8
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: file_lock does nothing
-    fcntl = None
 
 
 def clean_uint8(dataset, i: int) -> Tensor:
@@ -71,20 +63,3 @@ def dataset_images(dataset) -> Tensor:
     if not hasattr(dataset, "uint8"):
         raise ValueError(f"{type(dataset).__name__} has no uint8(i); pass an rrepa ImageDataset (rrepa.data)")
     return torch.stack([dataset.uint8(i) for i in range(len(dataset))])
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `path` (a no-op where fcntl is missing): processes that would build the same
-    file (DDP ranks on one host) take turns. Not utils.atomic_write's job, which keeps a reader from seeing a
-    half-written file but lets two writers both do the work."""
-    if fcntl is None:  # pragma: no cover - not POSIX
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

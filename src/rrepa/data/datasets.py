@@ -59,6 +59,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from rrepa.data.clutter import MIN_CANVAS, cluttered
 from rrepa.data.image_io import (
     IMAGE_EXTENSIONS,
     IMAGENET_CLASSES,
@@ -75,7 +76,7 @@ from rrepa.utils import from_uint8
 
 logger = logging.getLogger(__name__)
 
-DATASET_NAMES = ("fmnist", "folder", "npz")
+DATASET_NAMES = ("fmnist", "fmnist-clutter", "folder", "npz")
 SPLITS = ("train", "test")
 
 
@@ -88,9 +89,10 @@ SPLITS = ("train", "test")
 class DataConfig:
     """Which images to load and how. See the module docstring for each source's layout."""
 
-    name: str = "fmnist"  # fmnist | folder | npz
+    name: str = "fmnist"  # fmnist | fmnist-clutter | folder | npz
     path: str | None = None  # fmnist: folder with the IDX files; folder: ImageNet-layout root; npz: file or folder
-    image_size: int = 28  # folder / npz: output size after the ADM centre crop (fmnist: must be 28)
+    image_size: int = 28  # folder / npz: size after the ADM centre crop; fmnist-clutter: canvas (>= 32); fmnist: 28
+    clutter_seed: int = 0  # fmnist-clutter: the seed of the placements and the clutter (rrepa.data.clutter)
     hflip: bool = False  # random horizontal flip (training split only)
     strict: bool = False  # raise on an unreadable / corrupt image instead of skipping it
     # Latent runs (rrepa.data.latent_run): the fields above name the IMAGES; with `vae` set the flow is trained on their
@@ -120,6 +122,9 @@ class DataConfig:
         if self.name == "fmnist" and self.image_size != 28 and not self.vae:  # latents: resized for the VAE
             raise ValueError(f"Fashion-MNIST images are 28 x 28; got image_size={self.image_size} "
                              f"(use image_size=28, or a folder / npz dataset for other sizes)")
+        if self.name == "fmnist-clutter" and self.image_size < MIN_CANVAS:
+            raise ValueError(f"fmnist-clutter draws the 28 px items on a larger canvas: set data.image_size >= "
+                             f"{MIN_CANVAS} (e.g. 32), got {self.image_size}")
         if self.name in ("folder", "npz") and not self.path:
             raise ValueError(f"DataConfig.path (--data-dir) is required for the {self.name!r} dataset")
 
@@ -295,9 +300,13 @@ def build_dataset(cfg: DataConfig, split: str) -> ImageDataset:
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     hflip = cfg.hflip and split == "train"
-    if cfg.name == "fmnist":
+    if cfg.name in ("fmnist", "fmnist-clutter"):
         images, labels = load_fashion_mnist(find_fashion_mnist(cfg.path), split)
-        return TensorImageDataset(images, labels, num_classes=10, hflip=hflip, name=f"fashion-mnist/{split}")
+        if cfg.name == "fmnist":
+            return TensorImageDataset(images, labels, num_classes=10, hflip=hflip, name=f"fashion-mnist/{split}")
+        canvases = cluttered(images.squeeze(1).numpy(), cfg.clutter_seed, split, cfg.image_size)
+        return TensorImageDataset(canvases, labels, num_classes=10, hflip=hflip,
+                                  name=f"fmnist-clutter-{cfg.image_size}px-seed{cfg.clutter_seed}/{split}")
     if cfg.name == "folder":
         root, classes = folder_split(Path(cfg.path), split)
         samples = scan_folder(root, classes)

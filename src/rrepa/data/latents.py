@@ -50,9 +50,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from rrepa.data.cache import clean_uint8, dataset_fingerprint, dataset_tag, file_lock
+from rrepa.data.cache import clean_uint8, dataset_fingerprint, dataset_tag
 from rrepa.data.datasets import DataConfig, ImageDataset, TensorImageDataset, build_dataset
-from rrepa.utils import Interrupted, atomic_write, from_uint8, generator
+from rrepa.utils import Interrupted, atomic_write, file_lock, from_uint8, generator
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
