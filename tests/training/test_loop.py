@@ -21,9 +21,11 @@ from rrepa.training.objective import Objective
 from rrepa.utils import lr_factor
 
 
-def test_a_run_leaves_everything_it_promises(data, tmp_path):
+def test_a_run_leaves_everything_it_promises(data, tmp_path, capsys):
     run = tmp_path / "run"
     summary = train(tiny(data, "train.keep_last=1"), run, device="cpu")
+    out = capsys.readouterr().out
+    assert f"  samples      {run}/samples/step-0000006.png" in out and "  bits/dim     " in out  # the final summary
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "metrics.jsonl", "last", "ckpt-0000006.pt", "ema.safetensors", "model.safetensors",
             "loss.png", "bpd.json", "samples", "tb"} <= names

@@ -194,13 +194,16 @@ def test_resume_with_alignment_after_sigkill_is_bitwise_exact(data, cache, align
                                                                     for r in rb]
 
 
-def test_in_training_evaluation(data, tmp_path, monkeypatch):
+def test_in_training_evaluation(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path / "cache"))  # fresh: the shipped evaluator, nothing trained
     run = tmp_path / "run"
     train(tiny(data, "train.steps=4", "train.eval_every=2", "train.eval_samples=12", "train.eval_batch_size=5",
                "train.eval_bpd=false", "train.sample_every=0"), run, device="cpu")
     evals = [r for r in rows(run) if "eval_fid" in r]
     assert [r["step"] for r in evals] == [2, 4]
+    out = capsys.readouterr().out  # the run ends with its last evaluation, the one of step 4
+    assert f"  FID          {evals[-1]['eval_fid']:.2f} (12 samples at guidance 0 against fmnist:train" in out
+    assert f"  class acc.   {100 * evals[-1]['eval_class_accuracy']:.1f} %" in out
     for r in evals:
         assert r["eval_num_samples"] == 12 and r["eval_fid"] > 0 and r["eval_is"] >= 1
         assert 0 <= r["eval_class_accuracy"] <= 1 and r["eval_feature_network"].startswith("fmnist-cnn@")

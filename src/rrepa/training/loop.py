@@ -73,10 +73,10 @@ from rrepa.precision import autocast as precision_autocast
 from rrepa.precision import describe as describe_precision
 from rrepa.precision import resolve_precision
 from rrepa.training.config import RunConfig
-from rrepa.training.evaluation import InTrainingEval
+from rrepa.training.evaluation import InTrainingEval, default_eval_ref
 from rrepa.training.objective import Batches, Objective
 from rrepa.training.run import check_run_dir, default_run_dir, init_weights, locked_by_rank0, make_run_dir
-from rrepa.training.runlog import RunLog, Window
+from rrepa.training.runlog import RunLog, Window, final_summary
 from rrepa.utils import (
     Interrupted,
     InterruptFlag,
@@ -204,6 +204,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
     cleanup.callback(bar.close)  # an error leaves the bar finished, so its message starts on a line of its own
     stop.armed = True  # from here on a signal ends the run at the next step boundary, with a checkpoint
     divergence = DivergenceCheck(t.max_skipped_fraction, t.steps)
+    last_eval = None  # the latest evaluation row, shown at the end when it is of the last step
     while step < t.steps:
         t0 = time.time()
         loss = torch.zeros((), device=d.device)
@@ -245,8 +246,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
                 bar.set_postfix(loss=f"{row['loss']:.4f}", **terms, skipped=skipped)
         if evaluation is not None and step % t.eval_every == 0:
             with rng_preserved(), autocast:
-                log.write_eval(step, {**evaluation(ema, step), "dtype": t.precision,
-                                      "wall_s": round(time.time() - t_run, 1)})
+                last_eval = {**evaluation(ema, step), "step": step, "dtype": t.precision,
+                             "wall_s": round(time.time() - t_run, 1)}
+                log.write_eval(step, last_eval)
         if d.is_main and t.sample_every and step % t.sample_every == 0 and step < t.steps:
             with autocast:
                 log.grid(ema, grid_z, grid_y, grid_cols, t.sample_guidance, step)
@@ -283,6 +285,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
             summary["bpd"] = final_bpd(ema, cfg, step, run_dir, d, say, vae)
     summary["wall_s"] = time.time() - t_start
     say(f"done: {step} steps in {summary['wall_s'] / 60:.1f} min, {skipped} skipped; results in {run_dir}")
+    if d.is_main:
+        final_eval = last_eval if last_eval is not None and last_eval.get("step") == step else None
+        reference = (t.eval_ref or default_eval_ref(cfg)) if final_eval else ""
+        say(final_summary(run_dir, step, t.sample_guidance, final_eval, summary.get("bpd"), vae is not None,
+                          t.eval_guidance, reference))
     return summary
 
 

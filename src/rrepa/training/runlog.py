@@ -1,5 +1,6 @@
-"""What a training run shows: the running averages of its log lines (`Window`) and rank 0's outputs
-(`RunLog`: metrics.jsonl, TensorBoard, sample grids, the loss curve)."""
+"""What a training run shows: the running averages of its log lines (`Window`), rank 0's outputs
+(`RunLog`: metrics.jsonl, TensorBoard, sample grids, the loss curve) and the summary at its end
+(`final_summary`)."""
 
 from __future__ import annotations
 
@@ -128,3 +129,28 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def final_summary(run_dir: Path, step: int, grid_guidance: float, final_eval: dict | None, bpd: float | None,
+                  latent: bool, eval_guidance: float, reference: str) -> str:
+    """The lines a run ends with: where its last sample grid is, the evaluation of its last step (FID and class
+    accuracy, when train.eval_every reached it), the test bits/dim (per pixel, or per latent dimension), and the
+    commands that look further."""
+    lines = [f"  samples      {run_dir / 'samples' / f'step-{step:07d}.png'} (EMA weights, guidance "
+             f"{grid_guidance:g}; one column per class)"]
+    if final_eval is not None:
+        lines.append(f"  FID          {final_eval['fid']:.2f} ({final_eval['num_samples']} samples at guidance "
+                     f"{eval_guidance:g} against {reference}, feature "
+                     f"network {final_eval['feature_network']})")
+        if final_eval.get("class_accuracy") is not None:
+            lines.append(f"  class acc.   {100 * final_eval['class_accuracy']:.1f} % (conditional samples the "
+                         f"evaluator labels as their class)")
+        if final_eval.get("bayes_top1") is not None:
+            lines.append(f"  classifier   one-step top-1 {100 * final_eval['one_step_top1']:.1f} %, Bayes top-1 "
+                         f"{100 * final_eval['bayes_top1']:.1f} % ({final_eval['test_images']} test images)")
+    if bpd is not None:
+        lines.append(f"  bits/dim     {bpd:.4f} (test split, null label, "
+                     f"{'per latent dimension' if latent else 'per pixel'}; bpd.json)")
+    lines.append(f"  next         rrepa sample --ckpt {run_dir} · rrepa evaluate --ckpt {run_dir} · "
+                 f"rrepa classify --ckpt {run_dir} (docs/getting-started.md)")
+    return "\n".join(lines)
