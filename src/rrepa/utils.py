@@ -301,10 +301,15 @@ def _as_tuple(x):
 # --------------------------------------------------------------------------------------------
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up over `warmup` steps, then cosine from 1 to min_ratio at step `total`."""
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float, schedule: str = "cosine",
+              cooldown: float = 0.2) -> float:
+    """Linear warm-up over `warmup` steps, then to min_ratio at step `total`: by a cosine (schedule "cosine"), or
+    constant until the last `cooldown` share of the steps and linear from there (schedule "wsd")."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "wsd":
+        start = max(warmup, total - round(cooldown * total))
+        return 1.0 - (1 - min_ratio) * min(1.0, max(0, step - start) / max(1, total - start))
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -16,6 +16,7 @@ from rrepa import cli
 from rrepa.distributed import Dist, GlobalBatchSampler
 from rrepa.flow.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rrepa.flow.tarflow import TARFlow
+from rrepa.training.config import resolve
 from rrepa.training.loop import train
 from rrepa.training.objective import Objective
 from rrepa.utils import lr_factor
@@ -172,6 +173,15 @@ def test_lr_schedule():
     f = [lr_factor(s, warmup=10, total=100, min_ratio=0.1) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
     assert f[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_wsd_schedule_is_constant_until_its_cooldown():
+    f = [lr_factor(s, warmup=10, total=100, min_ratio=0.1, schedule="wsd", cooldown=0.2) for s in range(101)]
+    assert f[9] == f[10] == f[79] == f[80] == 1.0  # stable from the warm-up's end to the cool-down's start (step 80)
+    assert f[90] == pytest.approx(0.55) and f[100] == pytest.approx(0.1)  # linear to min_ratio at step total
+    assert all(a >= b for a, b in zip(f[80:], f[81:]))
+    with pytest.raises(ValueError, match="optim.schedule in cosine, wsd"):
+        resolve("fmnist", overrides=["optim.schedule=linear"])
 
 
 KILLER = killer("forward")  # one forward per step (no alignment, no samples, no bpd)

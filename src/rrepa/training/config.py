@@ -28,15 +28,22 @@ from rrepa.flow.config import FlowConfig
 from rrepa.precision import check_precision
 
 EVAL_FEATURES = ("fmnist", "inception")
+SCHEDULES = ("cosine", "wsd")
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up and cosine decay (TARFlow's recipe; docs/DESIGN.md section 1)."""
+    """AdamW with linear warm-up, then cosine decay (TARFlow's recipe; docs/DESIGN.md section 1) or constant with a
+    linear cool-down at the end (wsd)."""
 
     lr: float = 1e-4  # peak learning rate, reached after warmup_steps
-    min_lr_ratio: float = 0.0  # the cosine decays the lr to min_lr_ratio * lr at the last step
+    min_lr_ratio: float = 0.0  # the schedule ends at min_lr_ratio * lr at the last step
     warmup_steps: int = 1000  # linear warm-up from 0
+    # cosine: decays from the end of the warm-up to the last step | wsd: warm-up, stable (constant), decay (linear,
+    # over the last cooldown_fraction of the steps). A cosine over a short run lowers the lr before the model has
+    # learnt (results/fmnist-long); wsd keeps it up until the cool-down.
+    schedule: str = "cosine"
+    cooldown_fraction: float = 0.2  # wsd: the share of train.steps the linear cool-down takes
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW (beta1, beta2)
     weight_decay: float = 1e-4  # applied to matrices and embeddings only, not to biases and norms
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
@@ -134,6 +141,9 @@ class RunConfig:
                             ("train.ckpt_every", t.ckpt_every), ("train.eval_batch_size", t.eval_batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if o.schedule not in SCHEDULES or not 0 < o.cooldown_fraction <= 1:
+            raise ValueError(f"need optim.schedule in {', '.join(SCHEDULES)} and 0 < optim.cooldown_fraction <= 1, got "
+                             f"{o.schedule!r}, {o.cooldown_fraction}")
         if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
             raise ValueError(f"need optim.lr > 0, optim.warmup_steps >= 0 and 0 <= optim.min_lr_ratio <= 1, got "
                              f"{o.lr}, {o.warmup_steps}, {o.min_lr_ratio}")

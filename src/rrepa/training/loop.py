@@ -315,7 +315,8 @@ def build_optimizer(params: list[nn.Parameter], cfg: RunConfig, d: Dist):
                                    {"params": vectors, "weight_decay": 0.0}],
                                   lr=o.lr, betas=o.betas, fused=d.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, warmup=o.warmup_steps, total=cfg.train.steps, min_ratio=o.min_lr_ratio))
+        optimizer, partial(lr_factor, warmup=o.warmup_steps, total=cfg.train.steps, min_ratio=o.min_lr_ratio,
+                           schedule=o.schedule, cooldown=o.cooldown_fraction))
     return optimizer, scheduler
 
 
