@@ -7,10 +7,12 @@
 #   bash benchmarks/bench_rehearse.sh [OUT_DIR]          # default benchmarks/rehearsals
 #   PRESETS="imagenet256-latent" bash benchmarks/bench_rehearse.sh
 #   THREADS=16 DEVICE=cuda bash benchmarks/bench_rehearse.sh gpu-check/rehearsals
+#   BATCH=1 bash benchmarks/bench_rehearse.sh            # the training stages at batch 1 (a 24 GB machine)
 #
 # Needs: the machine to itself (a 2-core CPU: about 15-20 min for imagenet64 and imagenet256-latent-p1 each, 8-12
-# min for imagenet256-latent; peak memory ~15-18 GB for the 1024-token presets at batch 2, so nothing else big may
-# run beside it), ~25 GB of disk under WORK (default /tmp/rrepa-rehearsals: data, ~0.5 GB of weights, one 7.5 GB
+# min for imagenet256-latent). Memory: the probe's batch-2 step of a 1024-token preset peaks at ~17.3 GB; a training
+# step adds AdamW's two moments and the EMA (3 x 1.9 GB for 466 M parameters), which at batch 2 does not fit 24 GB
+# (killed by the OOM killer at 17.7 GB resident, 2026-12-06): use BATCH=1 there, and run nothing else beside it. ~25 GB of disk under WORK (default /tmp/rrepa-rehearsals: data, ~0.5 GB of weights, one 7.5 GB
 # checkpoint per run; each preset's run folder is removed after its report is copied). The DDP stage is left out
 # at full size on a CPU (two 466 M-parameter processes need ~30 GB); add DDP=1 where memory allows (2 GPUs: NCCL).
 set -uo pipefail
@@ -18,6 +20,7 @@ out=${1:-benchmarks/rehearsals}
 work=${WORK:-/tmp/rrepa-rehearsals}
 threads=${THREADS:-2}
 device=${DEVICE:-auto}
+batch=${BATCH:-2}
 presets=${PRESETS:-imagenet64 imagenet256-latent imagenet256-latent-p1}
 py=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && py=.venv/bin/python
@@ -27,7 +30,7 @@ status=0
 for preset in $presets; do
     echo "=== rehearsal of $preset (full size) on $device"
     t0=$SECONDS
-    if $py -m rrepa.cli rehearse --preset "$preset" --work "$work" --device "$device" ${DDP:+--ddp} \
+    if $py -m rrepa.cli rehearse --preset "$preset" --work "$work" --device "$device" --batch "$batch" ${DDP:+--ddp} \
             2>&1 | tee "$out/log-$preset.txt"; then
         cp "$work/$preset/rehearsal.md" "$out/$preset.md"
         cp "$work/$preset/rehearsal.json" "$out/$preset.json"
