@@ -25,7 +25,9 @@ presets=${PRESETS:-imagenet64 imagenet256-latent imagenet256-latent-p1}
 py=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && py=.venv/bin/python
 mkdir -p "$out" "$work"
-export HF_HUB_OFFLINE=1 RREPA_OFFLINE=1 OMP_NUM_THREADS=$threads PYTHONUNBUFFERED=1
+# A fixed mmap threshold turns off glibc's dynamic one, which after the probe's large frees would serve the training
+# stage's tensors from heap arenas that are never returned: the probe's memory stayed resident under the training.
+export HF_HUB_OFFLINE=1 RREPA_OFFLINE=1 OMP_NUM_THREADS=$threads PYTHONUNBUFFERED=1 MALLOC_MMAP_THRESHOLD_=1048576
 status=0
 for preset in $presets; do
     echo "=== rehearsal of $preset (full size) on $device"

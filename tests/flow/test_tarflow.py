@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DEVICES, random_flow
+from rrepa.align.reverse import aligned_features
 from rrepa.flow.blocks import KVCache, Layer
 from rrepa.flow.checkpoint import load_weights, save_weights
 from rrepa.flow.config import FlowConfig
@@ -627,3 +628,37 @@ def test_bf16_autocast_keeps_the_affine_transform_in_float32(device):
     torch.testing.assert_close(out.z, ref.z, atol=0.1, rtol=0.05)
     torch.testing.assert_close(nll, model.nll(x, y), atol=0.05, rtol=0.05)
     torch.testing.assert_close(x_rec, x, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("loss", ["nll", "pseudo", "jacobi"])
+def test_activation_checkpointing_gives_the_same_gradients(loss):
+    """TARFlow.activation_checkpointing recomputes the layers in the backward: the loss and every gradient are those of
+    the plain backward (float64), for the NLL and for R-REPA's reverse paths (whose passes also record autograd);
+    without autograd (sampling) it changes nothing."""
+    cfg = FlowConfig(in_channels=1, image_height=8, image_width=8, patch_size=2, width=32, head_dim=16,
+                     num_blocks=3, layers_per_block=2, num_classes=3)
+    model = random_flow(cfg)
+    x, y = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2])
+
+    def grads(on: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.activation_checkpointing = on
+        model.zero_grad()
+        out = model(x, y)
+        value = -TARFlow.log_prob_of(out).mean()
+        if loss != "nll":
+            h = aligned_features(model, x, y, [(3, 1)], "reverse", loss, 2, forward_out=out)[(3, 1)]
+            value = value + h.square().mean()
+        value.backward()
+        return value.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain_value, plain = grads(False)
+    value, checked = grads(True)
+    assert model.activation_checkpointing and all(b.checkpointing for b in model.blocks)
+    assert value == plain_value and len(checked) == len(plain)
+    for a, b in zip(checked, plain):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    with torch.no_grad():
+        z = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+        on = model.reverse(z, y[:2])
+        model.activation_checkpointing = False
+        assert torch.equal(on, model.reverse(z, y[:2]))

@@ -253,3 +253,13 @@ def test_ddp_two_gloo_processes_match_one_process(data, tmp_path, monkeypatch):
     for r2, r1 in zip(rows(tmp_path / "ddp"), rows(tmp_path / "one")):
         assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
         assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)  # gradients averaged, not summed
+
+
+def test_activation_checkpointing_trains_the_same_steps(data, tmp_path):
+    """train.activation_checkpointing recomputes the layers in the backward: the run takes the same steps, loss for
+    loss (float32 on the CPU, deterministic kernels), and stores the setting."""
+    base = ["train.steps=3", "train.sample_every=0", "train.eval_bpd=false"]
+    train(tiny(data, *base), tmp_path / "plain", device="cpu")
+    train(tiny(data, *base, "train.activation_checkpointing=true"), tmp_path / "ckpt", device="cpu")
+    assert [r["loss"] for r in rows(tmp_path / "ckpt")] == [r["loss"] for r in rows(tmp_path / "plain")]
+    assert load_checkpoint(tmp_path / "ckpt" / "ckpt-0000003.pt")["config"]["train"]["activation_checkpointing"]

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from rrepa.flow.config import FlowConfig
 
@@ -126,6 +127,9 @@ class FlowBlock(nn.Module):
         # A fresh block is the identity: training starts from z = x.
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        # With autograd on, recompute each layer in the backward instead of keeping its activations
+        # (TARFlow.activation_checkpointing): memory per sample falls to each layer's input.
+        self.checkpointing = False
 
     def permute(self, x: Tensor) -> Tensor:
         """Identity or flip of the token axis (-2: tokens (B, N, *) and the pos_embed table (N, width));
@@ -160,8 +164,9 @@ class FlowBlock(nn.Module):
             h = h + (e[:, None] if e.dim() == 2 else e)
         keep = set(keep)
         hidden = {}
+        recompute = self.checkpointing and torch.is_grad_enabled()
         for l, layer in enumerate(self.layers, start=1):
-            h = layer(h, q_scale)
+            h = checkpoint(layer, h, q_scale, use_reentrant=False) if recompute else layer(h, q_scale)
             if l in keep:
                 hidden[l] = h
             if l == upto:

@@ -59,6 +59,18 @@ class TARFlow(nn.Module, PyTorchModelHubMixin, library_name="rrepa", tags=["norm
         # sync and break torch.compile's graph; a training loop whose data were validated on loading turns them off.
         self.validate_inputs = True
 
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Whether the transformer layers are recomputed in the backward instead of keeping their activations
+        (torch.utils.checkpoint, non-reentrant, under the forward's autocast): the same gradients for one more
+        forward's compute; only where autograd records (training, the R-REPA reverse paths)."""
+        return all(b.checkpointing for b in self.blocks)
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        for b in self.blocks:
+            b.checkpointing = bool(on)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> TARFlow:
         """A model from a pretrained folder (config.json + model.safetensors, as save_pretrained and `rrepa export`

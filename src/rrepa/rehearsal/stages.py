@@ -138,8 +138,11 @@ class StageRun:
             sets += TINY + (TINY_LATENTS if self.latent else TINY_PIXELS)
         self.overrides = [*sets, *r.overrides]
         self.cfg: RunConfig = resolve(r.preset, None, self.overrides)
-        if not tiny and self.cfg.train.num_workers > (os.cpu_count() or 1):
-            self.overrides.append(f"train.num_workers={os.cpu_count() or 1}")
+        # On the CPU the loader runs in the process: each forked worker of a ~15 GB process costs memory a 24 GB
+        # machine does not have, for 4 synthetic images. Elsewhere at most one worker per core.
+        workers = 0 if self.device.type == "cpu" else min(self.cfg.train.num_workers, os.cpu_count() or 1)
+        if not tiny and self.cfg.train.num_workers != workers:
+            self.overrides.append(f"train.num_workers={workers}")
             self.cfg = resolve(r.preset, None, self.overrides)
         self.precision = resolve_precision(self.cfg.train.precision, self.device)
         self.stages: list[Measure] = []

@@ -63,6 +63,10 @@ class TrainConfig:
     # stores the resolved choice in its config.yaml and checkpoints, so a resume keeps it.
     precision: str = "auto"
     compile: bool = False  # torch.compile the flow
+    # Recompute each transformer layer in the backward instead of keeping its activations: the same gradients,
+    # one more forward of compute, activations per sample down to each layer's input (rrepa rehearse --plan says
+    # where the paper's batch needs it).
+    activation_checkpointing: bool = False
     seed: int = 0  # seeds the model init, the data order and (plus the rank) the noise
     # Uniform dequantization of the 8-bit training images, x = (pixel + u) / 128 - 1 with u ~ U[0, 1): TARFlow's
     # likelihood protocol (docs/DESIGN.md section 7); with model.sigma=0, bits/dim comparable with its figures.

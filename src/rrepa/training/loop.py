@@ -152,6 +152,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
     # The data were validated on loading (finite uint8 images, labels in range, class count matched to the model
     # above), so the flow's per-forward value checks, each a device sync and a torch.compile graph break, are off.
     model.validate_inputs = False
+    model.activation_checkpointing = t.activation_checkpointing
     if init_from is not None:
         init_weights(model, init_from, say)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
