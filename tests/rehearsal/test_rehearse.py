@@ -87,6 +87,14 @@ def test_the_plan_from_a_rehearsal(work, reports, capsys):
     assert not small["plain"]["fits"] and small["plain"]["grad_accum"] == 2
     main(["rehearse", "--plan", "--preset", "imagenet64", "--scale", "tiny", "--work", str(work)])
     assert "GPU-hours" in capsys.readouterr().out
+    # A rehearsal that trained with activation checkpointing is checked against the checkpointed prediction.
+    ckpt = {**report, "config": {**report["config"], "train": {**report["config"]["train"],
+                                                                "activation_checkpointing": True}}}
+    c = plan(ckpt)["check"]
+    assert c["checkpointed"] and not p["check"]["checkpointed"]
+    assert c["predicted"] - p["check"]["predicted"] == pytest.approx(
+        (p["activations_per_sample_checkpointed"] - p["activations_per_sample"]) * c["batch"])
+    assert "with activation checkpointing the model predicts" in format_plan(plan(ckpt))
 
 
 def test_layer_passes_of_the_paper_setting():

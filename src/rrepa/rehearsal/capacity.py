@@ -18,8 +18,8 @@ The model, per GPU, at micro-batch B (images per process per forward pass):
 Activation checkpointing of every transformer layer would keep each layer's input (N x width fp32 per sample and
 layer pass) plus one layer's activations at a time: a_ckpt = passes * N * width * 4 + a / passes, with `passes`
 the layer passes of a step (the flow's layers, plus the pseudo-reverse's parallel passes of the aligned blocks and
-their feature passes). That is an estimate: rrepa has no checkpointing switch (it is only worth adding where the
-plan shows the batch does not fit, and optim.grad_accum is the simpler remedy).
+their feature passes). That is an estimate unless the rehearsal itself trained with the switch
+(`--set train.activation_checkpointing=true`); optim.grad_accum is the other remedy, at the same memory per pass.
 
 GPU time = FLOPs per image (probe: flow forward + backward with the alignment, plus the encoder's forward) x
 batch x steps / (GPUs x peak FLOP/s x utilisation). The peak is the card's dense bf16 figure (H100 SXM: 989
@@ -99,9 +99,11 @@ def plan(report: dict, gpus: int = 8, gpu_memory_gb: float = 80.0, tflops: float
     seconds = flops * batch * steps / (gpus * tflops * 1e12 * utilisation)
     rehearsal_batch = f.get("train_batch")
     check = None
+    checkpointed = bool(cfg["train"].get("activation_checkpointing"))  # how the rehearsal's training stage ran
     if rehearsal_batch and f.get("train_peak_bytes"):
-        predicted = base + static_total + act * rehearsal_batch
-        check = {"batch": rehearsal_batch, "predicted": predicted, "measured": f["train_peak_bytes"],
+        predicted = base + static_total + (act_ckpt if checkpointed else act) * rehearsal_batch
+        check = {"batch": rehearsal_batch, "checkpointed": checkpointed, "predicted": predicted,
+                 "measured": f["train_peak_bytes"],
                  "ratio": f["train_peak_bytes"] / predicted, "memory": f.get("train_memory")}
     if batch % gpus:
         raise ValueError(f"the preset's batch {batch} does not split over {gpus} GPUs; pick a divisor of {batch}")
@@ -129,7 +131,8 @@ def format_plan(p: dict) -> str:
               f"| activations per image with checkpointing ({p['layer_passes']} layer passes; estimate) | "
               f"{human_bytes(p['activations_per_sample_checkpointed'])} |", ""]
     usable = p["gpu_memory_gb"] * (1 - p["reserve"])
-    for name, key in (("without activation checkpointing", "plain"), ("with activation checkpointing", "checkpointed")):
+    for name, key in (("without activation checkpointing", "plain"),
+                      ("with activation checkpointing (train.activation_checkpointing=true)", "checkpointed")):
         r = p[key]
         verdict = "fits" if r["fits"] else (f"does not fit; optim.grad_accum={r['grad_accum']} does "
                                             f"({r['micro_batch'] // r['grad_accum']} per pass)" if r["grad_accum"]
@@ -143,7 +146,8 @@ def format_plan(p: dict) -> str:
                  f"{p['wall_hours'] / 24:,.1f} days).")
     c = p["check"]
     if c:
-        lines.append(f"- check: at the rehearsal's batch {c['batch']} the model predicts "
+        lines.append(f"- check: at the rehearsal's batch {c['batch']}"
+                     f"{' with activation checkpointing' if c.get('checkpointed') else ''} the model predicts "
                      f"{human_bytes(c['predicted'])}, the training stage peaked at {human_bytes(c['measured'])} "
                      f"({c['memory']}): "
                      f"{c['ratio']:.2f}x the prediction.")
