@@ -16,6 +16,7 @@ from rrepa import cli
 from rrepa.distributed import Dist, GlobalBatchSampler
 from rrepa.flow.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rrepa.flow.tarflow import TARFlow
+from rrepa.training import loop
 from rrepa.training.config import resolve
 from rrepa.training.loop import train
 from rrepa.training.objective import Objective
@@ -263,3 +264,15 @@ def test_activation_checkpointing_trains_the_same_steps(data, tmp_path):
     train(tiny(data, *base, "train.activation_checkpointing=true"), tmp_path / "ckpt", device="cpu")
     assert [r["loss"] for r in rows(tmp_path / "ckpt")] == [r["loss"] for r in rows(tmp_path / "plain")]
     assert load_checkpoint(tmp_path / "ckpt" / "ckpt-0000003.pt")["config"]["train"]["activation_checkpointing"]
+
+
+def test_the_end_frees_the_optimiser_state_before_the_final_grid(data, tmp_path, monkeypatch):
+    """After the last checkpoint AdamW's moments and the gradients are dropped, so the final grid's KV caches do not
+    come on top of them (a full-size rehearsal overflowed 24 GB there); the checkpoint still holds the state."""
+    made = []
+    real = loop.build_optimizer
+    monkeypatch.setattr(loop, "build_optimizer", lambda *a: made.append(real(*a)) or made[-1])
+    train(tiny(data, "train.steps=2", "train.sample_every=0", "train.eval_bpd=false"), tmp_path / "r", device="cpu")
+    optimizer = made[0][0]
+    assert not optimizer.state and all(p.grad is None for g in optimizer.param_groups for p in g["params"])
+    assert load_checkpoint(tmp_path / "r" / "ckpt-0000002.pt")["optimizer"]["state"]

@@ -272,6 +272,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
     stop.armed = False
 
     # ---- the end: weights, samples, loss curve, test bits/dim ---------------------------------
+    # The last checkpoint holds them: AdamW's moments and the gradients are freed for the final grid's KV caches
+    # (8 GB for 10 guided samples of a 1024-token, 64-layer flow), which on top of them overflowed 24 GB.
+    optimizer.state.clear()
+    optimizer.zero_grad(set_to_none=True)
     summary = {"run_dir": str(run_dir), "step": step, "skipped": skipped}
     if d.is_main:
         meta = {"step": str(step)}
