@@ -7,12 +7,16 @@
 #   bash benchmarks/bench_rehearse.sh [OUT_DIR]          # default benchmarks/rehearsals
 #   PRESETS="imagenet256-latent" bash benchmarks/bench_rehearse.sh
 #   THREADS=16 DEVICE=cuda bash benchmarks/bench_rehearse.sh gpu-check/rehearsals
-#   BATCH=1 bash benchmarks/bench_rehearse.sh            # the training stages at batch 1 (a 24 GB machine)
+#   BATCH=1 CHECKPOINTING=1 bash benchmarks/bench_rehearse.sh   # a 24 GB machine: batch 1, activation checkpointing
 #
 # Needs: the machine to itself (a 2-core CPU: about 15-20 min for imagenet64 and imagenet256-latent-p1 each, 8-12
 # min for imagenet256-latent). Memory: the probe's batch-2 step of a 1024-token preset peaks at ~17.3 GB; a training
 # step adds AdamW's two moments and the EMA (3 x 1.9 GB for 466 M parameters), which at batch 2 does not fit 24 GB
-# (killed by the OOM killer at 17.7 GB resident, 2026-12-06): use BATCH=1 there, and run nothing else beside it. ~25 GB of disk under WORK (default /tmp/rrepa-rehearsals: data, ~0.5 GB of weights, one 7.5 GB
+# (killed by the OOM killer at 17.7 GB resident, 2026-12-06): use BATCH=1 there, and run nothing else beside it. The
+# end of the training stage draws a grid of 10 guided samples, whose denoising score step is a backward through 10
+# images: at 1024 tokens ~3.2 GB of activations each, which overflowed 24 GB even at batch 1 (24.4 GB resident);
+# CHECKPOINTING=1 trains with train.activation_checkpointing=true, which bounds that too (the probe still measures
+# the plain step, and the plan checks the training stage against its checkpointed prediction). ~25 GB of disk under WORK (default /tmp/rrepa-rehearsals: data, ~0.5 GB of weights, one 7.5 GB
 # checkpoint per run; each preset's run folder is removed after its report is copied). The DDP stage is left out
 # at full size on a CPU (two 466 M-parameter processes need ~30 GB); add DDP=1 where memory allows (2 GPUs: NCCL).
 set -uo pipefail
@@ -21,6 +25,8 @@ work=${WORK:-/tmp/rrepa-rehearsals}
 threads=${THREADS:-2}
 device=${DEVICE:-auto}
 batch=${BATCH:-2}
+sets=()
+[ "${CHECKPOINTING:-0}" = 1 ] && sets=(--set train.activation_checkpointing=true)
 presets=${PRESETS:-imagenet64 imagenet256-latent imagenet256-latent-p1}
 py=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && py=.venv/bin/python
@@ -32,7 +38,7 @@ status=0
 for preset in $presets; do
     echo "=== rehearsal of $preset (full size) on $device"
     t0=$SECONDS
-    if $py -m rrepa.cli rehearse --preset "$preset" --work "$work" --device "$device" --batch "$batch" ${DDP:+--ddp} \
+    if $py -m rrepa.cli rehearse --preset "$preset" --work "$work" --device "$device" --batch "$batch" "${sets[@]}" ${DDP:+--ddp} \
             2>&1 | tee "$out/log-$preset.txt"; then
         cp "$work/$preset/rehearsal.md" "$out/$preset.md"
         cp "$work/$preset/rehearsal.json" "$out/$preset.json"
