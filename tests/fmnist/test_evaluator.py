@@ -235,3 +235,20 @@ def test_cli_errors(tiny, tmp_path):
         args.func(args)
     with pytest.raises(FileNotFoundError, match="checkpoint run does not exist"):
         samples_from_checkpoint("run", 10)
+
+
+def test_cli_evaluator_train_on_the_cluttered_variant(data, tmp_path, capsys):
+    """`rrepa evaluator train --data fmnist-clutter` trains the same CNN on the variant's 32 px canvases (resized to
+    28 like every input) into its own default file, and records the data it saw."""
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["evaluator", "train", "--data", "fmnist-clutter", "--data-dir", str(data), "--epochs",
+                              "1", "--batch-size", "16"])
+    args.func(args)
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = tmp_path / "cache" / "evaluator" / "fmnist-clutter-cnn.safetensors"
+    assert row["path"] == str(out) and out.is_file()
+    ev = load_evaluator(out)
+    assert ev.info["data"]["name"] == "fmnist-clutter" and ev.info["data"]["image_size"] == 32
+    assert ev.info["train_images"] == 64 and ev.info["test_images"] == 32  # the fake split's sizes
+    assert not (tmp_path / "cache" / "evaluator" / "fmnist-cnn.safetensors").exists()

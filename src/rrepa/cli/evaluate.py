@@ -13,6 +13,7 @@ import torch
 from rrepa.cli.options import (
     add_data_dir,
     add_device,
+    add_fmnist_variant,
     add_output,
     add_overwrite,
     add_precision,
@@ -21,6 +22,7 @@ from rrepa.cli.options import (
     output_path,
     refuse_existing,
 )
+from rrepa.data.datasets import DataConfig
 from rrepa.distributed import resolve_device
 from rrepa.eval.inception import INCEPTION_FILENAME
 from rrepa.eval.npz import read_samples_npz
@@ -105,12 +107,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_evaluator_train(args: argparse.Namespace) -> None:
     """Train the embedded Fashion-MNIST evaluator and cache it; print its name and test accuracy as JSON."""
-    out = output_path(args, default_evaluator_path())
+    variant = default_evaluator_path().with_name(f"{args.data}-cnn.safetensors")
+    out = output_path(args, default_evaluator_path() if args.data == "fmnist" else variant)
     if args.threads:
         torch.set_num_threads(args.threads)
     # Ctrl-C keeps the progress beside `out`: the same command continues from there.
+    size = args.image_size or (32 if args.data == "fmnist-clutter" else 28)
+    data = DataConfig(name=args.data, path=args.data_dir, image_size=size, clutter_seed=args.clutter_seed)
     train_and_save_evaluator(out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
+                             data_dir=args.data_dir, data=data, log=lambda m: print(m, file=sys.stderr))
     ev = load_evaluator(out)
     print(json.dumps({"feature_network": ev.name, "path": str(out), "test_accuracy": ev.info["test_accuracy"],
                       "train_seconds": ev.info["train_seconds"], "epochs": ev.info["epochs"]}))
@@ -174,6 +179,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--seed", type=int, default=0)
     add_data_dir(t, help="Fashion-MNIST folder (default: the usual search)")
+    add_fmnist_variant(t)
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add_output(t, "$RREPA_CACHE_DIR/evaluator/fmnist-cnn.safetensors", what="weights file")
     t.set_defaults(func=cmd_evaluator_train)

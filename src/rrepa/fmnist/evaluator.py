@@ -41,7 +41,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from rrepa.data.datasets import DataConfig, build_dataset
 from rrepa.fmnist.dataset import find_fashion_mnist, load_fashion_mnist
 from rrepa.fmnist.shipped import shipped
 from rrepa.precision import float32
@@ -190,8 +191,12 @@ class FMNISTEvaluator:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_split(split: str, data_dir: str | None) -> tuple[Tensor, Tensor]:
-    return load_fashion_mnist(find_fashion_mnist(data_dir), split)
+def _load_split(split: str, data_dir: str | None, data: DataConfig | None = None) -> tuple[Tensor, Tensor]:
+    """uint8 images (N, 1, S, S) and labels (N,) of Fashion-MNIST, or of the variant `data` names (fmnist-clutter)."""
+    if data is None or data.name == "fmnist":
+        return load_fashion_mnist(find_fashion_mnist(data_dir), split)
+    ds = build_dataset(replace(data, path=data_dir or data.path), split)
+    return ds.images, ds.targets
 
 
 @torch.no_grad()
@@ -216,11 +221,12 @@ def partial_path(path: str | os.PathLike) -> Path:
 
 def train_evaluator(epochs: int = 3, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
                     max_train: int | None = None, max_test: int | None = None, data_dir: str | None = None,
-                    device: str | torch.device = "cpu",
+                    data: DataConfig | None = None, device: str | torch.device = "cpu",
                     log: Callable[[str], None] | None = None, state_file: str | os.PathLike | None = None,
                     save_every: int = 100, progress: bool = False) -> tuple[FMNISTCNN, dict]:
     """Train FMNISTCNN on Fashion-MNIST (the first ``max_train`` training images, all by default) and
-    measure its accuracy on the test split (the first ``max_test`` images). Returns (model, info) with
+    measure its accuracy on the test split (the first ``max_test`` images). data: a variant instead (fmnist-clutter;
+    its canvases are resized to 28 px like every input). Returns (model, info) with
     info = {test_accuracy, train_seconds, epochs, train_images, test_images, ...}.
 
     state_file: the training saves its exact state there every ``save_every`` steps and when SIGINT or SIGTERM
@@ -230,8 +236,8 @@ def train_evaluator(epochs: int = 3, batch_size: int = 128, lr: float = 3e-3, se
         raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     log = log or logger.info
     device = torch.device(device)
-    x_train, y_train = _load_split("train", data_dir)
-    x_test, y_test = _load_split("test", data_dir)
+    x_train, y_train = _load_split("train", data_dir, data)
+    x_test, y_test = _load_split("test", data_dir, data)
     if max_train is not None:
         x_train, y_train = x_train[:max_train], y_train[:max_train]
     if max_test is not None:
@@ -244,7 +250,8 @@ def train_evaluator(epochs: int = 3, batch_size: int = 128, lr: float = 3e-3, se
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.2)
     settings = {"arch": ARCH, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                "train_images": int(x_train.shape[0])}
+                "train_images": int(x_train.shape[0]),
+                **({"data": asdict(data)} if data is not None and data.name != "fmnist" else {})}
     step, spent, perm, total, seen = 0, 0.0, None, 0.0, 0
     state_file = Path(state_file) if state_file is not None else None
     if state_file is not None and state_file.is_file():
@@ -311,7 +318,8 @@ def train_evaluator(epochs: int = 3, batch_size: int = 128, lr: float = 3e-3, se
     acc = accuracy(model, x_test, y_test, device=device)
     info = {"arch": ARCH, "test_accuracy": acc, "train_seconds": round(train_seconds, 1), "epochs": epochs,
             "batch_size": batch_size, "lr": lr, "seed": seed, "train_images": int(x_train.shape[0]),
-            "test_images": int(x_test.shape[0]), "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "test_images": int(x_test.shape[0]), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "data": settings.get("data", {"name": "fmnist"})}
     log(f"evaluator test accuracy {acc:.4f} on {x_test.shape[0]} images, trained in {train_seconds:.0f} s")
     return model.cpu(), info
 
