@@ -9,8 +9,9 @@
 #   THREADS=16 DEVICE=cuda bash benchmarks/bench_rehearse.sh gpu-check/rehearsals
 #   BATCH=1 CHECKPOINTING=1 bash benchmarks/bench_rehearse.sh   # a 24 GB machine: batch 1, activation checkpointing
 #
-# Needs: the machine to itself (a 2-core CPU: about 15-20 min for imagenet64 and imagenet256-latent-p1 each, 8-12
-# min for imagenet256-latent). Memory: the probe's batch-2 step of a 1024-token preset peaks at ~17.3 GB; a training
+# Needs: the machine to itself (a 2-core CPU: imagenet256-latent took 530 s; imagenet64 and imagenet256-latent-p1
+# take longer than 40 min each, as their training and resume stages each end with a grid of 10 guided 1024-token
+# samples drawn token by token, over 20 min on that CPU). Memory: the probe's batch-2 step of a 1024-token preset peaks at ~17.3 GB; a training
 # step adds AdamW's two moments and the EMA (3 x 1.9 GB for 466 M parameters), which at batch 2 does not fit 24 GB
 # (killed by the OOM killer at 17.7 GB resident, 2026-12-06): use BATCH=1 there, and run nothing else beside it. The
 # end of the training stage draws a grid of 10 guided samples, whose denoising score step is a backward through 10
