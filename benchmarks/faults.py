@@ -12,7 +12,6 @@ Offline, one thread per process, its own cache folder: it touches nothing outsid
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import re
 import subprocess
@@ -24,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from rrepa.flow.testing import write_fake_fmnist
 
 TINY = ["train.precision=fp32", "model.patch_size=7", "model.width=32", "model.head_dim=16", "model.num_blocks=2",
         "model.layers_per_block=1", "optim.batch_size=8", "optim.warmup_steps=2", "optim.lr=1e-3",
@@ -57,20 +58,6 @@ class Case:
     check: Callable[[int, str, Path], bool]  # (exit code, output, case folder) -> behaved as expected
     prelude: str = ""  # python run before the command, in its process
     setup: Callable[[Path], None] = field(default=lambda folder: None)  # prepares the case folder
-
-
-def write_fake_fmnist(folder: Path, n_train: int = 64, n_test: int = 32) -> Path:
-    """Fashion-MNIST-shaped IDX files of random images."""
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        head = b"\0\0\x08\x03" + np.array([n, 28, 28], ">u4").tobytes()
-        (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(
-            gzip.compress(head + rng.integers(0, 256, (n, 28, 28), dtype=np.uint8).tobytes()))
-        head = b"\0\0\x08\x01" + np.array([n], ">u4").tobytes()
-        (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(
-            gzip.compress(head + rng.integers(0, 10, n, dtype=np.uint8).tobytes()))
-    return folder
 
 
 def rrepa(argv: list[str], cwd: Path, env: dict, timeout: float, prelude: str = "") -> tuple[int, str]:

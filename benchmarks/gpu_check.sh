@@ -73,7 +73,7 @@ step bench_align_bench.md 130 $py benchmarks/bench_align.py --device cuda --batc
 step bench_align_paper_bf16.md 150 $py benchmarks/bench_align.py --device cuda --bf16 --scale paper --batch 8 16 \
     --tables 1 3
 data=$(mktemp -d)
-$py -c "import sys; from pathlib import Path; from helpers import write_fake_fmnist; \
+$py -c "import sys; from pathlib import Path; from rrepa.flow.testing import write_fake_fmnist; \
 write_fake_fmnist(Path(sys.argv[1]), 8192, 256)" "$data"
 step bench_train_fmnist.md 50 $py benchmarks/bench_train.py --device cuda --steps 400 --log-every 100 \
     --set "data.path=$data"

@@ -1,19 +1,17 @@
 """What the test modules share: models for the math tests, a fake Fashion-MNIST, the tiny training config, `rrepa`
 in a subprocess (pytest puts this folder on sys.path: tests/conftest.py lives here)."""
 
-import gzip
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from rrepa.data.datasets import ImageDataset
-from rrepa.flow.testing import random_flow  # noqa: F401 - the tests import it from here
+from rrepa.flow.testing import random_flow, write_fake_fmnist  # noqa: F401 - the tests import them from here
 from rrepa.training.config import resolve
 
 # The GPU variant of a device-parametrised test is marked `cuda` and skipped without a GPU (conftest.py).
@@ -24,20 +22,6 @@ NEEDS_FMNIST = ("needs Fashion-MNIST in /usr/share/datasets/fashion-mnist: run `
                 "`apt-get install dataset-fashion-mnist`")
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RREPA_OFFLINE": "1"}
-
-
-def write_fake_fmnist(folder: Path, n_train: int = 64, n_test: int = 32) -> Path:
-    """Fashion-MNIST-shaped IDX files with random images: a few KB instead of 30 MB."""
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        image_header = b"\0\0\x08\x03" + np.array([n, 28, 28], ">u4").tobytes()  # IDX: uint8, 3 dims
-        label_header = b"\0\0\x08\x01" + np.array([n], ">u4").tobytes()
-        (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(image_header + images.tobytes()))
-        (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(label_header + labels.tobytes()))
-    return folder
 
 
 def tiny(data: Path, *extra: str):

@@ -1,6 +1,5 @@
 """`rrepa sample` (ADM npz layout, reproducible seeds, process-count independent shards) and `rrepa bpd`."""
 
-import gzip
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ from rrepa.distributed import Dist
 from rrepa.eval.bpd import evaluate_bpd
 from rrepa.flow.sample import generate, grid_labels, save_grid
 from rrepa.flow.tarflow import TARFlow
-from rrepa.flow.testing import diverge_where_first_prior_positive
+from rrepa.flow.testing import diverge_where_first_prior_positive, write_fake_fmnist
 from rrepa.training.config import resolve
 from rrepa.training.loop import train
 from rrepa.training.run import load_run, samples_from_checkpoint
@@ -28,15 +27,7 @@ from rrepa.utils import generator
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A tiny model trained for 3 steps on Fashion-MNIST-shaped random IDX files."""
-    root = tmp_path_factory.mktemp("sample")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 32), ("t10k", 24)):
-        head = b"\0\0\x08\x03" + np.array([n, 28, 28], ">u4").tobytes()
-        (root / f"{split}-images-idx3-ubyte.gz").write_bytes(
-            gzip.compress(head + rng.integers(0, 256, (n, 28, 28), dtype=np.uint8).tobytes()))
-        head = b"\0\0\x08\x01" + np.array([n], ">u4").tobytes()
-        (root / f"{split}-labels-idx1-ubyte.gz").write_bytes(
-            gzip.compress(head + rng.integers(0, 10, n, dtype=np.uint8).tobytes()))
+    root = write_fake_fmnist(tmp_path_factory.mktemp("sample"), n_train=32, n_test=24)
     cfg = resolve("fmnist", overrides=[
         "model.patch_size=7", "model.width=32", "model.head_dim=16", "model.num_blocks=2", "model.layers_per_block=1",
         "optim.batch_size=8", "train.steps=3", "train.sample_every=0", "train.eval_bpd=false",

@@ -7,7 +7,7 @@
     sample      sampling many images (sharded, seeded per batch) and PNG grids
     checkpoint  the flow's files: training checkpoints (ckpt-*.pt) and safetensors weights
     convert     apple/ml-tarflow checkpoints into rrepa's format
-    testing     models far from the identity, for tests and benchmarks
+    testing     what tests and benchmarks share: models far from the identity, a fake Fashion-MNIST
 
 Imports only the base modules (rrepa.utils, rrepa.precision, rrepa.distributed).
 """

@@ -1,10 +1,14 @@
-"""Models for tests and benchmarks. A fresh TARFlow is the identity (its output projections start at zero),
-so a check made at initialisation proves nothing: these are far from it."""
+"""What tests and benchmarks share: models far from the identity (a fresh TARFlow is the identity, its output
+projections start at zero, so a check made at initialisation proves nothing), a diverging model, and a fake
+Fashion-MNIST (random images in the IDX files' layout)."""
 
 from __future__ import annotations
 
+import gzip
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from rrepa.flow.config import FlowConfig
@@ -38,3 +42,17 @@ def diverge_where_first_prior_positive() -> None:
         return x.masked_fill((z.flatten(1)[:, 0] > 0)[:, None, None, None], float("nan")), stats
 
     TARFlow.reverse = diverging
+
+
+def write_fake_fmnist(folder: Path, n_train: int = 64, n_test: int = 32) -> Path:
+    """Fashion-MNIST-shaped IDX files with random images: a few KB instead of 30 MB."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        image_header = b"\0\0\x08\x03" + np.array([n, 28, 28], ">u4").tobytes()  # IDX: uint8, 3 dims
+        label_header = b"\0\0\x08\x01" + np.array([n], ">u4").tobytes()
+        (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(image_header + images.tobytes()))
+        (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(label_header + labels.tobytes()))
+    return folder
