@@ -204,11 +204,11 @@ class AlignHead(nn.Module):
         target = match_grid(enc_tokens.detach(), enc_hw, flow_hw, self.cfg.grid_mode)
         if self.cfg.target_norm == "spatial":  # on the flow's grid: the positions the loss compares
             target = spatial_norm(target)
-        per = {}
+        per, project32 = {}, "projector" in self.cfg.float32
         for p in self.cfg.positions:
             proj, h = self.projectors[position_key(p)], features[p]
-            with precision.float32(h.device) if "projector" in self.cfg.float32 else contextlib.nullcontext():
-                h = h.float() if "projector" in self.cfg.float32 else h
+            with precision.float32(h.device) if project32 else contextlib.nullcontext():
+                h = h.float() if project32 else h
                 pred = proj(h, flow_hw) if isinstance(proj, ConvProjector) else proj(h)
             per[p] = cosine_alignment_loss(pred, target)
         loss = self.cfg.weight * torch.stack(list(per.values())).mean()

@@ -19,10 +19,10 @@ from rrepa.cli.options import (
     add_precision,
     add_vae,
     finite_float,
+    fmnist_variant_config,
     output_path,
     refuse_existing,
 )
-from rrepa.data.datasets import DataConfig
 from rrepa.distributed import resolve_device
 from rrepa.eval.inception import INCEPTION_FILENAME
 from rrepa.eval.npz import read_samples_npz
@@ -112,10 +112,9 @@ def cmd_evaluator_train(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     # Ctrl-C keeps the progress beside `out`: the same command continues from there.
-    size = args.image_size or (32 if args.data == "fmnist-clutter" else 28)
-    data = DataConfig(name=args.data, path=args.data_dir, image_size=size, clutter_seed=args.clutter_seed)
     train_and_save_evaluator(out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             data_dir=args.data_dir, data=data, log=lambda m: print(m, file=sys.stderr))
+                             data_dir=args.data_dir, data=fmnist_variant_config(args),
+                             log=lambda m: print(m, file=sys.stderr))
     ev = load_evaluator(out)
     print(json.dumps({"feature_network": ev.name, "path": str(out), "test_accuracy": ev.info["test_accuracy"],
                       "train_seconds": ev.info["train_seconds"], "epochs": ev.info["epochs"]}))

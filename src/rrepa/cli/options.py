@@ -45,11 +45,15 @@ def add_fmnist_variant(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clutter-seed", type=int, default=0, help="fmnist-clutter's placement and clutter seed")
 
 
+def fmnist_variant_config(args: argparse.Namespace) -> DataConfig:
+    """The DataConfig add_fmnist_variant's options (and --data-dir) name."""
+    size = args.image_size or (32 if args.data == "fmnist-clutter" else 28)
+    return DataConfig(name=args.data, path=args.data_dir, image_size=size, clutter_seed=args.clutter_seed)
+
+
 def fmnist_variant(args: argparse.Namespace, split: str):
     """The split of the dataset add_fmnist_variant's options (and --data-dir) name."""
-    size = args.image_size or (32 if args.data == "fmnist-clutter" else 28)
-    return build_dataset(DataConfig(name=args.data, path=args.data_dir, image_size=size,
-                                    clutter_seed=args.clutter_seed), split)
+    return build_dataset(fmnist_variant_config(args), split)
 
 
 def add_output(p: argparse.ArgumentParser, default: str, what: str = "file") -> None:

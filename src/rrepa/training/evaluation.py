@@ -39,7 +39,7 @@ class InTrainingEval:
         self.to_images = ImageSpace(vae)
         weights = {"inception_weights" if t.eval_features == "inception" else "evaluator_weights": t.eval_weights}
         self.net = build_feature_network(t.eval_features, device=d.device, log=say, **weights)
-        ref = t.eval_ref or default_eval_ref(cfg)
+        self.reference = ref = t.eval_ref or default_eval_ref(cfg)  # what the samples are compared with
         self.ref = reference_stats(ref, self.net, data_dir=cfg.data.path if cfg.data.name == "fmnist" else None,
                                    progress=True)
         self.cfg, self.d = cfg, d

@@ -73,7 +73,7 @@ from rrepa.precision import autocast as precision_autocast
 from rrepa.precision import describe as describe_precision
 from rrepa.precision import resolve_precision
 from rrepa.training.config import RunConfig
-from rrepa.training.evaluation import InTrainingEval, default_eval_ref
+from rrepa.training.evaluation import InTrainingEval
 from rrepa.training.objective import Batches, Objective
 from rrepa.training.run import check_run_dir, default_run_dir, init_weights, locked_by_rank0, make_run_dir
 from rrepa.training.runlog import RunLog, Window, final_summary
@@ -292,9 +292,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
     say(f"done: {step} steps in {summary['wall_s'] / 60:.1f} min, {skipped} skipped; results in {run_dir}")
     if d.is_main:
         final_eval = last_eval if last_eval is not None and last_eval.get("step") == step else None
-        reference = (t.eval_ref or default_eval_ref(cfg)) if final_eval else ""
         say(final_summary(run_dir, step, t.sample_guidance, final_eval, summary.get("bpd"), vae is not None,
-                          t.eval_guidance, reference))
+                          t.eval_guidance, evaluation.reference if final_eval else ""))
     return summary
 
 
