@@ -20,7 +20,6 @@ version, S, the seed and the source's hash; the write is atomic, so an interrupt
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +86,8 @@ def cluttered(images: np.ndarray, seed: int, split: str, size: int, root: Path |
         out, _ = draw(images, seed, split, size)
 
         def write(tmp: str) -> None:
-            buf = io.BytesIO()
-            np.save(buf, out)
-            Path(tmp).write_bytes(buf.getvalue())
+            with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
+                np.save(f, out)
 
         atomic_write(path, write)
     return out

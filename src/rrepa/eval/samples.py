@@ -13,12 +13,12 @@ A feature network has ``name``, ``feature_dim``, ``has_spatial`` and ``extract(i
 
 ``evaluate_samples(images, net, ref)`` / ``evaluate_features(feats, ref_stats, net.name)`` return a JSON-ready
 dict naming the feature network (``feature_network``); ``format_markdown`` renders it.
-``samples_from_checkpoint`` draws the samples of ``rrepa evaluate --ckpt RUN --num-samples N``.
+The samples of ``rrepa evaluate --ckpt RUN --num-samples N`` are drawn by rrepa.training.run.samples_from_checkpoint
+(it opens a run, which is training's wing).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -30,8 +30,6 @@ from rrepa.eval.npz import check_labels
 from rrepa.eval.reference import ReferenceStats, progress_bar, reference_stats
 from rrepa.fmnist.evaluator import load_evaluator
 from rrepa.utils import as_nchw_uint8
-
-logger = logging.getLogger(__name__)
 
 
 def build_feature_network(kind: str, *, inception_weights: str | None = None, evaluator_weights: str | None = None,
@@ -46,7 +44,7 @@ def build_feature_network(kind: str, *, inception_weights: str | None = None, ev
 
 
 # --------------------------------------------------------------------------------------------
-# Metrics of features, of images, of a sampler
+# Metrics of features and of images
 # --------------------------------------------------------------------------------------------
 
 
