@@ -464,3 +464,26 @@ def test_a_grid_that_would_log_no_evaluation_is_refused_up_front(tmp_path):
         run_grid(tmp_path / "grid.yaml", tmp_path / "out", log=lambda m: None)
     assert not (tmp_path / "out").exists()
 
+
+
+@pytest.mark.parametrize("change, ok", [
+    ({"seeds": [0, 1]}, True),  # a new seed
+    ({"arms": {"baseline": [], "fast": ["optim.lr=3e-3"]}}, True),  # a new arm
+    ({"arms": {"baseline": ["optim.lr=3e-3"]}}, False),  # a cell that ran, changed
+    ({"arms": {"fast": ["optim.lr=3e-3"]}}, False),  # a cell that ran, dropped
+])
+def test_a_grid_may_gain_arms_or_seeds_but_not_change_what_ran(tmp_path, change, ok):
+    from rrepa.experiments.runner import _check_extends
+
+    ran = {"preset": "fmnist", "seeds": [0], "set": ["model.width=32", "model.head_dim=16"], "arms": {"baseline": []}}
+    (tmp_path / "configs").mkdir()
+    for c in grid_from_dict(ran).cells():
+        (tmp_path / "configs" / f"{c.name}.yaml").write_text(c.cfg.to_yaml())
+    logs = []
+    cells = grid_from_dict({**ran, **change}).cells()
+    if ok:
+        _check_extends(tmp_path, cells, tmp_path / "grid.yaml", Path("new.yaml"), logs.append)
+        assert logs == [f"new.yaml extends the grid in {tmp_path}: {len(cells) - 1} new cell(s)"]
+    else:
+        with pytest.raises(ValueError, match="cell baseline-s0 is missing or resolves differently"):
+            _check_extends(tmp_path, cells, tmp_path / "grid.yaml", Path("new.yaml"), logs.append)

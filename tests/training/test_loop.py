@@ -276,3 +276,14 @@ def test_the_end_frees_the_optimiser_state_before_the_final_grid(data, tmp_path,
     optimizer = made[0][0]
     assert not optimizer.state and all(p.grad is None for g in optimizer.param_groups for p in g["params"])
     assert load_checkpoint(tmp_path / "r" / "ckpt-0000002.pt")["optimizer"]["state"]
+
+
+def test_sample_rows_zero_draws_no_grid(data, tmp_path, capsys):
+    """train.sample_rows=0 (the full-size rehearsal's setting: its sample stages draw instead) writes no grid, at the
+    sample steps nor at the end, and the final summary says so."""
+    run = tmp_path / "r"
+    train(tiny(data, "train.sample_rows=0", "train.eval_bpd=false"), run, device="cpu")
+    assert not list(run.glob("samples/*.png"))
+    assert "  samples      none (train.sample_rows=0)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="train.sample_rows must be >= 0"):
+        tiny(data, "train.sample_rows=-1")

@@ -249,8 +249,7 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
         stored = out / GRID_COPY
         if stored.is_file() and grid_from_dict(yaml.safe_load(stored.read_text()), str(stored)).to_dict() != \
                 grid.to_dict():
-            raise ValueError(f"{out} holds the results of another grid ({stored} differs from {grid_file}); choose "
-                             f"another --out, or delete {out} to start over")
+            _check_extends(out, cells, stored, grid_file, log)
         atomic_write(stored, lambda tmp: Path(tmp).write_text(yaml.safe_dump(grid.to_dict(), sort_keys=False)))
         _ignore_local_files(out, runs)
         configs = out / "configs"
@@ -274,6 +273,19 @@ def _ignore_local_files(out: Path, runs: Path) -> None:
     if runs.is_relative_to(out_dir):
         names.insert(0, runs.relative_to(out_dir).as_posix() + "/")
     atomic_write(out / ".gitignore", lambda tmp: Path(tmp).write_text("".join(f"{n}\n" for n in names)))
+
+
+def _check_extends(out: Path, cells: list[Cell], stored: Path, grid_file: Path, log: Callable[[str], None]) -> None:
+    """A changed grid file may extend the grid in `out` (new arms or seeds) but not change or drop a cell it ran:
+    every stored cell config must reappear, identical, among `cells`; else ValueError."""
+    new = {c.name: c.cfg.to_yaml() for c in cells}
+    old = sorted((out / "configs").glob("*.yaml"))
+    changed = [p.stem for p in old if new.get(p.stem) != p.read_text()]
+    if changed or not old:
+        what = f"cell {changed[0]} is missing or resolves differently" if changed else "it has no cell configs"
+        raise ValueError(f"{out} holds the results of another grid ({stored} differs from {grid_file}: {what}); "
+                         f"a grid may only gain arms or seeds; choose another --out, or delete {out} to start over")
+    log(f"{grid_file} extends the grid in {out}: {len(new) - len(old)} new cell(s)")
 
 
 def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int, threads: int, poll: float,

@@ -13,6 +13,8 @@ and the networks' weight files) and every stage goes through the entry point a u
     probe       one training step (R-REPA, the preset's precision) at two batch sizes: FLOPs, activation bytes
                 and peak memory per step, for the capacity plan (rrepa.rehearsal.capacity)
     train       `rrepa train`: steps with R-REPA and a checkpoint;   resume: `--resume` by one more step
+                (no sample grid, train.sample_rows=0: at 1024 tokens it took longer than everything else, and
+                the sample stages draw through the same sampler)
     ddp         `torchrun --nproc_per_node 2 -m rrepa.cli train` (gloo on the CPU, NCCL with 2 GPUs), opt-in
     sample      `rrepa sample` with guidance, sequential sampler;      jacobi: the same with the Jacobi sampler
     decode      the VAE's decoding of the samples (latent presets);   npz: ADM's sample file

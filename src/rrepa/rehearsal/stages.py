@@ -130,7 +130,7 @@ class StageRun:
                       "ref": self.dir / "reference.npz", "features": self.dir / "features"}
         sets = [f"data.path={self.paths['data']}", "align.enabled=true",
                 f"align.encoder_weights={self.paths['encoder']}", f"optim.batch_size={r.batch}", "train.steps=2",
-                "train.log_every=1", "train.sample_every=0", "train.sample_rows=1", "train.eval_bpd=false",
+                "train.log_every=1", "train.sample_every=0", "train.sample_rows=0", "train.eval_bpd=false",
                 "train.keep_last=1"]
         if self.latent:
             sets += [f"data.vae={self.paths['vae']}", f"data.latent_cache={self.paths['latents']}"]

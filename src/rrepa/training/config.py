@@ -74,7 +74,7 @@ class TrainConfig:
     num_workers: int = 2  # DataLoader workers per process; 0 loads in the main process
     log_every: int = 100  # steps between lines in metrics.jsonl / TensorBoard
     sample_every: int = 5000  # steps between sample grids (EMA weights, fixed noise); 0 = only at the end
-    sample_rows: int = 10  # rows of the grid; one column per class (8 columns if unconditional)
+    sample_rows: int = 10  # rows of the grid; one column per class (8 columns if unconditional); 0: no grids
     sample_guidance: float = 0.0  # guidance w of the grid samples
     sample_temperature: float = 1.0  # std of the grid's prior noise; < 1 trades diversity for cleaner images
     ckpt_every: int = 5000  # steps between checkpoints; one is always written at the end
@@ -154,9 +154,9 @@ class RunConfig:
         if not 0 <= t.label_drop < 1 or not 0 <= t.ema_decay < 1:
             raise ValueError(f"need 0 <= train.label_drop < 1 and 0 <= train.ema_decay < 1, got "
                              f"{t.label_drop}, {t.ema_decay}")
-        if t.sample_every < 0 or t.keep_last < 0 or t.num_workers < 0 or t.sample_rows < 1:
-            raise ValueError("train.sample_every, train.keep_last and train.num_workers must be >= 0, "
-                             "train.sample_rows >= 1")
+        if t.sample_every < 0 or t.keep_last < 0 or t.num_workers < 0 or t.sample_rows < 0:
+            raise ValueError("train.sample_every, train.keep_last, train.num_workers and train.sample_rows must be "
+                             ">= 0")
         if t.sample_guidance < 0 or t.sample_temperature <= 0:
             raise ValueError(f"need train.sample_guidance >= 0 and train.sample_temperature > 0, got "
                              f"{t.sample_guidance}, {t.sample_temperature}")

@@ -250,7 +250,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
                 last_eval = {**evaluation(ema, step), "step": step, "dtype": t.precision,
                              "wall_s": round(time.time() - t_run, 1)}
                 log.write_eval(step, last_eval)
-        if d.is_main and t.sample_every and step % t.sample_every == 0 and step < t.steps:
+        if d.is_main and t.sample_rows and t.sample_every and step % t.sample_every == 0 and step < t.steps:
             with autocast:
                 log.grid(ema, grid_z, grid_y, grid_cols, t.sample_guidance, step)
         if divergence.diverged:  # every process agrees (any_true above): all stop, no checkpoint of this state
@@ -281,8 +281,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
         meta = {"step": str(step)}
         save_weights(run_dir / "ema.safetensors", ema, {**meta, "weights": "ema"})
         save_weights(run_dir / "model.safetensors", model, {**meta, "weights": "raw"})
-        with autocast:
-            log.grid(ema, grid_z, grid_y, grid_cols, t.sample_guidance, step)
+        if t.sample_rows:
+            with autocast:
+                log.grid(ema, grid_z, grid_y, grid_cols, t.sample_guidance, step)
         log.loss_curve()
         log.close()
     if t.eval_bpd:
@@ -292,7 +293,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
     say(f"done: {step} steps in {summary['wall_s'] / 60:.1f} min, {skipped} skipped; results in {run_dir}")
     if d.is_main:
         final_eval = last_eval if last_eval is not None and last_eval.get("step") == step else None
-        say(final_summary(run_dir, step, t.sample_guidance, final_eval, summary.get("bpd"), vae is not None,
+        say(final_summary(run_dir, step, t.sample_guidance if t.sample_rows else None, final_eval, summary.get("bpd"), vae is not None,
                           t.eval_guidance, evaluation.reference if final_eval else ""))
     return summary
 

@@ -131,13 +131,14 @@ class RunLog:
             self.tb.close()
 
 
-def final_summary(run_dir: Path, step: int, grid_guidance: float, final_eval: dict | None, bpd: float | None,
+def final_summary(run_dir: Path, step: int, grid_guidance: float | None, final_eval: dict | None, bpd: float | None,
                   latent: bool, eval_guidance: float, reference: str) -> str:
     """The lines a run ends with: where its last sample grid is, the evaluation of its last step (FID and class
     accuracy, when train.eval_every reached it), the test bits/dim (per pixel, or per latent dimension), and the
-    commands that look further."""
+    commands that look further. grid_guidance None: the run drew no grid (train.sample_rows=0)."""
     lines = [f"  samples      {run_dir / 'samples' / f'step-{step:07d}.png'} (EMA weights, guidance "
-             f"{grid_guidance:g}; one column per class)"]
+             f"{grid_guidance:g}; one column per class)" if grid_guidance is not None
+             else "  samples      none (train.sample_rows=0)"]
     if final_eval is not None:
         lines.append(f"  FID          {final_eval['fid']:.2f} ({final_eval['num_samples']} samples at guidance "
                      f"{eval_guidance:g} against {reference}, feature "
