@@ -117,3 +117,26 @@ def test_evaluate_features_self_and_in_training(tmp_path):
     assert out["num_samples"] == 30 and out["fid"] > 0 and "eval_seconds" in out
     ref.save(tmp_path / "r.npz")
     assert evaluate_in_training(sampler, net, str(tmp_path / "r.npz"), 10)["num_samples"] == 10
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_split_of_fmnist_clutter_is_a_reference(tmp_path, split):
+    """fmnist-clutter-<S>px-seed<N>:<split> is the variant's canvases at that size and seed, as the data pipeline
+    builds them (features taken of exactly those images), cached apart from plain Fashion-MNIST."""
+    from helpers import write_fake_fmnist
+    from rrepa.data.datasets import DataConfig, build_dataset
+    from rrepa.eval.reference import clutter_ref
+
+    data = write_fake_fmnist(tmp_path / "fmnist", n_train=40, n_test=24)
+    net = PixelNet()
+    spec = clutter_ref(36, 3, split)
+    assert spec == f"fmnist-clutter-36px-seed3:{split}"
+    st = reference_stats(spec, net, data_dir=str(data), pr_max=0)
+    images = build_dataset(DataConfig(name="fmnist-clutter", path=str(data), image_size=36, clutter_seed=3),
+                           split).images
+    assert st.num_images == images.shape[0] == (40 if split == "train" else 24) and st.source == spec
+    np.testing.assert_array_equal(st.feats, net.extract(images)["pool"])
+    plain = reference_stats(f"fmnist:{split}", net, data_dir=str(data))
+    assert not np.allclose(plain.mu, st.mu) and len(list((tmp_path / "cache" / "stats").glob("*.npz"))) == 2
+    with pytest.raises(ValueError, match="a split of fmnist-clutter is named like fmnist-clutter-32px-seed0:train"):
+        reference_stats("fmnist-clutter:train", net, data_dir=str(data))

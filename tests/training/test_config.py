@@ -30,16 +30,19 @@ def test_every_preset_is_complete_and_consistent(name):
     assert set(PRESETS[name]) == {"model", "data", "optim", "train", "align"}
     cfg = resolve(name)
     m, d, t = cfg.model, cfg.data, cfg.train
+    fashion = d.name in ("fmnist", "fmnist-clutter")
     if d.vae:  # a latent preset: the model takes the VAE's 4-channel latents of the data's images, sigma 0.2
         assert (d.image_size // LATENT_FACTOR[d.vae],) * 2 == (m.image_height, m.image_width)
         assert m.in_channels == 4 and m.sigma == 0.2 and not t.dequantize and d.vae_fingerprint is None
     else:
         assert (d.image_size, d.image_size) == (m.image_height, m.image_width)
-        assert m.in_channels == (1 if d.name == "fmnist" else 3)
-    assert (d.name == "fmnist") == (t.eval_features == "fmnist") == (m.num_classes == 10)
+        assert m.in_channels == (1 if fashion else 3)
+    assert fashion == (t.eval_features == "fmnist") == (m.num_classes == 10) == (cfg.align.encoder == "fmnist-ssl")
     m.check_positions(cfg.align.positions)  # alignment targets a position the model has
-    assert (cfg.align.encoder == "fmnist-ssl") == (d.name == "fmnist")
-    if d.name != "fmnist":  # no Fashion-MNIST field (data, VAE, encoder, evaluator) leaks into another preset
+    if d.name == "fmnist-clutter":  # the networks trained on the variant, never those of plain Fashion-MNIST
+        assert (t.eval_weights, cfg.align.encoder_weights) == ("fmnist-clutter-cnn", "fmnist-clutter-ssl")
+        assert m.image_height // m.patch_size == 8  # the target's 8 x 8 grid at 32 px, 1:1
+    if not fashion:  # no Fashion-MNIST field (data, VAE, encoder, evaluator) leaks into another preset
         assert "fmnist" not in cfg.to_yaml()
     resolve(name, overrides=["align.enabled=true"])  # and validates with alignment on
 

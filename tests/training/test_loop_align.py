@@ -299,3 +299,28 @@ def test_evaluating_during_training_leaves_the_training_unchanged(data, tmp_path
     assert all(0 <= x["eval_one_step_top1"] <= 1 and 0 <= x["eval_bayes_top1"] <= 1 and x["eval_bpd"] > 0
                and x["eval_test_images"] == 8 for x in r)
     assert 0 <= r[0]["eval_wall_s"] <= r[1]["eval_wall_s"]  # the run's clock (rounded to 0.1 s: may read 0.0)
+
+
+def test_the_clutter_preset_aligns_to_and_is_evaluated_by_its_shipped_networks(data, tmp_path, monkeypatch, capsys):
+    """`--preset fmnist-clutter` shrunk: R-REPA towards the shipped fmnist-clutter-ssl (8 x 8 tokens of the 32 px
+    canvases, pooled onto the 4 x 4 flow grid), evaluated with the shipped fmnist-clutter-cnn against the variant's
+    training split; nothing is trained or downloaded."""
+    from rrepa.training.config import resolve
+
+    monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = resolve("fmnist-clutter", overrides=[
+        "train.precision=fp32", "model.patch_size=8", "model.width=32", "model.head_dim=16", "model.num_blocks=2",
+        "model.layers_per_block=1", "optim.batch_size=8", "optim.warmup_steps=2", "train.steps=3",
+        "train.ckpt_every=3", "train.sample_every=0", "train.sample_rows=1", "train.eval_every=3",
+        "train.eval_samples=10", "train.eval_batch_size=5", "train.eval_test_images=8", "train.eval_bpd=false",
+        f"data.path={data}", "align.enabled=true", "align.positions=[[2, 1]]", "align.projector_hidden=32"])
+    run = tmp_path / "run"
+    train(cfg, run, device="cpu")
+    r = rows(run)
+    assert all(x["align_loss"] == x["align_loss"] for x in r if "align_loss" in x) and "align_loss" in r[0]
+    (last,) = [x for x in r if "eval_fid" in x]
+    assert last["eval_feature_network"] == "fmnist-cnn@618a048268" and last["eval_num_samples"] == 10
+    assert "against fmnist-clutter-32px-seed0:train" in capsys.readouterr().out
+    ckpt = load_checkpoint(run / "ckpt-0000003.pt")["config"]
+    assert ckpt["align"]["encoder_weights"] == "fmnist-clutter-ssl" and ckpt["data"]["name"] == "fmnist-clutter"
+    assert not (tmp_path / "cache" / "encoders").exists() and not (tmp_path / "cache" / "evaluator").exists()

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from rrepa.align.encoder_base import FrozenEncoder, resize_square
 from rrepa.flow.checkpoint import load_state_checked
 from rrepa.fmnist.encoder import EMBEDDED_NAME, load_embedded
-from rrepa.fmnist.shipped import shipped
+from rrepa.fmnist.shipped import resolve_weights, shipped
 from rrepa.utils import is_offline
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -209,10 +209,11 @@ def encoder_names() -> list[str]:
 
 def build_encoder(name: str, weights: str | os.PathLike | None = None, image_size: int | None = None,
                   device: str | torch.device = "cpu", *, model_kwargs: dict | None = None) -> FrozenEncoder:
-    """A frozen encoder by name: 'fmnist-ssl' (weights: its .safetensors file, default the copy rrepa ships,
-    rrepa.fmnist.shipped) or a DINOv2 name (weights: Meta's .pth or timm's file; image_size: the side images are
+    """A frozen encoder by name: 'fmnist-ssl' (weights: its .safetensors file or a shipped network's name such as
+    fmnist-clutter-ssl, default the fmnist-ssl rrepa ships, rrepa.fmnist.shipped) or a DINOv2 name (weights: Meta's .pth or timm's file; image_size: the side images are
     resized to, a multiple of 14, default 224)."""
     if name == EMBEDDED_NAME:
+        weights = resolve_weights(weights)
         if image_size not in (None, 28):
             raise ValueError(f"{EMBEDDED_NAME} works at 28 x 28 (7 x 7 tokens); got image_size={image_size}")
         if weights is not None and not Path(weights).is_file():

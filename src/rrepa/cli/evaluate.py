@@ -26,7 +26,7 @@ from rrepa.cli.options import (
 from rrepa.distributed import resolve_device
 from rrepa.eval.inception import INCEPTION_FILENAME
 from rrepa.eval.npz import read_samples_npz
-from rrepa.eval.reference import DEFAULT_PR_MAX, reference_stats
+from rrepa.eval.reference import CLUTTER_REF, DEFAULT_PR_MAX, reference_stats
 from rrepa.eval.samples import build_feature_network, evaluate_samples, format_markdown
 from rrepa.fmnist.evaluator import default_evaluator_path, load_evaluator, train_and_save_evaluator
 from rrepa.training.run import samples_from_checkpoint
@@ -71,9 +71,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             raise ValueError(f"{args.samples} holds {images.shape[0]} samples; the metrics need at least {least} "
                              f"(FID needs 2, precision / recall with --k {args.k} need {args.k + 1}; thousands give "
                              f"stable figures)")
-    if args.ref.startswith("fmnist:") and tuple(images.shape[1:]) != (28, 28, 1):
+    clutter = CLUTTER_REF.fullmatch(args.ref)
+    side = int(clutter.group(1)) if clutter else 28
+    if (args.ref.startswith("fmnist:") or clutter) and tuple(images.shape[1:]) != (side, side, 1):
         N, H, W, C = images.shape
-        raise ValueError(f"the samples are {C} x {H} x {W} images but --ref {args.ref} holds 1 x 28 x 28 Fashion-MNIST "
+        raise ValueError(f"the samples are {C} x {H} x {W} images but --ref {args.ref} holds 1 x {side} x {side} "
                          f"images; compare samples with a reference of their own shape (--ref an npz of such images)")
     net = build_feature_network(args.features, inception_weights=args.inception_weights,
                                 evaluator_weights=args.evaluator_weights, device=device,
@@ -142,7 +144,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=finite_float, default=1.0, help="with --ckpt: std of the prior noise")
     p.add_argument("--sample-batch-size", type=int, default=100, help="with --ckpt: samples per batch")
     p.add_argument("--ref", required=True,
-                   help="fmnist:train, fmnist:test, an npz of images (arr_0) or of statistics (mu, sigma[, mu_s, "
+                   help="fmnist:train, fmnist:test, a split of fmnist-clutter (fmnist-clutter-32px-seed0:train), an "
+                        "npz of images (arr_0) or of statistics (mu, sigma[, mu_s, "
                         "sigma_s]; ADM's reference batches hold both)")
     p.add_argument("--features", choices=("fmnist", "inception"), default="fmnist",
                    help="feature network: the embedded Fashion-MNIST CNN (default, offline) or FID-Inception")

@@ -1,6 +1,7 @@
 """Reference statistics: what the samples are compared with, under one feature network.
 
-``reference_stats(spec, net)``: ``spec`` is ``fmnist:train`` / ``fmnist:test``, an npz of images (ADM's
+``reference_stats(spec, net)``: ``spec`` is ``fmnist:train`` / ``fmnist:test``, a split of the cluttered variant
+(``fmnist-clutter-32px-seed0:train``, ``clutter_ref``; size and seed as data.image_size and data.clutter_seed), an npz of images (ADM's
 ``arr_0``, uint8 NHWC), or an npz of statistics (ADM's ``mu``, ``sigma``, ``mu_s``, ``sigma_s``, or one written
 by ``ReferenceStats.save``, which adds ``network``, ``feats``, ``num_images``, ``source``, ``key``). An ADM
 reference batch holding both uses its stored statistics for FID / sFID and the features of ``arr_0`` for
@@ -24,9 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from rrepa import utils
+from rrepa.data.clutter import VERSION as CLUTTER_VERSION
+from rrepa.data.clutter import cluttered
 from rrepa.eval.fid import feature_stats
 from rrepa.eval.inception import INCEPTION_FEATURE_DIM, INCEPTION_NAME
 from rrepa.eval.npz import open_npz, read_samples_npz
@@ -37,6 +41,12 @@ logger = logging.getLogger(__name__)
 
 STATS_VERSION = 1
 DEFAULT_PR_MAX = 10000
+CLUTTER_REF = re.compile(r"fmnist-clutter-(\d+)px-seed(\d+):(train|test)")
+
+
+def clutter_ref(image_size: int, clutter_seed: int, split: str = "train") -> str:
+    """The reference spec of a split of fmnist-clutter (rrepa.data.clutter) at that canvas size and seed."""
+    return f"fmnist-clutter-{image_size}px-seed{clutter_seed}:{split}"
 
 
 @dataclass
@@ -158,7 +168,7 @@ def _stats_from_images(source: str, fingerprint: str, net, load_images: Callable
     key = json.dumps({"v": STATS_VERSION, "source": source, "fingerprint": fingerprint, "network": net.name,
                       "pr_max": pr_max}, sort_keys=True)
     folder = Path(cache_dir) if cache_dir is not None else stats_cache_dir()
-    src_slug = _slug(source) if source.startswith("fmnist:") else \
+    src_slug = _slug(source) if source.startswith(("fmnist:", "fmnist-clutter-")) else \
         f"{_slug(Path(source).stem)}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
     path = folder / f"{src_slug}--{_slug(net.name)}.npz"
     if cache and path.is_file():
@@ -196,18 +206,31 @@ def reference_stats(ref, net, *, cache: bool = True, cache_dir: str | os.PathLik
         return ref
     spec = str(ref)
     kw = dict(cache=cache, cache_dir=cache_dir, pr_max=pr_max, batch_size=batch_size, progress=progress)
-    if spec == "fmnist" or spec.startswith("fmnist:"):
-        split = spec.partition(":")[2] or "train"
+    clutter = CLUTTER_REF.fullmatch(spec)
+    if spec == "fmnist" or spec.startswith("fmnist:") or clutter:
+        split = clutter.group(3) if clutter else spec.partition(":")[2] or "train"
         if split not in FASHION_MNIST_FILES:
             raise ValueError(f"--ref {spec}: the Fashion-MNIST split must be train or test")
         folder = find_fashion_mnist(data_dir)
         files = [idx_file(folder, stem) for stem in FASHION_MNIST_FILES[split]]
         fingerprint = "+".join(file_sha256(f) for f in files)
-        return _stats_from_images(f"fmnist:{split}", fingerprint, net,
-                                  lambda: load_fashion_mnist(folder, split)[0], **kw)
+        if not clutter:
+            return _stats_from_images(f"fmnist:{split}", fingerprint, net,
+                                      lambda: load_fashion_mnist(folder, split)[0], **kw)
+        size, seed = int(clutter.group(1)), int(clutter.group(2))
+
+        def canvases():
+            items = load_fashion_mnist(folder, split)[0].squeeze(1).numpy()
+            return torch.from_numpy(cluttered(items, seed, split, size))  # (N, 1, S, S): a tensor is NCHW
+
+        return _stats_from_images(spec, f"{fingerprint}+clutter-v{CLUTTER_VERSION}", net, canvases, **kw)
+    if spec.startswith("fmnist-clutter"):
+        raise ValueError(f"--ref {spec}: a split of fmnist-clutter is named like {clutter_ref(32, 0)} (canvas size "
+                         f"and clutter seed as data.image_size and data.clutter_seed)")
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"--ref {spec}: no such file (give fmnist:train, fmnist:test, an npz of images "
+        raise FileNotFoundError(f"--ref {spec}: no such file (give fmnist:train, fmnist:test, {clutter_ref(32, 0)}, "
+                                f"an npz of images "
                                 f"(arr_0) or an npz of statistics (mu, sigma))")
     with open_npz(path) as npz:
         files = set(npz.files)

@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from rrepa.data.datasets import DataConfig, build_dataset
 from rrepa.fmnist.dataset import find_fashion_mnist, load_fashion_mnist
-from rrepa.fmnist.shipped import shipped
+from rrepa.fmnist.shipped import resolve_weights, shipped
 from rrepa.precision import float32
 from rrepa.utils import Interrupted, as_nchw_uint8, atomic_write, cache_dir, deferred_interrupts, run_lock, torch_save
 
@@ -376,7 +376,9 @@ def load_evaluator(path: str | os.PathLike | None = None, *, device: str | torch
     """The embedded evaluator from ``path``, or, without one, the copy rrepa ships (rrepa.fmnist.shipped: the
     network every FID in the README and results/ was measured with; nothing is trained on first use). A path
     given explicitly (a pinned file, or one `rrepa evaluator train` wrote) that is missing is an error naming it.
-    ``log`` is accepted for the callers' uniformity; loading says nothing."""
+    ``log`` is accepted for the callers' uniformity; loading says nothing. ``path`` may name a shipped evaluator
+    (fmnist-clutter-cnn)."""
+    path = resolve_weights(path)
     if path is None:
         return load_evaluator_file(shipped(EVALUATOR_NAME), device=device, batch_size=batch_size)
     if not Path(path).is_file():

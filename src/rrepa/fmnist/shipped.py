@@ -1,7 +1,10 @@
-"""The three networks rrepa ships as package data, so that no command trains one on first use and every user
-measures with the same ones: the evaluator ``fmnist-cnn`` (FID, precision / recall, class accuracy), the alignment
-encoder ``fmnist-ssl`` and the autoencoder ``fmnist-vae`` of latent Fashion-MNIST. Their model cards are
-``weights/README.md`` beside this file.
+"""The networks rrepa ships as package data, so that no command trains one on first use and every user measures
+with the same ones: the evaluator ``fmnist-cnn`` (FID, precision / recall, class accuracy), the alignment encoder
+``fmnist-ssl`` and the autoencoder ``fmnist-vae`` of latent Fashion-MNIST; and the same evaluator and encoder
+designs trained on the cluttered variant (``fmnist-clutter-cnn``, ``fmnist-clutter-ssl``; rrepa.data.clutter, the
+fmnist-clutter preset). Their model cards are ``weights/README.md`` beside this file. Wherever a run or command
+takes an evaluator or encoder weights file (``train.eval_weights``, ``--evaluator-weights``,
+``align.encoder_weights``), a shipped network's name is accepted too (``resolve_weights``).
 
 Each lives under ``rrepa/fmnist/weights/`` with its content hash in its name, and its files' SHA-256 are recorded
 here: ``shipped(name)`` checks them (once per process) and returns the path, so a missing or damaged package file
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +48,13 @@ SHIPPED = {n.name: n for n in (
                     ("diffusion_pytorch_model.safetensors",
                      "27533e2df782383d5f5d13e27fd3e43a0dcd6001c1c55d104f4dd19d875eae05")),
                    "rrepa vae train", "data.vae=PATH"),
+    ShippedNetwork("fmnist-clutter-cnn", "fmnist-clutter-cnn-618a048268.safetensors",
+                   (("", "187628b55e8aeb789175564a28f6404c1b5e9177332219bd635ad0926a160061"),),
+                   "rrepa evaluator train --data fmnist-clutter --epochs 10",
+                   "--evaluator-weights PATH (train.eval_weights=PATH)"),
+    ShippedNetwork("fmnist-clutter-ssl", "fmnist-clutter-ssl-f623a3c78f.safetensors",
+                   (("", "f623a3c78f306d051497778a0eb628a073dcc379e8260c0d752f42a1bd9a4369"),),
+                   "rrepa encoder train --data fmnist-clutter", "align.encoder_weights=PATH"),
 )}
 
 
@@ -63,6 +74,12 @@ def shipped(name: str) -> Path:
         if _sha256(str(f), stat.st_size, stat.st_mtime_ns) != digest:
             raise ValueError(f"the shipped {name} file {f} is damaged (its SHA-256 is not the recorded one); {fix}")
     return root
+
+
+def resolve_weights(weights: str | os.PathLike | None) -> str | os.PathLike | None:
+    """A weights setting as a path: a shipped network's name becomes its checked file; anything else is returned
+    as given (a path, or None for the caller's default)."""
+    return shipped(str(weights)) if weights is not None and str(weights) in SHIPPED else weights
 
 
 @functools.lru_cache(maxsize=16)

@@ -16,7 +16,7 @@ from rrepa.data.latent_run import ImageSpace, eval_dataset
 from rrepa.distributed import Dist
 from rrepa.eval.bpd import evaluate_bpd
 from rrepa.eval.classify import evaluate as classify_images
-from rrepa.eval.reference import ReferenceStats, check_network, reference_stats
+from rrepa.eval.reference import ReferenceStats, check_network, clutter_ref, reference_stats
 from rrepa.eval.samples import build_feature_network, evaluate_features
 from rrepa.flow.sample import draw
 from rrepa.flow.tarflow import TARFlow
@@ -40,8 +40,8 @@ class InTrainingEval:
         weights = {"inception_weights" if t.eval_features == "inception" else "evaluator_weights": t.eval_weights}
         self.net = build_feature_network(t.eval_features, device=d.device, log=say, **weights)
         self.reference = ref = t.eval_ref or default_eval_ref(cfg)  # what the samples are compared with
-        self.ref = reference_stats(ref, self.net, data_dir=cfg.data.path if cfg.data.name == "fmnist" else None,
-                                   progress=True)
+        fmnist_dir = cfg.data.path if cfg.data.name in ("fmnist", "fmnist-clutter") else None
+        self.ref = reference_stats(ref, self.net, data_dir=fmnist_dir, progress=True)
         self.cfg, self.d = cfg, d
         self.test_set = None
         if t.eval_test_images and cfg.model.num_classes:
@@ -93,9 +93,12 @@ class InTrainingEval:
 
 
 def default_eval_ref(cfg: RunConfig) -> str:
-    """The training split as the reference of train.eval_every: fmnist:train, or the npz file of data.path."""
+    """The training split as the reference of train.eval_every: fmnist:train, fmnist-clutter's (e.g.
+    fmnist-clutter-32px-seed0:train), or the npz file of data.path."""
     if cfg.data.name == "fmnist":
         return "fmnist:train"
+    if cfg.data.name == "fmnist-clutter":
+        return clutter_ref(cfg.data.image_size, cfg.data.clutter_seed)
     if cfg.data.name == "npz" and cfg.data.path and Path(cfg.data.path).is_file():
         return cfg.data.path
     raise ValueError(f"train.eval_every needs reference images or statistics for {cfg.data.name} data: set "

@@ -67,6 +67,7 @@ from rrepa.flow.checkpoint import (
     save_weights,
     weights_step,
 )
+from rrepa.fmnist.shipped import SHIPPED, shipped
 from rrepa.flow.sample import grid_labels
 from rrepa.flow.tarflow import TARFlow
 from rrepa.precision import autocast as precision_autocast
@@ -472,13 +473,15 @@ def check_not_finished(run_dir: Path, cfg: RunConfig) -> None:
 
 
 def check_pinned_files(cfg: RunConfig) -> None:
-    """The weight files a config pins (train.eval_weights when evaluating, align.encoder_weights when aligning)
-    exist: a missing one is an error naming it, before anything is built or written, never a network trained in
+    """The weight files a config pins (train.eval_weights when evaluating, align.encoder_weights when aligning; a
+    path, or a shipped network's name, rrepa.fmnist.shipped) exist: a missing one is an error naming it, before anything is built or written, never a network trained in
     its place."""
     pinned = {"train.eval_weights": cfg.train.eval_weights if cfg.train.eval_every else None,
               "align.encoder_weights": cfg.align.encoder_weights if cfg.align.enabled else None}
     for key, value in pinned.items():
-        if value is not None and not Path(value).expanduser().is_file():
+        if value is not None and value in SHIPPED:
+            shipped(value)  # a damaged package file fails here, before anything is written
+        elif value is not None and not Path(value).expanduser().is_file():
             raise FileNotFoundError(f"{key}={value} does not exist (a relative path is relative to the current "
                                     f"folder, {Path.cwd()}); give the path of an existing file, or drop the key to "
                                     f"use the default network")
