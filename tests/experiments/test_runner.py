@@ -469,21 +469,30 @@ def test_a_grid_that_would_log_no_evaluation_is_refused_up_front(tmp_path):
 @pytest.mark.parametrize("change, ok", [
     ({"seeds": [0, 1]}, True),  # a new seed
     ({"arms": {"baseline": [], "fast": ["optim.lr=3e-3"]}}, True),  # a new arm
-    ({"arms": {"baseline": ["optim.lr=3e-3"]}}, False),  # a cell that ran, changed
-    ({"arms": {"fast": ["optim.lr=3e-3"]}}, False),  # a cell that ran, dropped
+    ({"arms": {"baseline": [], "wide": ["model.width=64"]}}, True),  # a cell that never started, dropped
+    ({"arms": {"baseline": ["optim.lr=3e-3"], "idle": []}}, False),  # a cell that ran, changed
+    ({"arms": {"fast": ["optim.lr=3e-3"], "idle": []}}, False),  # a cell that ran, dropped
 ])
-def test_a_grid_may_gain_arms_or_seeds_but_not_change_what_ran(tmp_path, change, ok):
+def test_a_grid_may_change_only_where_nothing_ran(tmp_path, change, ok):
+    """baseline-s0 ran (a run folder), idle-s0 never started: new arms or seeds and dropping idle are allowed, a
+    change to baseline is refused."""
     from rrepa.experiments.runner import _check_extends
 
-    ran = {"preset": "fmnist", "seeds": [0], "set": ["model.width=32", "model.head_dim=16"], "arms": {"baseline": []}}
+    ran = {"preset": "fmnist", "seeds": [0], "set": ["model.width=32", "model.head_dim=16"],
+           "arms": {"baseline": [], "idle": ["optim.lr=1e-2"]}}
     (tmp_path / "configs").mkdir()
     for c in grid_from_dict(ran).cells():
         (tmp_path / "configs" / f"{c.name}.yaml").write_text(c.cfg.to_yaml())
+    (tmp_path / "runs" / "baseline-s0").mkdir(parents=True)
     logs = []
     cells = grid_from_dict({**ran, **change}).cells()
     if ok:
-        _check_extends(tmp_path, cells, tmp_path / "grid.yaml", Path("new.yaml"), logs.append)
-        assert logs == [f"new.yaml extends the grid in {tmp_path}: {len(cells) - 1} new cell(s)"]
+        _check_extends(tmp_path, tmp_path / "runs", cells, tmp_path / "grid.yaml", Path("new.yaml"), logs.append)
+        names = {c.name for c in cells}
+        added, dropped = len(names - {"baseline-s0", "idle-s0"}), int("idle-s0" not in names)
+        assert logs == [f"new.yaml changes the grid in {tmp_path} where nothing ran: {added} cell(s) added, {dropped} "
+                        f"that never started dropped, the 1 that ran kept"]
+        assert ("idle-s0" in names) == (tmp_path / "configs" / "idle-s0.yaml").exists()
     else:
-        with pytest.raises(ValueError, match="cell baseline-s0 is missing or resolves differently"):
-            _check_extends(tmp_path, cells, tmp_path / "grid.yaml", Path("new.yaml"), logs.append)
+        with pytest.raises(ValueError, match="cell baseline-s0 ran and is missing or resolves differently"):
+            _check_extends(tmp_path, tmp_path / "runs", cells, tmp_path / "grid.yaml", Path("new.yaml"), logs.append)

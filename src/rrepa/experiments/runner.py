@@ -249,7 +249,7 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
         stored = out / GRID_COPY
         if stored.is_file() and grid_from_dict(yaml.safe_load(stored.read_text()), str(stored)).to_dict() != \
                 grid.to_dict():
-            _check_extends(out, cells, stored, grid_file, log)
+            _check_extends(out, runs, cells, stored, grid_file, log)
         atomic_write(stored, lambda tmp: Path(tmp).write_text(yaml.safe_dump(grid.to_dict(), sort_keys=False)))
         _ignore_local_files(out, runs)
         configs = out / "configs"
@@ -275,17 +275,28 @@ def _ignore_local_files(out: Path, runs: Path) -> None:
     atomic_write(out / ".gitignore", lambda tmp: Path(tmp).write_text("".join(f"{n}\n" for n in names)))
 
 
-def _check_extends(out: Path, cells: list[Cell], stored: Path, grid_file: Path, log: Callable[[str], None]) -> None:
-    """A changed grid file may extend the grid in `out` (new arms or seeds) but not change or drop a cell it ran:
-    every stored cell config must reappear, identical, among `cells`; else ValueError."""
+def _check_extends(out: Path, runs: Path, cells: list[Cell], stored: Path, grid_file: Path,
+                   log: Callable[[str], None]) -> None:
+    """A changed grid file may change the grid in `out` where nothing ran (new arms or seeds, or dropping a cell
+    that never started) but not change or drop a cell that ran (it has a run folder or an evaluation logged):
+    each such cell's stored config must reappear, identical, among `cells`; else ValueError. A cell that never
+    started and is dropped loses its stored config."""
     new = {c.name: c.cfg.to_yaml() for c in cells}
-    old = sorted((out / "configs").glob("*.yaml"))
-    changed = [p.stem for p in old if new.get(p.stem) != p.read_text()]
-    if changed or not old:
-        what = f"cell {changed[0]} is missing or resolves differently" if changed else "it has no cell configs"
+    logged = {f"{r['arm']}-s{r['seed']}" for r in read_evals(out / EVALS)} if (out / EVALS).is_file() else set()
+    stored_configs = sorted((out / "configs").glob("*.yaml"))
+    ran = [p for p in stored_configs if (runs / p.stem).exists() or p.stem in logged]
+    changed = [p.stem for p in ran if new.get(p.stem) != p.read_text()]
+    if changed:
+        what = f"cell {changed[0]} ran and is missing or resolves differently"
         raise ValueError(f"{out} holds the results of another grid ({stored} differs from {grid_file}: {what}); "
-                         f"a grid may only gain arms or seeds; choose another --out, or delete {out} to start over")
-    log(f"{grid_file} extends the grid in {out}: {len(new) - len(old)} new cell(s)")
+                         f"a grid may only gain arms or seeds, or drop cells that never started; choose another "
+                         f"--out, or delete {out} to start over")
+    dropped = [p for p in stored_configs if p.stem not in new]
+    for p in dropped:
+        p.unlink()  # a cell that never started
+    added = set(new) - {p.stem for p in stored_configs}
+    log(f"{grid_file} changes the grid in {out} where nothing ran: {len(added)} cell(s) added, {len(dropped)} that "
+        f"never started dropped, the {len(ran)} that ran kept")
 
 
 def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int, threads: int, poll: float,
