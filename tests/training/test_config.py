@@ -9,11 +9,30 @@ import yaml
 from rrepa import cli
 from rrepa.flow.config import FlowConfig
 from rrepa.flow.tarflow import TARFlow
-from rrepa.training.config import PRESETS, RunConfig, merge, preset_model, resolve, valid_keys
+from rrepa.training.config import DEFAULT_PRESET, PRESETS, RunConfig, merge, preset_model, resolve, valid_keys
 
 
-def test_preset_is_the_default_and_lists_only_what_differs():
+def test_the_default_job_is_the_recipe_chosen_by_measurement():
+    """`rrepa train` without a preset (and resolve()) is the default job of results/fmnist-recipe: fmnist-latent's
+    model and data with the shipped VAE, a wsd schedule at lr 3e-3, bf16 where native, and one evaluation at its last
+    step with the goal's protocol; the sample grid at guidance 2, temperature 0.8."""
+    from rrepa.cli import build_parser
+
     cfg = resolve()
+    assert build_parser().parse_args(["train"]).preset is None  # cli.train resolves None to DEFAULT_PRESET
+    assert cfg == resolve(DEFAULT_PRESET) and DEFAULT_PRESET == "default"
+    latent = resolve("fmnist-latent")
+    assert (cfg.model, cfg.data, cfg.align) == (latent.model, latent.data, latent.align) and cfg.data.vae == "fmnist-vae"
+    assert (cfg.optim.schedule, cfg.optim.lr, cfg.optim.batch_size) == ("wsd", 3e-3, 128)
+    t = cfg.train
+    assert (t.steps, t.precision, t.eval_every, t.eval_samples, t.eval_guidance, t.eval_test_images) == \
+        (1200, "auto", 1200, 5000, 0.0, 2000)
+    assert (t.eval_features, t.eval_weights, t.eval_ref) == ("fmnist", None, None)  # the shipped evaluator, fmnist:train
+    assert (t.sample_guidance, t.sample_temperature) == (2.0, 0.8)
+
+
+def test_preset_lists_only_what_differs():
+    cfg = resolve("fmnist")
     assert cfg.model == FlowConfig(in_channels=1, image_height=28, image_width=28, patch_size=4, width=128,
                                    num_blocks=4, layers_per_block=2, num_classes=10)
     assert cfg.data.name == "fmnist"
@@ -90,7 +109,7 @@ def test_preset_shapes():
 
 def test_image_size_must_match_the_model():
     with pytest.raises(ValueError, match="data.image_size 32 does not match the model's 28 x 28"):
-        resolve(overrides=["data.image_size=32"])
+        resolve("fmnist", overrides=["data.image_size=32"])
 
 
 def test_yaml_then_set_precedence_and_types(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rrepa.cli.options import add_data_dir, add_device
-from rrepa.training.config import resolve
+from rrepa.training.config import DEFAULT_PRESET, resolve
 from rrepa.training.loop import train
 from rrepa.training.run import stored_config
 
@@ -31,7 +31,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                              "(--set still applies, e.g. --set train.steps=20000)")
         cfg = stored_config(args.resume, args.set)
     else:
-        cfg = resolve(args.preset or "fmnist", args.config, args.set)
+        cfg = resolve(args.preset or DEFAULT_PRESET, args.config, args.set)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return
@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a TARFlow (preset + --config YAML + --set key=value)",
                        description="Train a TARFlow. The config is the preset, then --config, then each --set; "
                                    "runs under torchrun as DDP.")
-    p.add_argument("--preset", default=None, help="model and run preset (default fmnist; see `rrepa presets`)")
+    p.add_argument("--preset", default=None, help=f"model and run preset (default {DEFAULT_PRESET}: the default job, "
+                                                     f"latent Fashion-MNIST; see `rrepa presets`)")
     p.add_argument("--config", help="YAML file with sections model:, data:, optim:, train: (only what differs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. --set optim.lr=3e-4 --set model.width=256 (repeatable)")
