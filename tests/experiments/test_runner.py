@@ -496,3 +496,22 @@ def test_a_grid_may_change_only_where_nothing_ran(tmp_path, change, ok):
     else:
         with pytest.raises(ValueError, match="cell baseline-s0 ran and is missing or resolves differently"):
             _check_extends(tmp_path, tmp_path / "runs", cells, tmp_path / "grid.yaml", Path("new.yaml"), logs.append)
+
+
+def test_report_of_a_recipe_search_compares_each_arm_at_its_own_last_step(tmp_path):
+    """Arms of different train.steps (experiments/fmnist-recipe.yaml) are each shown at their own configured last
+    step, with a step column; an arm still training shows dashes there, not an earlier evaluation."""
+    rows = [{"arm": "short", "seed": 0, "step": 1200, "fid": 30.0, "class_accuracy": 0.8},
+            {"arm": "long", "seed": 0, "step": 1200, "fid": 40.0}, {"arm": "long", "seed": 0, "step": 1800, "fid": 25.0},
+            {"arm": "unfinished", "seed": 0, "step": 900, "fid": 50.0}]
+    write_jsonl(tmp_path / "evals.jsonl", rows)
+    write_grid_file(tmp_path, ("short", "long", "unfinished"))
+    (tmp_path / "configs").mkdir()
+    for arm, steps in (("short", 1200), ("long", 1800), ("unfinished", 2400)):
+        (tmp_path / "configs" / f"{arm}-s0.yaml").write_text(yaml.safe_dump({"train": {"steps": steps}}))
+    text = write_report(tmp_path).read_text()
+    section = text.split("## At each arm's last evaluation")[1].split("##")[0]
+    assert "| arm | step | seeds | FID |" in section
+    assert "| short | 1,200 | 1 | 30.0 (1 seed) |" in section and "| 80.0% (1 seed) |" in section
+    assert "| long | 1,800 | 1 | 25.0 (1 seed) |" in section
+    assert "| unfinished | 2,400 | 0 | — |" in section

@@ -33,7 +33,8 @@ from rrepa.utils import atomic_write
 
 # (key in evals.jsonl, column title, format, lower is better)
 METRICS = [("fid", "FID", "{:.1f}", True), ("precision", "precision", "{:.3f}", False),
-           ("recall", "recall", "{:.3f}", False), ("one_step_top1", "one-step top-1", "{:.1%}", False),
+           ("recall", "recall", "{:.3f}", False), ("class_accuracy", "class acc.", "{:.1%}", False),
+           ("one_step_top1", "one-step top-1", "{:.1%}", False),
            ("bayes_top1", "Bayes top-1", "{:.1%}", False), ("bpd", "bits/dim (true labels)", "{:.4f}", True),
            ("wall_min", "wall-clock (min)", "{:.0f}", True)]
 LEVEL = 0.95
@@ -173,15 +174,18 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
              f"the grid's); intervals are Welch 95 % confidence intervals of a difference of means, except in "
              f"the section paired by seed.", ""]
     lines += _grid_section(grid, arms, rows)
-    lines += [f"## At the last evaluation (step {final:,})", "",
-              "| arm | seeds | " + " | ".join(t for _, t, _, _ in METRICS) + " |",
-              "|---|---|" + "---|" * len(METRICS)]
+    # A grid whose arms train for different lengths (a recipe search) compares each arm at its own last step.
+    last = {a: _configured_steps(folder, a) or final for a in arms}
+    own = len(set(last.values())) > 1
+    lines += [f"## At each arm's last evaluation" if own else f"## At the last evaluation (step {final:,})", "",
+              "| arm | " + ("step | " if own else "") + "seeds | " + " | ".join(t for _, t, _, _ in METRICS) + " |",
+              "|---|" + ("---|" if own else "") + "---|" + "---|" * len(METRICS)]
     for a in arms:
-        at = tab[a].get(final, {})
+        at = tab[a].get(last[a] if own else final, {})
         n = max((len(v) for v in at.values()), default=0)
         cells = [_fmt(f, *mean_std(at[k]), len(at[k])) + (" per latent dim" if k == "bpd" and a in latent else "")
                  if at.get(k) else "—" for k, _, f, _ in METRICS]
-        lines.append(f"| {a} | {n} | " + " | ".join(cells) + " |")
+        lines.append(f"| {a} | " + (f"{last[a]:,} | " if own else "") + f"{n} | " + " | ".join(cells) + " |")
     if latent:
         lines += ["", f"Bits/dim of {', '.join(latent)} are bits per latent dimension (VAE latents plus the training "
                   "noise): not comparable with the pixel arms' bits/dim."]
@@ -301,6 +305,15 @@ def _grid_section(grid: dict, arms: list[str], rows: list[dict]) -> list[str]:
         preset = f"`--preset {spec['preset']}` " if "preset" in spec else ""
         out.append(f"| {a} | {preset}`{' '.join(spec.get('set', [])) or '(none)'}` | {seeds} |")
     return [*out, ""]
+
+
+def _configured_steps(folder: Path, arm: str) -> int | None:
+    """train.steps of an arm, from the resolved configs the runner stores (None without them)."""
+    for path in sorted((folder / "configs").glob(f"{arm}-s*.yaml")):
+        if path.stem.rpartition("-s")[0] == arm:
+            steps = (yaml.safe_load(path.read_text()) or {}).get("train", {}).get("steps")
+            return int(steps) if steps is not None else None
+    return None
 
 
 def _final_values(tab, arm: str, final: int, key: str) -> list[float]:
