@@ -136,3 +136,27 @@ def test_published_files_and_folders_get_the_umask_mode(tmp_path, umask, mask):
     folder = utils.temp_dir_beside(tmp_path / "cache")
     assert folder.parent == tmp_path and folder.name.startswith(".cache.tmp-")
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
+
+
+@pytest.mark.parametrize("gap, raises", [(0.0, False), (0.5, True)])
+def test_a_second_sigint_interrupts_at_once_unless_it_is_the_same_press(gap, raises):
+    """deferred_interrupts turns SIGINT into a flag; a second SIGINT within `same_press` seconds (Ctrl-C reaching a
+    grid's cell from the terminal and again from the runner) is the same press, a later one raises at once."""
+    import os
+    import signal
+    import time
+
+    with utils.deferred_interrupts(same_press=0.2) as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag and flag.signum == signal.SIGINT
+        time.sleep(gap)
+        if raises:
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)  # the handler runs between bytecodes of this thread
+        else:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)  # any later SIGTERM is absorbed: the stop is under way
+            time.sleep(0.01)
+        assert flag.signum == signal.SIGINT

@@ -19,6 +19,7 @@ import socket
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -339,26 +340,35 @@ class InterruptFlag:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.armed = True
+        self.at = 0.0  # time.monotonic() of the first signal
 
     def __bool__(self) -> bool:
         return self.signum is not None
 
 
 @contextlib.contextmanager
-def deferred_interrupts(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[InterruptFlag]:
+def deferred_interrupts(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
+                        same_press: float = 2.0) -> Iterator[InterruptFlag]:
     """Turn SIGINT / SIGTERM into a flag that a loop checks between steps, so that it stops in a consistent
     state (a KeyboardInterrupt raised inside an optimiser step would leave a half-updated model). A second
-    SIGINT raises KeyboardInterrupt at once, for a user who cannot wait for the step to end. Outside the
-    main thread (where signal handlers cannot be set) the flag is never set."""
+    SIGINT raises KeyboardInterrupt at once, for a user who cannot wait for the step to end, unless it comes
+    within `same_press` seconds of the first: Ctrl-C in a terminal reaches a whole process group, so a child of
+    `rrepa experiment run` gets it from the terminal and again from the runner, which forwards it; that pair is one
+    press, and the step still ends with its checkpoint. Outside the main thread (where signal handlers cannot be
+    set) the flag is never set."""
     flag = InterruptFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum, frame):
-        if not flag.armed or (flag.signum is not None and signum == signal.SIGINT):
+        if not flag.armed:
             raise KeyboardInterrupt
-        flag.signum = signum
+        if flag.signum is not None:
+            if signum == signal.SIGINT and time.monotonic() - flag.at > same_press:
+                raise KeyboardInterrupt
+            return
+        flag.signum, flag.at = signum, time.monotonic()
 
     previous = {s: signal.signal(s, handler) for s in signals}
     try:

@@ -474,8 +474,8 @@ def test_a_grid_that_would_log_no_evaluation_is_refused_up_front(tmp_path):
     ({"arms": {"fast": ["optim.lr=3e-3"], "idle": []}}, False),  # a cell that ran, dropped
 ])
 def test_a_grid_may_change_only_where_nothing_ran(tmp_path, change, ok):
-    """baseline-s0 ran (a run folder), idle-s0 never started: new arms or seeds and dropping idle are allowed, a
-    change to baseline is refused."""
+    """baseline-s0 ran (a checkpoint), idle-s0 was killed before its first: new arms or seeds and dropping idle are
+    allowed, a change to baseline is refused."""
     from rrepa.experiments.runner import _check_extends
 
     ran = {"preset": "fmnist", "seeds": [0], "set": ["model.width=32", "model.head_dim=16"],
@@ -484,6 +484,8 @@ def test_a_grid_may_change_only_where_nothing_ran(tmp_path, change, ok):
     for c in grid_from_dict(ran).cells():
         (tmp_path / "configs" / f"{c.name}.yaml").write_text(c.cfg.to_yaml())
     (tmp_path / "runs" / "baseline-s0").mkdir(parents=True)
+    (tmp_path / "runs" / "baseline-s0" / "ckpt-0000010.pt").write_bytes(b"")  # ran: a checkpoint
+    (tmp_path / "runs" / "idle-s0").mkdir()  # started, killed before its first checkpoint
     logs = []
     cells = grid_from_dict({**ran, **change}).cells()
     if ok:
@@ -491,7 +493,8 @@ def test_a_grid_may_change_only_where_nothing_ran(tmp_path, change, ok):
         names = {c.name for c in cells}
         added, dropped = len(names - {"baseline-s0", "idle-s0"}), int("idle-s0" not in names)
         assert logs == [f"new.yaml changes the grid in {tmp_path} where nothing ran: {added} cell(s) added, {dropped} "
-                        f"that never started dropped, the 1 that ran kept"]
+                        f"that never reached a checkpoint dropped, the 1 that ran kept"]
+        assert (tmp_path / "runs" / "idle-s0").is_dir() == ("idle-s0" in names)
         assert ("idle-s0" in names) == (tmp_path / "configs" / "idle-s0.yaml").exists()
     else:
         with pytest.raises(ValueError, match="cell baseline-s0 ran and is missing or resolves differently"):

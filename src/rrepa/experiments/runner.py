@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -278,13 +279,14 @@ def _ignore_local_files(out: Path, runs: Path) -> None:
 def _check_extends(out: Path, runs: Path, cells: list[Cell], stored: Path, grid_file: Path,
                    log: Callable[[str], None]) -> None:
     """A changed grid file may change the grid in `out` where nothing ran (new arms or seeds, or dropping a cell
-    that never started) but not change or drop a cell that ran (it has a run folder or an evaluation logged):
-    each such cell's stored config must reappear, identical, among `cells`; else ValueError. A cell that never
-    started and is dropped loses its stored config."""
+    that never reached a checkpoint) but not change or drop a cell that ran (it has a checkpoint or an evaluation
+    logged): each such cell's stored config must reappear, identical, among `cells`; else ValueError. A dropped
+    cell loses its stored config and its run folder (a few steps at most)."""
     new = {c.name: c.cfg.to_yaml() for c in cells}
     logged = {f"{r['arm']}-s{r['seed']}" for r in read_evals(out / EVALS)} if (out / EVALS).is_file() else set()
     stored_configs = sorted((out / "configs").glob("*.yaml"))
-    ran = [p for p in stored_configs if (runs / p.stem).exists() or p.stem in logged]
+    ran = [p for p in stored_configs if (runs / p.stem).is_dir() and list_checkpoints(runs / p.stem)
+           or p.stem in logged]
     changed = [p.stem for p in ran if new.get(p.stem) != p.read_text()]
     if changed:
         what = f"cell {changed[0]} ran and is missing or resolves differently"
@@ -293,10 +295,11 @@ def _check_extends(out: Path, runs: Path, cells: list[Cell], stored: Path, grid_
                          f"--out, or delete {out} to start over")
     dropped = [p for p in stored_configs if p.stem not in new]
     for p in dropped:
-        p.unlink()  # a cell that never started
+        p.unlink()
+        shutil.rmtree(runs / p.stem, ignore_errors=True)
     added = set(new) - {p.stem for p in stored_configs}
     log(f"{grid_file} changes the grid in {out} where nothing ran: {len(added)} cell(s) added, {len(dropped)} that "
-        f"never started dropped, the {len(ran)} that ran kept")
+        f"never reached a checkpoint dropped, the {len(ran)} that ran kept")
 
 
 def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int, threads: int, poll: float,
