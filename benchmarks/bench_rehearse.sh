@@ -9,14 +9,12 @@
 #   THREADS=16 DEVICE=cuda bash benchmarks/bench_rehearse.sh gpu-check/rehearsals
 #   BATCH=1 CHECKPOINTING=1 bash benchmarks/bench_rehearse.sh   # a 24 GB machine: batch 1, activation checkpointing
 #
-# Needs: the machine to itself (a 2-core CPU: imagenet256-latent took 530 s; imagenet64 and imagenet256-latent-p1
-# take longer than 40 min each, as their training and resume stages each end with a grid of 10 guided 1024-token
-# samples drawn token by token, over 20 min on that CPU). Memory: the probe's batch-2 step of a 1024-token preset peaks at ~17.3 GB; a training
-# step adds AdamW's two moments and the EMA (3 x 1.9 GB for 466 M parameters), which at batch 2 does not fit 24 GB
-# (killed by the OOM killer at 17.7 GB resident, 2026-12-06): use BATCH=1 there, and run nothing else beside it. The
-# end of the training stage draws a grid of 10 guided samples, whose denoising score step is a backward through 10
-# images: at 1024 tokens ~3.2 GB of activations each, which overflowed 24 GB even at batch 1 (24.4 GB resident);
-# CHECKPOINTING=1 trains with train.activation_checkpointing=true, which bounds that too (the probe still measures
+# Time, on a 2-core CPU with one thread (2026-12-07, beside other jobs): imagenet256-latent-p1 ~28 min and imagenet64
+# ~30 min, most of it the sample stages (4 guided samples of 1024 tokens: 13-14 min sequential, 4-7 min Jacobi); the
+# training stages draw no grid (train.sample_rows=0). Memory: the probe's batch-2 step of a 1024-token preset peaks
+# at ~15.6 GB; a training step adds AdamW's two moments and the EMA (3 x 1.9 GB for 466 M parameters), which at
+# batch 2 does not fit 24 GB (killed by the OOM killer at 17.7 GB resident, 2026-12-06): use BATCH=1 there, and run
+# nothing big beside it. CHECKPOINTING=1 trains with train.activation_checkpointing=true (the probe still measures
 # the plain step, and the plan checks the training stage against its checkpointed prediction). ~25 GB of disk under WORK (default /tmp/rrepa-rehearsals: data, ~0.5 GB of weights, one 7.5 GB
 # checkpoint per run; each preset's run folder is removed after its report is copied). The DDP stage is left out
 # at full size on a CPU (two 466 M-parameter processes need ~30 GB); add DDP=1 where memory allows (2 GPUs: NCCL).
