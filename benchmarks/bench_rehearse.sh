@@ -9,8 +9,8 @@
 #   THREADS=16 DEVICE=cuda bash benchmarks/bench_rehearse.sh gpu-check/rehearsals
 #   BATCH=1 CHECKPOINTING=1 bash benchmarks/bench_rehearse.sh   # a 24 GB machine: batch 1, activation checkpointing
 #
-# Time, on a 2-core CPU with one thread (2026-12-07, beside other jobs): imagenet256-latent-p1 ~28 min and imagenet64
-# ~30 min, most of it the sample stages (4 guided samples of 1024 tokens: 13-14 min sequential, 4-7 min Jacobi); the
+# Time, on a 2-core CPU with one thread (2026-12-07, beside other jobs): imagenet256-latent-p1 25 min and imagenet64
+# 29 min, most of it the sample stages (4 guided samples of 1024 tokens: 13-14 min sequential, 4-7 min Jacobi); the
 # training stages draw no grid (train.sample_rows=0). Memory: the probe's batch-2 step of a 1024-token preset peaks
 # at ~15.6 GB; a training step adds AdamW's two moments and the EMA (3 x 1.9 GB for 466 M parameters), which at
 # batch 2 does not fit 24 GB (killed by the OOM killer at 17.7 GB resident, 2026-12-06): use BATCH=1 there, and run
