@@ -505,7 +505,8 @@ def test_report_of_a_recipe_search_compares_each_arm_at_its_own_last_step(tmp_pa
     """Arms of different train.steps (experiments/fmnist-recipe.yaml) are each shown at their own configured last
     step, with a step column; an arm still training shows dashes there, not an earlier evaluation."""
     rows = [{"arm": "short", "seed": 0, "step": 1200, "fid": 30.0, "class_accuracy": 0.8},
-            {"arm": "long", "seed": 0, "step": 1200, "fid": 40.0}, {"arm": "long", "seed": 0, "step": 1800, "fid": 25.0},
+            {"arm": "long", "seed": 0, "step": 1200, "fid": 40.0},
+            {"arm": "long", "seed": 0, "step": 1800, "fid": 25.0},
             {"arm": "unfinished", "seed": 0, "step": 900, "fid": 50.0}]
     write_jsonl(tmp_path / "evals.jsonl", rows)
     write_grid_file(tmp_path, ("short", "long", "unfinished"))

@@ -53,7 +53,8 @@ def package_copy(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name, retrain", [("fmnist-cnn", "rrepa evaluator train"),
                                            ("fmnist-ssl", "rrepa encoder train"), ("fmnist-vae", "rrepa vae train"),
-                                           ("fmnist-clutter-cnn", "rrepa evaluator train --data fmnist-clutter --epochs 10"),
+                                           ("fmnist-clutter-cnn",
+                                            "rrepa evaluator train --data fmnist-clutter --epochs 10"),
                                            ("fmnist-clutter-ssl", "rrepa encoder train --data fmnist-clutter")])
 @pytest.mark.parametrize("fault", ["missing", "damaged"])
 def test_a_missing_or_damaged_file_names_the_retrain_command(package_copy, name, retrain, fault):

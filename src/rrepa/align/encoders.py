@@ -210,8 +210,8 @@ def encoder_names() -> list[str]:
 def build_encoder(name: str, weights: str | os.PathLike | None = None, image_size: int | None = None,
                   device: str | torch.device = "cpu", *, model_kwargs: dict | None = None) -> FrozenEncoder:
     """A frozen encoder by name: 'fmnist-ssl' (weights: its .safetensors file or a shipped network's name such as
-    fmnist-clutter-ssl, default the fmnist-ssl rrepa ships, rrepa.fmnist.shipped) or a DINOv2 name (weights: Meta's .pth or timm's file; image_size: the side images are
-    resized to, a multiple of 14, default 224)."""
+    fmnist-clutter-ssl, default the fmnist-ssl rrepa ships, rrepa.fmnist.shipped) or a DINOv2 name (weights: Meta's
+    .pth or timm's file; image_size: the side images are resized to, a multiple of 14, default 224)."""
     if name == EMBEDDED_NAME:
         weights = resolve_weights(weights)
         if image_size not in (None, 28):

@@ -177,7 +177,7 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
     # A grid whose arms train for different lengths (a recipe search) compares each arm at its own last step.
     last = {a: _configured_steps(folder, a) or final for a in arms}
     own = len(set(last.values())) > 1
-    lines += [f"## At each arm's last evaluation" if own else f"## At the last evaluation (step {final:,})", "",
+    lines += ["## At each arm's last evaluation" if own else f"## At the last evaluation (step {final:,})", "",
               "| arm | " + ("step | " if own else "") + "seeds | " + " | ".join(t for _, t, _, _ in METRICS) + " |",
               "|---|" + ("---|" if own else "") + "---|" + "---|" * len(METRICS)]
     for a in arms:

@@ -67,9 +67,9 @@ from rrepa.flow.checkpoint import (
     save_weights,
     weights_step,
 )
-from rrepa.fmnist.shipped import SHIPPED, shipped
 from rrepa.flow.sample import grid_labels
 from rrepa.flow.tarflow import TARFlow
+from rrepa.fmnist.shipped import SHIPPED, shipped
 from rrepa.precision import autocast as precision_autocast
 from rrepa.precision import describe as describe_precision
 from rrepa.precision import resolve_precision
@@ -294,7 +294,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
     say(f"done: {step} steps in {summary['wall_s'] / 60:.1f} min, {skipped} skipped; results in {run_dir}")
     if d.is_main:
         final_eval = last_eval if last_eval is not None and last_eval.get("step") == step else None
-        say(final_summary(run_dir, step, t.sample_guidance if t.sample_rows else None, final_eval, summary.get("bpd"), vae is not None,
+        grid_guidance = t.sample_guidance if t.sample_rows else None
+        say(final_summary(run_dir, step, grid_guidance, final_eval, summary.get("bpd"), vae is not None,
                           t.eval_guidance, evaluation.reference if final_eval else ""))
     return summary
 
@@ -474,8 +475,8 @@ def check_not_finished(run_dir: Path, cfg: RunConfig) -> None:
 
 def check_pinned_files(cfg: RunConfig) -> None:
     """The weight files a config pins (train.eval_weights when evaluating, align.encoder_weights when aligning; a
-    path, or a shipped network's name, rrepa.fmnist.shipped) exist: a missing one is an error naming it, before anything is built or written, never a network trained in
-    its place."""
+    path, or a shipped network's name, rrepa.fmnist.shipped) exist: a missing one is an error naming it, before
+    anything is built or written, never a network trained in its place."""
     pinned = {"train.eval_weights": cfg.train.eval_weights if cfg.train.eval_every else None,
               "align.encoder_weights": cfg.align.encoder_weights if cfg.align.enabled else None}
     for key, value in pinned.items():
