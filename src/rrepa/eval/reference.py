@@ -3,9 +3,9 @@
 ``reference_stats(spec, net)``: ``spec`` is ``fmnist:train`` / ``fmnist:test``, a split of the cluttered variant
 (``fmnist-clutter-32px-seed0:train``, ``clutter_ref``; size and seed as data.image_size and data.clutter_seed), an
 npz of images (ADM's ``arr_0``, uint8 NHWC), or an npz of statistics (ADM's ``mu``, ``sigma``, ``mu_s``,
-``sigma_s``, or one written by ``ReferenceStats.save``, which adds ``network``, ``feats``, ``num_images``, ``source``, ``key``). An ADM
-reference batch holding both uses its stored statistics for FID / sFID and the features of ``arr_0`` for
-precision and recall. Statistics computed from images are cached in
+``sigma_s``, or one written by ``ReferenceStats.save``, which adds ``network``, ``feats``, ``num_images``,
+``source``, ``key``). An ADM reference batch holding both uses its stored statistics for FID / sFID and the
+features of ``arr_0`` for precision and recall. Statistics computed from images are cached in
 ``$RREPA_CACHE_DIR/stats/<source>--<network>.npz`` (atomic write), keyed by the source (its name and the
 SHA-256 of its file content), the feature network's name and the precision/recall subset size; a cache file
 whose key differs is recomputed and overwritten. For precision / recall at most ``pr_max`` (10000) reference
