@@ -363,7 +363,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 # evaluation), so that no section falls back on a default meant for another dataset.
 # --------------------------------------------------------------------------------------------
 
-# The Fashion-MNIST presets share the default job's optimiser, loop and alignment: 2 CPU cores, at most 15 minutes.
+# The Fashion-MNIST presets share fmnist's optimiser, loop and alignment: 2 CPU cores, at most 15 minutes.
 FMNIST_OPTIM = {"lr": 1e-3, "warmup_steps": 100, "batch_size": 128, "min_lr_ratio": 0.05}
 # precision fp32, not auto: bf16 trains ~2x faster on CPUs with AMX / AVX512_BF16 (benchmarks/bench_precision.py), but
 # in results/fmnist-precision (2 seeds, paired) bf16 R-REPA lost 2.1 points of Bayes top-1 on both seeds, its whole
@@ -409,15 +409,11 @@ FMNIST_LATENT_DATA = {"name": "fmnist", "image_size": 28, "vae": "fmnist-vae"}
 DEFAULT_STEPS = 1500
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The default job (`rrepa train`, `make demo`), chosen by measurement (experiments/fmnist-recipe.yaml, its
-    # report results/fmnist-recipe/README.md): fmnist-latent's model on the shipped fmnist-vae's latents (latents
-    # beat pixels by ~100 FID at equal steps), a wsd schedule (constant lr, then a linear cool-down over the last
-    # 20 %: a cosine that spans a short run lowers the lr before the model has learnt) at a peak lr 3x fmnist's, for
-    # 1,500 steps of batch 128 (9 minutes of training on an idle 2-core Xeon; FID 25.7 in the search), bfloat16 where
-    # the CPU computes it natively (`auto`: the baseline lost nothing to it in results/fmnist-precision), and one
-    # evaluation at the end with the goal's protocol (5,000 samples at guidance 0 against fmnist:train, the shipped
-    # evaluator; one-step and Bayes top-1 and bits/dim of 2,000 test images). The grid keeps guidance 2, temperature
-    # 0.8.
+    # The default job (`rrepa train`, `make demo`), chosen by measurement (experiments/fmnist-recipe.yaml): latents of
+    # the shipped fmnist-vae (~100 FID ahead of pixels at equal steps); wsd (a cosine spanning a short run lowers the
+    # lr before the model has learnt) at 3x fmnist's peak lr; 1,500 steps of 128 (9 minutes on an idle 2-core Xeon);
+    # bf16 where native (the baseline lost nothing to it, results/fmnist-precision); one evaluation at the end with
+    # issue #30's protocol (5,000 samples at guidance 0 vs fmnist:train; classifiers and bits/dim of 2,000 test images).
     "default": {
         "model": FMNIST_LATENT_MODEL,
         "data": FMNIST_LATENT_DATA,
