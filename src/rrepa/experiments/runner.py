@@ -291,8 +291,8 @@ def _check_extends(out: Path, runs: Path, cells: list[Cell], stored: Path, grid_
     if changed:
         what = f"cell {changed[0]} ran and is missing or resolves differently"
         raise ValueError(f"{out} holds the results of another grid ({stored} differs from {grid_file}: {what}); "
-                         f"a grid may only gain arms or seeds, or drop cells that never started; choose another "
-                         f"--out, or delete {out} to start over")
+                         f"a grid may only gain arms or seeds, or drop cells that never reached a checkpoint; choose "
+                         f"another --out, or delete {out} to start over")
     dropped = [p for p in stored_configs if p.stem not in new]
     for p in dropped:
         p.unlink()
