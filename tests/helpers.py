@@ -24,10 +24,11 @@ NEEDS_FMNIST = ("needs Fashion-MNIST in /usr/share/datasets/fashion-mnist: run `
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RREPA_OFFLINE": "1"}
 
 
-def tiny(data: Path, *extra: str):
+def tiny(data: Path, *extra: str, preset: str = "fmnist"):
     """A 2-block, 1-layer flow over 16 tokens of 7 x 7 pixels, batch 8: a step takes milliseconds. float32 unless
-    extra says otherwise: `auto` would be bf16 on some machines and fp32 on others (tests/test_precision.py)."""
-    return resolve("fmnist", overrides=["train.precision=fp32",
+    extra says otherwise: `auto` would be bf16 on some machines and fp32 on others (tests/test_precision.py).
+    Another Fashion-MNIST preset shrinks the same way (extra sets a patch that divides its images)."""
+    return resolve(preset, overrides=["train.precision=fp32",
         "model.patch_size=7", "model.width=32", "model.head_dim=16", "model.num_blocks=2", "model.layers_per_block=1",
         "optim.batch_size=8", "optim.warmup_steps=2", "optim.lr=1e-3", "train.steps=6", "train.log_every=1",
         "train.sample_every=3", "train.ckpt_every=3", "train.sample_rows=1", "train.num_workers=0",

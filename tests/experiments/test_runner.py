@@ -476,7 +476,7 @@ def test_a_grid_that_would_log_no_evaluation_is_refused_up_front(tmp_path):
 def test_a_grid_may_change_only_where_nothing_ran(tmp_path, change, ok):
     """baseline-s0 ran (a checkpoint), idle-s0 was killed before its first: new arms or seeds and dropping idle are
     allowed, a change to baseline is refused."""
-    from rrepa.experiments.runner import _check_extends
+    from rrepa.experiments.runner import _check_grid_change
 
     ran = {"preset": "fmnist", "seeds": [0], "set": ["model.width=32", "model.head_dim=16"],
            "arms": {"baseline": [], "idle": ["optim.lr=1e-2"]}}
@@ -489,7 +489,7 @@ def test_a_grid_may_change_only_where_nothing_ran(tmp_path, change, ok):
     logs = []
     cells = grid_from_dict({**ran, **change}).cells()
     if ok:
-        _check_extends(tmp_path, tmp_path / "runs", cells, tmp_path / "grid.yaml", Path("new.yaml"), logs.append)
+        _check_grid_change(tmp_path, tmp_path / "runs", cells, tmp_path / "grid.yaml", Path("new.yaml"), logs.append)
         names = {c.name for c in cells}
         added, dropped = len(names - {"baseline-s0", "idle-s0"}), int("idle-s0" not in names)
         assert logs == [f"new.yaml changes the grid in {tmp_path} where nothing ran: {added} cell(s) added, {dropped} "
@@ -498,7 +498,8 @@ def test_a_grid_may_change_only_where_nothing_ran(tmp_path, change, ok):
         assert ("idle-s0" in names) == (tmp_path / "configs" / "idle-s0.yaml").exists()
     else:
         with pytest.raises(ValueError, match="cell baseline-s0 ran and is missing or resolves differently"):
-            _check_extends(tmp_path, tmp_path / "runs", cells, tmp_path / "grid.yaml", Path("new.yaml"), logs.append)
+            _check_grid_change(tmp_path, tmp_path / "runs", cells, tmp_path / "grid.yaml", Path("new.yaml"),
+                               logs.append)
 
 
 def test_report_of_a_recipe_search_compares_each_arm_at_its_own_last_step(tmp_path):

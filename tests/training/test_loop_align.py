@@ -305,15 +305,10 @@ def test_the_clutter_preset_aligns_to_and_is_evaluated_by_its_shipped_networks(d
     """`--preset fmnist-clutter` shrunk: R-REPA towards the shipped fmnist-clutter-ssl (8 x 8 tokens of the 32 px
     canvases, pooled onto the 4 x 4 flow grid), evaluated with the shipped fmnist-clutter-cnn against the variant's
     training split; nothing is trained or downloaded."""
-    from rrepa.training.config import resolve
-
     monkeypatch.setenv("RREPA_CACHE_DIR", str(tmp_path / "cache"))
-    cfg = resolve("fmnist-clutter", overrides=[
-        "train.precision=fp32", "model.patch_size=8", "model.width=32", "model.head_dim=16", "model.num_blocks=2",
-        "model.layers_per_block=1", "optim.batch_size=8", "optim.warmup_steps=2", "train.steps=3",
-        "train.ckpt_every=3", "train.sample_every=0", "train.sample_rows=1", "train.eval_every=3",
-        "train.eval_samples=10", "train.eval_batch_size=5", "train.eval_test_images=8", "train.eval_bpd=false",
-        f"data.path={data}", "align.enabled=true", "align.positions=[[2, 1]]", "align.projector_hidden=32"])
+    cfg = tiny(data, "model.patch_size=8", "train.steps=3", "train.sample_every=0", "train.eval_every=3",
+               "train.eval_samples=10", "train.eval_batch_size=5", "train.eval_test_images=8", "train.eval_bpd=false",
+               "align.enabled=true", "align.positions=[[2, 1]]", "align.projector_hidden=32", preset="fmnist-clutter")
     run = tmp_path / "run"
     train(cfg, run, device="cpu")
     r = rows(run)

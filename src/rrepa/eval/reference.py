@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from rrepa import utils
 from rrepa.data.clutter import VERSION as CLUTTER_VERSION
-from rrepa.data.clutter import cluttered
+from rrepa.data.datasets import DataConfig, build_dataset
 from rrepa.eval.fid import feature_stats
 from rrepa.eval.inception import INCEPTION_FEATURE_DIM, INCEPTION_NAME
 from rrepa.eval.npz import open_npz, read_samples_npz
@@ -217,13 +216,10 @@ def reference_stats(ref, net, *, cache: bool = True, cache_dir: str | os.PathLik
         if not clutter:
             return _stats_from_images(f"fmnist:{split}", fingerprint, net,
                                       lambda: load_fashion_mnist(folder, split)[0], **kw)
-        size, seed = int(clutter.group(1)), int(clutter.group(2))
-
-        def canvases():
-            items = load_fashion_mnist(folder, split)[0].squeeze(1).numpy()
-            return torch.from_numpy(cluttered(items, seed, split, size))  # (N, 1, S, S): a tensor is NCHW
-
-        return _stats_from_images(spec, f"{fingerprint}+clutter-v{CLUTTER_VERSION}", net, canvases, **kw)
+        variant = DataConfig(name="fmnist-clutter", path=str(folder), image_size=int(clutter.group(1)),
+                             clutter_seed=int(clutter.group(2)))
+        return _stats_from_images(spec, f"{fingerprint}+clutter-v{CLUTTER_VERSION}", net,
+                                  lambda: build_dataset(variant, split).images, **kw)
     if spec.startswith("fmnist-clutter"):
         raise ValueError(f"--ref {spec}: a split of fmnist-clutter is named like {clutter_ref(32, 0)} (canvas size "
                          f"and clutter seed as data.image_size and data.clutter_seed)")

@@ -250,7 +250,7 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
         stored = out / GRID_COPY
         if stored.is_file() and grid_from_dict(yaml.safe_load(stored.read_text()), str(stored)).to_dict() != \
                 grid.to_dict():
-            _check_extends(out, runs, cells, stored, grid_file, log)
+            _check_grid_change(out, runs, cells, stored, grid_file, log)
         atomic_write(stored, lambda tmp: Path(tmp).write_text(yaml.safe_dump(grid.to_dict(), sort_keys=False)))
         _ignore_local_files(out, runs)
         configs = out / "configs"
@@ -276,7 +276,7 @@ def _ignore_local_files(out: Path, runs: Path) -> None:
     atomic_write(out / ".gitignore", lambda tmp: Path(tmp).write_text("".join(f"{n}\n" for n in names)))
 
 
-def _check_extends(out: Path, runs: Path, cells: list[Cell], stored: Path, grid_file: Path,
+def _check_grid_change(out: Path, runs: Path, cells: list[Cell], stored: Path, grid_file: Path,
                    log: Callable[[str], None]) -> None:
     """A changed grid file may change the grid in `out` where nothing ran (new arms or seeds, or dropping a cell
     that never reached a checkpoint) but not change or drop a cell that ran (it has a checkpoint or an evaluation

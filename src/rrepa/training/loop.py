@@ -69,7 +69,7 @@ from rrepa.flow.checkpoint import (
 )
 from rrepa.flow.sample import grid_labels
 from rrepa.flow.tarflow import TARFlow
-from rrepa.fmnist.shipped import SHIPPED, shipped
+from rrepa.fmnist.shipped import resolve_weights
 from rrepa.precision import autocast as precision_autocast
 from rrepa.precision import describe as describe_precision
 from rrepa.precision import resolve_precision
@@ -479,10 +479,8 @@ def check_pinned_files(cfg: RunConfig) -> None:
     anything is built or written, never a network trained in its place."""
     pinned = {"train.eval_weights": cfg.train.eval_weights if cfg.train.eval_every else None,
               "align.encoder_weights": cfg.align.encoder_weights if cfg.align.enabled else None}
-    for key, value in pinned.items():
-        if value is not None and value in SHIPPED:
-            shipped(value)  # a damaged package file fails here, before anything is written
-        elif value is not None and not Path(value).expanduser().is_file():
+    for key, value in pinned.items():  # a shipped name resolves to its checked file (a damaged one fails here)
+        if value is not None and not Path(resolve_weights(value)).expanduser().is_file():
             raise FileNotFoundError(f"{key}={value} does not exist (a relative path is relative to the current "
                                     f"folder, {Path.cwd()}); give the path of an existing file, or drop the key to "
                                     f"use the default network")
