@@ -4,6 +4,7 @@ import gc
 import weakref
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from rrepa import distributed
@@ -35,3 +36,27 @@ def test_teardown_frees_cyclic_garbage_while_the_group_is_alive(tmp_path, wait):
             dist.destroy_process_group()
     assert alive_at_death == [True]  # freed, and while the group still existed
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(("world_size", "rank", "device", "raised"), [
+    (2, 0, "cpu", True),  # rank 0 alone: the waiting rank's cores too
+    (2, 1, "cpu", False),  # the waiting rank keeps its share
+    (1, 0, "cpu", False),  # a single process has every core already
+    (2, 0, "meta", False),  # not a CPU run (GPUs): threads are not its budget
+])
+def test_all_cores_lends_rank_0_the_machine_and_gives_it_back(monkeypatch, world_size, rank, device, raised):
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: 6)
+    share = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        d = distributed.Dist(rank=rank, local_rank=rank, world_size=world_size, device=torch.device(device))
+        with distributed.all_cores(d):
+            inside = torch.get_num_threads()
+        after = torch.get_num_threads()
+        with pytest.raises(RuntimeError), distributed.all_cores(d):  # an error inside gives the cores back too
+            raise RuntimeError("evaluation failed")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(share)
+    assert inside == (6 if raised else 3)
+    assert after == 3

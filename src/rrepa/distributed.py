@@ -89,6 +89,25 @@ def process_group(device: str = "auto") -> Iterator[Dist]:
     teardown()
 
 
+@contextlib.contextmanager
+def all_cores(d: Dist) -> Iterator[None]:
+    """Rank 0's solo work (evaluation, sample grids) on every core of the machine, then its share again.
+
+    Under CPU DDP each process has cores // local processes threads (setup). While rank 0 evaluates or draws
+    a grid, the others block in their next collective, and gloo waits without spinning (measured: a waiting
+    rank used no CPU during a 60 s evaluation), so their cores would idle. Nothing changes on GPU or in a
+    single process."""
+    if d.world_size == 1 or d.device.type != "cpu" or not d.is_main:
+        yield
+        return
+    share = torch.get_num_threads()
+    torch.set_num_threads(max(share, os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(share)
+
+
 def all_reduce_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
     """Mean over processes of a tensor (identity in a single process)."""
     if d.world_size > 1:

@@ -502,6 +502,33 @@ def test_a_grid_may_change_only_where_nothing_ran(tmp_path, change, ok):
                                logs.append)
 
 
+def test_only_trains_some_arms_of_a_changed_grid_without_dropping_the_others(tmp_path, monkeypatch):
+    """--only picks the cells to train, not the grid: a cell of another arm that ran is neither "missing" from the
+    changed grid nor dropped with its run folder."""
+    from rrepa.experiments import runner as runner_module
+
+    ran = {"preset": "fmnist", "seeds": [0], "set": ["model.width=32", "model.head_dim=16", "train.eval_every=10"],
+           "arms": {"baseline": [], "idle": ["optim.lr=1e-2"]}}
+    grid_copy = tmp_path / "out" / "grid.yaml"
+    (tmp_path / "out" / "configs").mkdir(parents=True)
+    grid_copy.write_text(yaml.safe_dump(ran, sort_keys=False))
+    for c in grid_from_dict(ran).cells():
+        (tmp_path / "out" / "configs" / f"{c.name}.yaml").write_text(c.cfg.to_yaml())
+    for name, ckpt in (("baseline-s0", True), ("idle-s0", False)):
+        (tmp_path / "out" / "runs" / name).mkdir(parents=True)
+        if ckpt:  # ran: a checkpoint
+            (tmp_path / "out" / "runs" / name / "ckpt-0000010.pt").write_bytes(b"")
+    grown = tmp_path / "grown.yaml"  # a new arm, trained alone
+    grown.write_text(yaml.safe_dump({**ran, "arms": {**ran["arms"], "fast": ["optim.lr=3e-3"]}}, sort_keys=False))
+    trained = []
+    monkeypatch.setattr(runner_module, "_run", lambda cells, *a, **k: trained.extend(c.name for c in cells) or 0)
+    assert runner_module.run_grid(grown, tmp_path / "out", only=["fast"], probe=False, log=lambda m: None) == 0
+    assert trained == ["fast-s0"]
+    assert sorted(p.stem for p in (tmp_path / "out" / "configs").glob("*.yaml")) == ["baseline-s0", "fast-s0",
+                                                                                      "idle-s0"]
+    assert (tmp_path / "out" / "runs" / "idle-s0").is_dir()  # kept: the grid still has it
+
+
 def test_report_of_a_recipe_search_compares_each_arm_at_its_own_last_step(tmp_path):
     """Arms of different train.steps (experiments/fmnist-recipe.yaml) are each shown at their own configured last
     step, with a step column; an arm still training shows dashes there, not an earlier evaluation."""

@@ -227,7 +227,7 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
     if jobs < 1 or threads < 1:
         raise ValueError(f"--jobs and --threads must be >= 1, got {jobs} and {threads}")
     grid = load_grid(grid_file)
-    cells = grid.cells()
+    cells = everything = grid.cells()  # --only picks what to train; the grid's record is every cell
     if only:
         unknown = set(only) - set(grid.arms)
         if unknown:
@@ -250,12 +250,12 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
         stored = out / GRID_COPY
         if stored.is_file() and grid_from_dict(yaml.safe_load(stored.read_text()), str(stored)).to_dict() != \
                 grid.to_dict():
-            _check_grid_change(out, runs, cells, stored, grid_file, log)
+            _check_grid_change(out, runs, everything, stored, grid_file, log)
         atomic_write(stored, lambda tmp: Path(tmp).write_text(yaml.safe_dump(grid.to_dict(), sort_keys=False)))
         _ignore_local_files(out, runs)
         configs = out / "configs"
         configs.mkdir(exist_ok=True)
-        for c in cells:  # the resolved config of every cell, beside its results
+        for c in everything:  # the resolved config of every cell, beside its results
             atomic_write(configs / f"{c.name}.yaml", lambda tmp, c=c: Path(tmp).write_text(c.cfg.to_yaml()))
         runs.mkdir(parents=True, exist_ok=True)
         evals = EvalLog(out / EVALS)

@@ -247,12 +247,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
                 terms = {"nll": f"{row['nll']:.4f}", "align": f"{row['align_loss']:.4f}"} if "align_loss" in row else {}
                 bar.set_postfix(loss=f"{row['loss']:.4f}", **terms, skipped=skipped)
         if evaluation is not None and step % t.eval_every == 0:
-            with rng_preserved(), autocast:
+            with rng_preserved(), autocast, distributed.all_cores(d):
                 last_eval = {**evaluation(ema, step), "step": step, "dtype": t.precision,
                              "wall_s": round(time.time() - t_run, 1)}
                 log.write_eval(step, last_eval)
         if d.is_main and t.sample_rows and t.sample_every and step % t.sample_every == 0 and step < t.steps:
-            with autocast:
+            with autocast, distributed.all_cores(d):
                 log.grid(ema, grid_z, grid_y, grid_cols, t.sample_guidance, step)
         if divergence.diverged:  # every process agrees (any_true above): all stop, no checkpoint of this state
             bar.close()
@@ -283,7 +283,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
         save_weights(run_dir / "ema.safetensors", ema, {**meta, "weights": "ema"})
         save_weights(run_dir / "model.safetensors", model, {**meta, "weights": "raw"})
         if t.sample_rows:
-            with autocast:
+            with autocast, distributed.all_cores(d):
                 log.grid(ema, grid_z, grid_y, grid_cols, t.sample_guidance, step)
         log.loss_curve()
         log.close()
