@@ -13,9 +13,10 @@ from rrepa.training.config import DEFAULT_PRESET, PRESETS, RunConfig, merge, pre
 
 
 def test_the_default_job_is_the_recipe_chosen_by_measurement():
-    """`rrepa train` without a preset (and resolve()) is the default job of results/fmnist-recipe: fmnist-latent's
-    model and data with the shipped VAE, a wsd schedule at lr 3e-3 for 1,500 steps, bf16 where native, and one
-    evaluation at its last step with the goal's protocol; the sample grid at guidance 2, temperature 0.8."""
+    """`rrepa train` without a preset (and resolve()) is the default job of results/fmnist-recipe and
+    results/default-job: fmnist-latent's model and data with the shipped VAE, a wsd schedule at lr 3e-3 for 2,000
+    steps, bf16 where native, and one evaluation at its last step with the goal's protocol; the sample grid at guidance
+    2, temperature 0.8."""
     from rrepa.cli import build_parser
 
     cfg = resolve()
@@ -27,7 +28,7 @@ def test_the_default_job_is_the_recipe_chosen_by_measurement():
     assert (cfg.optim.schedule, cfg.optim.lr, cfg.optim.batch_size) == ("wsd", 3e-3, 128)
     t = cfg.train
     assert (t.steps, t.precision, t.eval_every, t.eval_samples, t.eval_guidance, t.eval_test_images) == \
-        (1500, "auto", 1500, 5000, 0.0, 2000)
+        (2000, "auto", 2000, 5000, 0.0, 2000)
     assert (t.eval_features, t.eval_weights, t.eval_ref) == ("fmnist", None, None)  # shipped evaluator, fmnist:train
     assert (t.sample_guidance, t.sample_temperature) == (2.0, 0.8)
 

@@ -406,14 +406,15 @@ IMAGENET256_LATENT = {
 FMNIST_LATENT_MODEL = {"in_channels": 4, "image_height": 7, "image_width": 7, "patch_size": 1, "width": 128,
                        "num_blocks": 4, "layers_per_block": 2, "num_classes": 10, "sigma": 0.2}
 FMNIST_LATENT_DATA = {"name": "fmnist", "image_size": 28, "vae": "fmnist-vae"}
-DEFAULT_STEPS = 1500
+DEFAULT_STEPS = 2000
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The default job (`rrepa train`, `make demo`), chosen by measurement (experiments/fmnist-recipe.yaml): latents of
-    # the shipped fmnist-vae (~100 FID ahead of pixels at equal steps); wsd (a cosine spanning a short run lowers the
-    # lr before the model has learnt) at 3x fmnist's peak lr; 1,500 steps of 128 (9 minutes on an idle 2-core Xeon);
-    # bf16 where native (the baseline lost nothing to it, results/fmnist-precision); one evaluation at the end with
-    # issue #30's protocol (5,000 samples at guidance 0 vs fmnist:train; classifiers and bits/dim of 2,000 test images).
+    # The default job (`rrepa train`, `make demo`), chosen by measurement (experiments/fmnist-recipe.yaml and
+    # default-job.yaml): latents of the shipped fmnist-vae (~100 FID ahead of pixels at equal steps); wsd (a cosine
+    # spanning a short run lowers the lr before the model has learnt) at 3x fmnist's peak lr; 2,000 steps of 128 (what
+    # fits 10 minutes as `make demo` runs it, 2 single-thread DDP processes on an idle 2-core Xeon); bf16 where native
+    # (the baseline lost nothing to it, results/fmnist-precision); one evaluation at the end with issue #30's protocol
+    # (5,000 samples at guidance 0 vs fmnist:train; classifiers and bits/dim of 2,000 test images).
     "default": {
         "model": FMNIST_LATENT_MODEL,
         "data": FMNIST_LATENT_DATA,
