@@ -1,6 +1,7 @@
 """Training: outputs of a run, non-finite steps, refusing a used folder, exact resume after SIGKILL,
 and DDP on two gloo processes matching one process on the same global batch."""
 
+import contextlib
 import json
 import os
 import signal
@@ -254,6 +255,37 @@ def test_ddp_two_gloo_processes_match_one_process(data, tmp_path, monkeypatch):
     for r2, r1 in zip(rows(tmp_path / "ddp"), rows(tmp_path / "one")):
         assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
         assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)  # gradients averaged, not summed
+
+
+def test_ddp_evaluates_in_training_on_rank_0_alone(data, tmp_path):
+    """Rank 0 evaluates (samples, FID, the classifiers and bits/dim of test images) while the other process waits in
+    its next collective: a collective inside the evaluation (the bits/dim's all-reduce did) deadlocks the run. Two
+    gloo processes evaluate twice and finish, and their evaluations equal one process's (fixed noise and inputs;
+    the weights differ by summation order only, so the figures agree to a few digits)."""
+    from rrepa.fmnist.evaluator import FMNISTCNN, save_evaluator
+
+    torch.manual_seed(0)
+    evaluator = save_evaluator(FMNISTCNN(), {"test_accuracy": 0.1}, tmp_path / "evaluator.safetensors")  # random
+    cfg = tiny(data, "train.steps=4", "train.sample_every=2", "train.eval_every=2", "train.eval_samples=16",
+               "train.eval_test_images=16", f"train.eval_weights={evaluator}", "train.eval_bpd=false",
+               "model.sigma=0", "train.label_drop=0")
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "rrepa.cli", "train", "--config", str(tmp_path / "cfg.yaml"), "--out",
+                            str(tmp_path / "ddp"), "--device", "cpu"], env={**ENV, "RREPA_CACHE_DIR": str(tmp_path)},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out = finish(two)  # a deadlock is a timeout here
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(two.pid, signal.SIGKILL)
+    assert "2 process(es)" in out
+    train(cfg, tmp_path / "one", device="cpu")
+    evals = {name: [r for r in rows(tmp_path / name) if "eval_fid" in r] for name in ("ddp", "one")}
+    assert [r["step"] for r in evals["ddp"]] == [r["step"] for r in evals["one"]] == [2, 4]
+    for r2, r1 in zip(evals["ddp"], evals["one"]):
+        for key in ("eval_fid", "eval_one_step_top1", "eval_bayes_top1", "eval_bpd"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-3, abs=1e-3), key
 
 
 def test_activation_checkpointing_trains_the_same_steps(data, tmp_path):

@@ -85,8 +85,10 @@ class InTrainingEval:
         n = min(t.eval_test_images, len(self.test_set))
         cls = classify_images(ema, self.test_set, methods=("one-step", "bayes"), limit=n,
                               batch_size=t.eval_batch_size, seed=t.seed, progress=False)
-        bpd = evaluate_bpd(ema, self.test_set, t.eval_batch_size, self.d, seed=t.seed, conditional=True,
-                           max_images=n, progress=False)
+        # Rank 0 evaluates alone while the other processes wait in their next collective, so the bits/dim is a
+        # single process's: with the run's Dist it would all-reduce with processes that never join (a deadlock).
+        bpd = evaluate_bpd(ema, self.test_set, t.eval_batch_size, Dist(device=self.d.device), seed=t.seed,
+                           conditional=True, max_images=n, progress=False)
         return {"one_step_top1": cls["methods"]["one-step"]["top1"], "bayes_top1": cls["methods"]["bayes"]["top1"],
                 "bpd": bpd["bpd"], "bpd_protocol": bpd["protocol"], "test_images": n,
                 "eval_seconds_test": round(time.perf_counter() - start, 2)}
