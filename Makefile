@@ -23,10 +23,12 @@ data:
 		"apt-get install dataset-fashion-mnist); the tests that need it will be skipped"
 
 # The default job as data-parallel processes (torchrun, gloo) on the CPU: two processes of half the cores each
-# train the 1.6 M-parameter flow 1.3x faster than one process on every core (benchmarks/bench_procs.py, 2 cores).
+# train the 1.6 M-parameter flow 1.26x faster in bf16 than one process on every core (benchmarks/bench_train.py,
+# 2-core Xeon). DEMO_PROCS=1 trains it in one process.
 DEMO_PROCS ?= $(shell $(PYTHON) -c "import os; print(2 if os.cpu_count() > 1 else 1)")
 demo: $(STAMP) data
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(DEMO_PROCS) -m rrepa.cli train
+	$(if $(filter 1,$(DEMO_PROCS)),$(VENV)/bin/rrepa train,OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone \
+		--nproc_per_node $(DEMO_PROCS) -m rrepa.cli train)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
