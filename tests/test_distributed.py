@@ -60,3 +60,26 @@ def test_all_cores_lends_rank_0_the_machine_and_gives_it_back(monkeypatch, world
         torch.set_num_threads(share)
     assert inside == (6 if raised else 3)
     assert after == 3
+
+
+def _main_first_worker(rank: int, store: str, folder: str) -> None:
+    import time
+    from pathlib import Path
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    try:
+        d = distributed.Dist(rank=rank, local_rank=rank, world_size=2)
+        with distributed.main_first(d):
+            if rank == 0:
+                time.sleep(0.5)  # a slow build: rank 1 must not get here before it is done
+                (Path(folder) / "cache").write_text("built")
+            else:
+                (Path(folder) / "seen").write_text((Path(folder) / "cache").read_text())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_main_first_runs_rank_0s_block_before_the_others(tmp_path):
+    """A cache built by rank 0 inside main_first is complete when rank 1's block opens it."""
+    torch.multiprocessing.spawn(_main_first_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    assert (tmp_path / "seen").read_text() == "built"

@@ -108,6 +108,23 @@ def all_cores(d: Dist) -> Iterator[None]:
         torch.set_num_threads(share)
 
 
+@contextlib.contextmanager
+def main_first(d: Dist) -> Iterator[None]:
+    """Rank 0 runs the block first, on every core (all_cores), while the others wait; then the others run it. For
+    a cache that rank 0 builds (with its progress bar) and the others then open. An error in rank 0's block
+    propagates without releasing the others: torchrun ends them when rank 0 exits."""
+    if d.world_size == 1:
+        yield
+        return
+    if not d.is_main:
+        dist.barrier()
+        yield
+        return
+    with all_cores(d):
+        yield
+    dist.barrier()
+
+
 def all_reduce_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
     """Mean over processes of a tensor (identity in a single process)."""
     if d.world_size > 1:

@@ -132,8 +132,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
         check_vae_matches_model(vae, cfg.data, cfg.model)
         # Pinned in the stored config: sampling, evaluation and --resume refuse another VAE under the same name.
         cfg = replace(cfg, data=replace(cfg.data, vae_fingerprint=vae.fingerprint))
-        dataset = latent_dataset(cfg.data, vae, "train", hflip=cfg.data.hflip, device=d.device, progress=d.is_main,
-                                 log=say)
+        with distributed.main_first(d):  # rank 0 encodes a missing cache, showing its progress; the others open it
+            dataset = latent_dataset(cfg.data, vae, "train", hflip=cfg.data.hflip, device=d.device,
+                                     progress=d.is_main, log=say)
         images = image_dataset(cfg.data, "train")
     else:
         dataset = images = build_dataset(cfg.data, "train")
@@ -196,7 +197,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
                          generator=torch.Generator().manual_seed(t.seed)) * t.sample_temperature  # fixed noise
     window = Window(d.device, objective.log_keys, latent=vae is not None)
     with rng_preserved():  # building the evaluator (its random init, reference statistics) leaves training as is
-        evaluation = InTrainingEval(cfg, d, say, vae=vae) if t.eval_every and d.is_main else None
+        with distributed.all_cores(d):  # rank 0 alone (reference statistics, test latents): the others wait
+            evaluation = InTrainingEval(cfg, d, say, vae=vae) if t.eval_every and d.is_main else None
 
     # ---- the loop -----------------------------------------------------------------------------
     t_run = time.time() - elapsed  # the run's wall clock started here, as far as its checkpoints tell
@@ -444,7 +446,8 @@ def final_bpd(ema: TARFlow, cfg: RunConfig, step: int, run_dir: Path, d: Dist, s
     the training noise sigma. A latent run (vae given): bits and nats per latent dimension of the test split's
     latents under the training noise (rrepa.eval.bpd.evaluate_latent_bpd), labelled so."""
     t = cfg.train
-    test_set = eval_dataset(cfg.data, "test", vae, device=d.device, progress=d.is_main, log=say)
+    with distributed.main_first(d):
+        test_set = eval_dataset(cfg.data, "test", vae, device=d.device, progress=d.is_main, log=say)
     result = evaluate_bpd(ema, test_set, t.eval_batch_size, d, seed=t.seed, conditional=False)
     result.update(split="test", weights="ema", step=step, train_dequantize=t.dequantize, dtype=t.precision)
     lines = [describe_bpd(result)]
