@@ -194,7 +194,8 @@ def fixture_rows() -> list[dict]:
                 fid = f * 400 / step + rng.normal(0, 1.0)
                 rows.append({"arm": arm, "seed": seed, "step": step, "fid": fid, "precision": 0.5, "recall": 0.3,
                              "one_step_top1": 0.5 + (0.05 if arm == "reverse" else 0.0) + rng.normal(0, 0.005),
-                             "bayes_top1": 0.6, "bpd": 5.4, "wall_s": step * 1.0})
+                             "bayes_top1": 0.6, "bpd": 5.4, "wall_s": step * 1.0,
+                             "feature_network": "fmnist-cnn@0123456789"})
     return rows
 
 
@@ -252,6 +253,7 @@ def test_report_from_a_fixture_log(tmp_path):
                "probe_block": 4, "probe_layer": 2} for a in ("baseline", "reverse") for s in range(3)]
     write_jsonl(tmp_path / "probes.jsonl", probes)
     text = write_report(tmp_path).read_text()
+    assert "feature network `fmnist-cnn@0123456789` (name@hash of its weights)" in text  # which FIDs compare
     for png in ("fid.png", "one_step.png", "steps_to_baseline.png"):
         assert (tmp_path / png).stat().st_size > 1000
     final = {a: [r["fid"] for r in rows if r["arm"] == a and r["step"] == 400] for a in ("baseline", "reverse",

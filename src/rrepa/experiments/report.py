@@ -173,6 +173,10 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
              f"Every number is the mean ± standard deviation over seeds (n seeds in brackets where fewer than "
              f"the grid's); intervals are Welch 95 % confidence intervals of a difference of means, except in "
              f"the section paired by seed.", ""]
+    nets = sorted({r["feature_network"] for r in rows if r.get("feature_network")})
+    if nets:  # a FID is only comparable with one of the same feature network (name@content hash)
+        named = ", ".join(f"`{n}`" for n in nets)
+        lines += [f"FID, precision, recall and class accuracy: feature network {named} (name@hash of its weights).", ""]
     lines += _grid_section(grid, arms, rows)
     # A grid whose arms train for different lengths (a recipe search) compares each arm at its own last step.
     last = {a: _configured_steps(folder, a) or final for a in arms}
