@@ -58,10 +58,8 @@ class TrainConfig:
 
     steps: int = 100_000  # optimiser steps
     label_drop: float = 0.1  # probability of training a label as the null label (for guidance)
-    # EMA of the weights (used for samples and evaluation); the decay is min(ema_decay, (1+s)/(10+s)) at step s, so
-    # it has no effect before (1+s)/(10+s) reaches it: step 1,790 for 0.995 (results/default-job: 0.998 and 0.995
-    # trained a 1,500-step run bit for bit alike)
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # EMA of the weights (samples, evaluation); the decay at step s is min(this,
+    # (1+s)/(10+s)), so this has no effect before step 1,790 for 0.995 (results/default-job)
     # auto | fp32 | bf16 (rrepa.precision): bf16 autocast for training, evaluation and sampling; auto = bf16 where
     # the device computes it natively (CUDA >= Ampere, AVX512_BF16 / AMX / arm64 BF16 CPUs), else fp32. A run
     # stores the resolved choice in its config.yaml and checkpoints, so a resume keeps it.
@@ -413,11 +411,10 @@ DEFAULT_STEPS = 2000
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The default job (`rrepa train`, `make demo`), chosen by measurement (experiments/fmnist-recipe.yaml and
-    # default-job.yaml): latents of the shipped fmnist-vae (~100 FID ahead of pixels at equal steps); wsd (a cosine
-    # spanning a short run lowers the lr before the model has learnt) at 3x fmnist's peak lr; 2,000 steps of 128 (what
-    # fits 10 minutes as `make demo` runs it, 2 single-thread DDP processes on an idle 2-core Xeon); bf16 where native
-    # (the baseline lost nothing to it, results/fmnist-precision); one evaluation at the end with issue #30's protocol
-    # (5,000 samples at guidance 0 vs fmnist:train; classifiers and bits/dim of 2,000 test images).
+    # default-job.yaml): latents of the shipped fmnist-vae (~100 FID ahead of pixels); wsd (a cosine spanning a short
+    # run lowers the lr before the model has learnt) at 3x fmnist's lr; 2,000 steps of 128 (10 minutes as `make demo`
+    # runs it, 2 DDP processes on an idle 2-core Xeon); bf16 where native (the baseline lost nothing to it); one
+    # evaluation at the end with issue #30's protocol (5,000 samples at guidance 0; classifiers, bits/dim).
     "default": {
         "model": FMNIST_LATENT_MODEL,
         "data": FMNIST_LATENT_DATA,
