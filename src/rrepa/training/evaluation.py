@@ -42,7 +42,9 @@ class InTrainingEval:
         self.reference = ref = t.eval_ref or default_eval_ref(cfg)  # what the samples are compared with
         fmnist_dir = cfg.data.path if cfg.data.name in ("fmnist", "fmnist-clutter") else None
         self.ref = reference_stats(ref, self.net, data_dir=fmnist_dir, progress=True)
-        self.cfg, self.d = cfg, d
+        # Rank 0 evaluates alone while the other processes wait in their next collective, so everything here is a
+        # single process's: the run's Dist would all-reduce with processes that never join (a deadlock).
+        self.cfg, self.d = cfg, Dist(device=d.device)
         self.test_set = None
         if t.eval_test_images and cfg.model.num_classes:
             self.test_set = eval_dataset(cfg.data, "test", vae, device=d.device, log=say)
@@ -85,10 +87,8 @@ class InTrainingEval:
         n = min(t.eval_test_images, len(self.test_set))
         cls = classify_images(ema, self.test_set, methods=("one-step", "bayes"), limit=n,
                               batch_size=t.eval_batch_size, seed=t.seed, progress=False)
-        # Rank 0 evaluates alone while the other processes wait in their next collective, so the bits/dim is a
-        # single process's: with the run's Dist it would all-reduce with processes that never join (a deadlock).
-        bpd = evaluate_bpd(ema, self.test_set, t.eval_batch_size, Dist(device=self.d.device), seed=t.seed,
-                           conditional=True, max_images=n, progress=False)
+        bpd = evaluate_bpd(ema, self.test_set, t.eval_batch_size, self.d, seed=t.seed, conditional=True,
+                           max_images=n, progress=False)
         return {"one_step_top1": cls["methods"]["one-step"]["top1"], "bayes_top1": cls["methods"]["bayes"]["top1"],
                 "bpd": bpd["bpd"], "bpd_protocol": bpd["protocol"], "test_images": n,
                 "eval_seconds_test": round(time.perf_counter() - start, 2)}

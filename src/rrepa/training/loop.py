@@ -196,9 +196,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
                           cfg.model.image_height, cfg.model.image_width),
                          generator=torch.Generator().manual_seed(t.seed)) * t.sample_temperature  # fixed noise
     window = Window(d.device, objective.log_keys, latent=vae is not None)
-    with rng_preserved():  # building the evaluator (its random init, reference statistics) leaves training as is
-        with distributed.all_cores(d):  # rank 0 alone (reference statistics, test latents): the others wait
-            evaluation = InTrainingEval(cfg, d, say, vae=vae) if t.eval_every and d.is_main else None
+    # Building the evaluator (its random init, reference statistics, test latents) leaves training's RNG as is, and
+    # is rank 0's alone, on every core: the others wait.
+    with rng_preserved(), distributed.all_cores(d):
+        evaluation = InTrainingEval(cfg, d, say, vae=vae) if t.eval_every and d.is_main else None
 
     # ---- the loop -----------------------------------------------------------------------------
     t_run = time.time() - elapsed  # the run's wall clock started here, as far as its checkpoints tell
