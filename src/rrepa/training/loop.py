@@ -196,8 +196,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
                           cfg.model.image_height, cfg.model.image_width),
                          generator=torch.Generator().manual_seed(t.seed)) * t.sample_temperature  # fixed noise
     window = Window(d.device, objective.log_keys, latent=vae is not None)
-    # Building the evaluator (its random init, reference statistics, test latents) leaves training's RNG as is, and
-    # is rank 0's alone, on every core: the others wait.
+    # Building the evaluator (random init, reference statistics) leaves training's RNG as is; rank 0's alone, all cores
     with rng_preserved(), distributed.all_cores(d):
         evaluation = InTrainingEval(cfg, d, say, vae=vae) if t.eval_every and d.is_main else None
 
