@@ -9,8 +9,8 @@ import torch
 
 from rrepa.eval.reference import ReferenceStats, reference_stats
 from rrepa.eval.samples import evaluate_samples, format_markdown
-from rrepa.training.evaluation import evaluate_in_training
-from rrepa.utils import as_nchw_uint8
+from rrepa.training.evaluation import evaluate_in_training, summary
+from rrepa.utils import as_nchw_uint8, to_uint8
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -117,6 +117,36 @@ def test_evaluate_features_self_and_in_training(tmp_path):
     assert out["num_samples"] == 30 and out["fid"] > 0 and "eval_seconds" in out
     ref.save(tmp_path / "r.npz")
     assert evaluate_in_training(sampler, net, str(tmp_path / "r.npz"), 10)["num_samples"] == 10
+
+
+@pytest.mark.parametrize("bad_rows", [[], [0], [3, 8, 9], list(range(12))])
+def test_in_training_evaluation_leaves_diverged_samples_out_and_counts_them(bad_rows):
+    """A model early in training can overflow on a few noise vectors: those samples are left out of the metrics
+    (which equal the finite samples' own) and counted, instead of ending the run."""
+    net = PixelNet()
+    ref = ReferenceStats.from_features(net.extract(_images(5, n=40)), net.name)
+    x = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    y = torch.arange(12) % 4
+    x[bad_rows, 0, 2, 3] = float("nan")
+    if bad_rows:
+        x[bad_rows[0], 0, 0, 0] = float("inf")
+    pos = [0]
+
+    def sampler(m):
+        lo, pos[0] = pos[0], pos[0] + m
+        return x[lo:lo + m], y[lo:lo + m]
+
+    out = evaluate_in_training(sampler, net, ref, 12, batch_size=5)
+    assert out["diverged"] == len(bad_rows) and out["num_samples"] == 12 - len(bad_rows)
+    keep = [i for i in range(12) if i not in bad_rows]
+    if len(keep) < 2:
+        assert out["fid"] is None and "no FID: 12 of 12 samples diverged" in summary(out, 12, net.name)
+        return
+    direct = evaluate_samples(as_nchw_uint8(to_uint8(x[keep])), net, ref, labels=y[keep].numpy())
+    assert out["fid"] == pytest.approx(direct["fid"], rel=1e-9, abs=1e-9)
+    line = summary(out, 12, net.name)
+    assert line.startswith(f"FID {direct['fid']:.3f} ({12 - len(bad_rows)} samples")
+    assert (f", {len(bad_rows)} diverged (NaN or inf) and left out" in line) == bool(bad_rows)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])

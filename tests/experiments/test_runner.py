@@ -254,6 +254,11 @@ def test_report_from_a_fixture_log(tmp_path):
     write_jsonl(tmp_path / "probes.jsonl", probes)
     text = write_report(tmp_path).read_text()
     assert "feature network `fmnist-cnn@0123456789` (name@hash of its weights)" in text  # which FIDs compare
+    assert "diverged" not in text  # no evaluation left samples out
+    rows[0] = {**rows[0], "diverged": 7, "num_samples": 1993}
+    write_jsonl(tmp_path / "evals.jsonl", rows + unfinished)
+    line = f"{rows[0]['arm']} seed {rows[0]['seed']} step {rows[0]['step']:,}: 7 of 2000"
+    assert f"were left out of these evaluations: {line}" in write_report(tmp_path).read_text()
     for png in ("fid.png", "one_step.png", "steps_to_baseline.png"):
         assert (tmp_path / png).stat().st_size > 1000
     final = {a: [r["fid"] for r in rows if r["arm"] == a and r["step"] == 400] for a in ("baseline", "reverse",

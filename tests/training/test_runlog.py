@@ -28,3 +28,11 @@ def test_final_summary_says_what_was_measured(final_eval, latent):
 
 def test_no_bits_per_dim_line_without_a_measurement():
     assert "bits/dim" not in final_summary(Path("r"), 5, 0.0, None, None, False, 0.0, "")
+
+
+def test_final_summary_names_diverged_samples():
+    text = final_summary(Path("r"), 5, 0.0, {**EVAL, "num_samples": 4990, "diverged": 10}, None, False, 0.0, "ref")
+    assert "  FID          23.46 (4990 samples, 10 diverged and left out at guidance 0 against ref" in text
+    text = final_summary(Path("r"), 5, 0.0, {**EVAL, "fid": None, "num_samples": 0, "diverged": 5000}, None, False,
+                         0.0, "ref")
+    assert "  FID          none: every sample diverged (NaN or inf)" in text.splitlines()

@@ -202,6 +202,10 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
         lines.append(f"| {a} | " + " | ".join(
             _fmt("{:.1f}", *mean_std(tab[a][s]["fid"]), len(tab[a][s]["fid"])) if tab[a].get(s, {}).get("fid")
             else "—" for s in sorted({r["step"] for r in rows})) + " |")
+    diverged = [f"{r['arm']} seed {r['seed']} step {r['step']:,}: {r['diverged']} of {r['diverged'] + r['num_samples']}"
+                for r in rows if r.get("diverged")]
+    if diverged:  # the in-training evaluation leaves non-finite samples out of its metrics, and counts them
+        lines += ["", "Samples that diverged (NaN or inf) were left out of these evaluations: " + "; ".join(diverged)]
     same_space = [a for a in arms if (a in latent) == (baseline in latent)]
     lines += _gap_by_step(tab, same_space, baseline, sorted({r["step"] for r in rows}))
     lines += ["", "![FID against step](fid.png)", "", "![one-step top-1 against step](one_step.png)", ""]

@@ -21,7 +21,7 @@ from rrepa.eval.samples import build_feature_network, evaluate_features
 from rrepa.flow.sample import draw
 from rrepa.flow.tarflow import TARFlow
 from rrepa.training.config import RunConfig
-from rrepa.utils import as_nchw_uint8, generator, to_uint8
+from rrepa.utils import as_nchw_uint8, finite_rows, generator, to_uint8
 
 
 class InTrainingEval:
@@ -69,13 +69,7 @@ class InTrainingEval:
         res = evaluate_in_training(sampler, self.net, self.ref, t.eval_samples, batch_size=t.eval_batch_size)
         if self.test_set is not None:
             res.update(self.test_scores(ema))
-        tqdm.write(f"step {step}: FID {res['fid']:.3f} ({res['num_samples']} samples, {self.net.name}), IS "
-                   f"{res['is']:.3f}" + (f", class accuracy {res['class_accuracy']:.3f}"
-                                         if res.get("class_accuracy") is not None else "")
-                   + (f", one-step top-1 {res['one_step_top1']:.3f}, Bayes top-1 {res['bayes_top1']:.3f}, "
-                      f"{'bits per latent dim' if self.to_images.latent else 'bits/dim'} {res['bpd']:.4f}"
-                      if "bpd" in res else "")
-                   + f" [{res['eval_seconds']:.0f} s]")
+        tqdm.write(f"step {step}: {summary(res, t.eval_samples, self.net.name, self.to_images.latent)}")
         return res
 
     def test_scores(self, ema: TARFlow) -> dict:
@@ -92,6 +86,21 @@ class InTrainingEval:
         return {"one_step_top1": cls["methods"]["one-step"]["top1"], "bayes_top1": cls["methods"]["bayes"]["top1"],
                 "bpd": bpd["bpd"], "bpd_protocol": bpd["protocol"], "test_images": n,
                 "eval_seconds_test": round(time.perf_counter() - start, 2)}
+
+
+def summary(res: dict, n: int, network: str, latent: bool = False) -> str:
+    """One line of an in-training evaluation's metrics (res of InTrainingEval) of n drawn samples."""
+    if res["fid"] is None:
+        parts = [f"no FID: {res['diverged']} of {n} samples diverged (NaN or inf)"]
+    else:
+        left_out = f", {res['diverged']} diverged (NaN or inf) and left out" if res["diverged"] else ""
+        parts = [f"FID {res['fid']:.3f} ({res['num_samples']} samples{left_out}, {network})", f"IS {res['is']:.3f}"]
+    if res.get("class_accuracy") is not None:
+        parts.append(f"class accuracy {res['class_accuracy']:.3f}")
+    if "bpd" in res:
+        parts += [f"one-step top-1 {res['one_step_top1']:.3f}", f"Bayes top-1 {res['bayes_top1']:.3f}",
+                  f"{'bits per latent dim' if latent else 'bits/dim'} {res['bpd']:.4f}"]
+    return ", ".join(parts) + f" [{res['eval_seconds']:.0f} s]"
 
 
 def default_eval_ref(cfg: RunConfig) -> str:
@@ -116,7 +125,10 @@ def evaluate_in_training(model_sampler: Callable, evaluator, ref_stats, n: int, 
     (``rrepa.fmnist.evaluator.load_evaluator()`` or ``InceptionFeatures``); ``ref_stats`` a ReferenceStats (from
     ``reference_stats("fmnist:train", evaluator)``, computed once before training) or a path to a stats
     npz. FID on n samples is biased upwards for small n: compare values at the same n only.
-    Returns the metrics dict of evaluate_features plus "eval_seconds".
+    Samples holding NaN or inf (a model early in training can overflow on a few noise vectors) are left out rather
+    than ending the run: the metrics are of the finite ones (num_samples says how many) and "diverged" counts the
+    others; it is 0 for a healthy model, and when every sample diverged the metrics are None.
+    Returns the metrics dict of evaluate_features plus "diverged" and "eval_seconds".
     """
     if n < 2 or batch_size < 1:
         raise ValueError(f"n must be >= 2 and batch_size >= 1, got {n}, {batch_size}")
@@ -124,21 +136,28 @@ def evaluate_in_training(model_sampler: Callable, evaluator, ref_stats, n: int, 
     ref = ref_stats if isinstance(ref_stats, ReferenceStats) else ReferenceStats.load(ref_stats)
     check_network(ref, evaluator, "ref_stats")
     images, labels = [], []
-    done = 0
+    done = diverged = 0
     with torch.no_grad():
         while done < n:
             m = min(batch_size, n - done)
             out = model_sampler(m)
             x, y = out if isinstance(out, tuple) else (out, None)
-            x = as_nchw_uint8(to_uint8(torch.as_tensor(x).detach().cpu()))
+            x = torch.as_tensor(x).detach().cpu()
             if x.shape[0] != m:
                 raise ValueError(f"model_sampler({m}) returned {x.shape[0]} images")
-            images.append(x)
-            labels.append(None if y is None else torch.as_tensor(y).cpu().reshape(-1))
+            y = None if y is None else torch.as_tensor(y).cpu().reshape(-1)
+            ok = finite_rows(x)
+            diverged += int((~ok).sum())
+            images.append(as_nchw_uint8(to_uint8(x[ok])))
+            labels.append(None if y is None else y[ok])
             done += m
     x = torch.cat(images)
     y = torch.cat(labels).numpy() if all(t is not None for t in labels) else None
-    feats = evaluator.extract(x)
-    res = evaluate_features(feats, ref, evaluator.name, labels=y, splits=splits, k=k, fid_method=fid_method)
+    if len(x) < 2:  # nothing to compare: every sample (or all but one) diverged
+        res = {"feature_network": evaluator.name, "num_samples": len(x), "fid": None, "is": None}
+    else:
+        res = evaluate_features(evaluator.extract(x), ref, evaluator.name, labels=y, splits=splits, k=k,
+                                fid_method=fid_method)
+    res["diverged"] = diverged
     res["eval_seconds"] = round(time.perf_counter() - start, 2)
     return res

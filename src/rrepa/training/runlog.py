@@ -140,9 +140,10 @@ def final_summary(run_dir: Path, step: int, grid_guidance: float | None, final_e
              f"{grid_guidance:g}; one column per class)" if grid_guidance is not None
              else "  samples      none (train.sample_rows=0)"]
     if final_eval is not None:
-        lines.append(f"  FID          {final_eval['fid']:.2f} ({final_eval['num_samples']} samples at guidance "
-                     f"{eval_guidance:g} against {reference}, feature "
-                     f"network {final_eval['feature_network']})")
+        left_out = f", {final_eval['diverged']} diverged and left out" if final_eval.get("diverged") else ""
+        lines.append(f"  FID          {final_eval['fid']:.2f} ({final_eval['num_samples']} samples{left_out} at "
+                     f"guidance {eval_guidance:g} against {reference}, feature network {final_eval['feature_network']})"
+                     if final_eval["fid"] is not None else "  FID          none: every sample diverged (NaN or inf)")
         if final_eval.get("class_accuracy") is not None:
             lines.append(f"  class acc.   {100 * final_eval['class_accuracy']:.1f} % (conditional samples the "
                          f"evaluator labels as their class)")
