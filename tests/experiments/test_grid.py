@@ -1,9 +1,12 @@
 """Grid files (experiments.grid): cells seed-major with per-arm seeds and presets, a clear error for each bad file."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from rrepa.experiments.grid import grid_from_dict, load_grid
+from rrepa.training.loop import check_pinned_files
 
 
 def test_grid_cells_are_seed_major_with_per_arm_seeds():
@@ -52,3 +55,21 @@ def test_a_bad_override_names_its_arm(tmp_path):
         load_grid(path).cells()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_grid(tmp_path / "missing.yaml")
+
+
+REPO = Path(__file__).resolve().parents[2]
+GRID_FILES = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", GRID_FILES, ids=lambda p: p.stem)
+def test_every_shipped_grid_file_resolves_and_matches_its_results(path):
+    """Each grid file under experiments/ resolves to valid cells that log evaluations, its pinned files are in the
+    repository, and where its results are committed (results/<name>/grid.yaml) they came from this very file."""
+    grid = load_grid(path)
+    cells = grid.cells()
+    assert cells and all(c.cfg.train.eval_every > 0 for c in cells)
+    for c in cells:
+        check_pinned_files(c.cfg)
+    stored = REPO / "results" / path.stem / "grid.yaml"
+    if stored.is_file():
+        assert grid_from_dict(yaml.safe_load(stored.read_text()), str(stored)).to_dict() == grid.to_dict()
