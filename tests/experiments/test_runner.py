@@ -19,8 +19,10 @@ from scipy import stats
 
 from helpers import ENV, write_fake_fmnist
 from rrepa.experiments.grid import grid_from_dict, load_grid
-from rrepa.experiments.report import paired, steps_to_reach, verdict, welch, write_report
-from rrepa.experiments.runner import EvalLog, cell_state, probe_grid, read_evals
+from rrepa.experiments.probes import probe_grid
+from rrepa.experiments.records import EvalLog, cell_state, read_evals
+from rrepa.experiments.report import write_report
+from rrepa.experiments.stats import paired, steps_to_reach, verdict, welch
 
 TIMING = {"wall_s", "eval_seconds", "eval_seconds_test"}  # the only keys that differ between two identical runs
 
@@ -390,7 +392,8 @@ def fake_results(folder: Path, grid: dict, final_of: set[str], lr_of: dict[str, 
 
 
 def test_cells_finished_elsewhere_with_the_same_config_are_reused(tmp_path):
-    from rrepa.experiments.runner import EvalLog, reuse_cells, run_grid
+    from rrepa.experiments.records import EvalLog
+    from rrepa.experiments.runner import reuse_cells, run_grid
 
     common = ["model.width=32", "model.head_dim=16", "train.steps=40", "train.eval_every=20"]
     source = {"preset": "fmnist", "seeds": [0, 1], "set": common, "arms": {"baseline": [], "fast": ["optim.lr=3e-3"]}}

@@ -264,7 +264,9 @@ def test_a_moved_vae_is_given_with_the_vae_option(data, cache, tmp_path, capsys)
 
 def test_grid_probes_a_latent_cell_on_its_latents(data, tmp_path):
     """`rrepa experiment probe` of a latent cell reads the split's latents (4 x 7 x 7), not the 28 x 28 images."""
-    from rrepa.experiments.runner import probe_grid, read_evals, run_grid
+    from rrepa.experiments.probes import probe_grid
+    from rrepa.experiments.records import read_evals
+    from rrepa.experiments.runner import run_grid
 
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({

@@ -6,8 +6,9 @@ import argparse
 import signal
 import sys
 
+from rrepa.experiments.probes import probe_grid, probe_references
 from rrepa.experiments.report import write_report
-from rrepa.experiments.runner import probe_grid, run_grid
+from rrepa.experiments.runner import run_grid
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -27,6 +28,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_probe(args: argparse.Namespace) -> None:
     probe_grid(args.folder, runs=args.runs, limit_train=args.limit_train, limit_test=args.limit_test)
+    probe_references(args.folder, limit_train=args.limit_train, limit_test=args.limit_test)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -50,7 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--no-probe", action="store_true",
                    help="do not probe each cell as it finishes (`rrepa experiment probe` does it later)")
     q.set_defaults(func=cmd_run)
-    q = actions.add_parser("probe", help="linear probes of every finished cell (once each) into FOLDER/probes.jsonl")
+    q = actions.add_parser("probe", help="linear probes of every finished cell (once each) into FOLDER/probes.jsonl, "
+                                         "and of the raw pixels and the alignment targets on the same images into "
+                                         "FOLDER/reference_probes.jsonl")
     q.add_argument("folder", help="the results folder of `rrepa experiment run`")
     q.add_argument("--runs", help="the cells' run folders (default FOLDER/runs)")
     q.add_argument("--limit-train", type=int, default=10_000, help="fit on the first N training images")

@@ -7,6 +7,8 @@ The claims (R-REPA paper, tested on whatever the grid trained):
 3. The one-step classifier's accuracy matches the best layer of linear probing (needs `probes.jsonl`, from
    `rrepa experiment probe`).
 4. R-REPA reaches the baseline's final FID in fewer steps.
+5. Alignment moves the aligned layer's linear probe from the baseline's towards the target encoder's (needs
+   `probes.jsonl` and `reference_probes.jsonl`).
 The claims compare arms in the baseline's space. A grid whose arms also train on VAE latents (an arm naming a latent
 preset) gets a section of its own comparing the spaces, each with and without alignment (issue #12's table).
 
@@ -26,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from scipy import stats
 
-from rrepa.experiments.runner import EVALS, GRID_COPY, PROBES, read_evals
+from rrepa.experiments.probes import images_of, target_of
+from rrepa.experiments.records import EVALS, GRID_COPY, PROBES, REFERENCE_PROBES, read_evals
+from rrepa.experiments.stats import fmt_ci, fmt_mean, mean_std, paired, steps_to_reach, verdict, welch
+from rrepa.training.config import RunConfig, read_yaml
 from rrepa.utils import atomic_write
 
 # (key in evals.jsonl, column title, format, lower is better)
@@ -37,7 +41,6 @@ METRICS = [("fid", "FID", "{:.1f}", True), ("precision", "precision", "{:.3f}", 
            ("one_step_top1", "one-step top-1", "{:.1%}", False),
            ("bayes_top1", "Bayes top-1", "{:.1%}", False), ("bpd", "bits/dim (true labels)", "{:.4f}", True),
            ("wall_min", "wall-clock (min)", "{:.0f}", True)]
-LEVEL = 0.95
 LATENT_BPD = "per latent dimension"  # in the bpd_protocol of a latent run's evaluations (rrepa.eval.bpd)
 
 
@@ -80,79 +83,6 @@ def finished_curves(rows: list[dict], arm: str, final: int) -> list[list[tuple[i
     return [c for c in by_seed(rows, arm, "fid").values() if c and c[-1][0] == final]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else float("nan")
-
-
-def welch(a: list[float], b: list[float], level: float = LEVEL) -> tuple[float, float, float]:
-    """mean(a) - mean(b) and its Welch t confidence interval (nan bounds with fewer than 2 values a side)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    diff = float(a.mean() - b.mean())
-    if len(a) < 2 or len(b) < 2:
-        return diff, float("nan"), float("nan")
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return diff, diff, diff
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    h = float(stats.t.ppf(0.5 + level / 2, df)) * se
-    return diff, diff - h, diff + h
-
-
-def paired(a: dict[int, float], b: dict[int, float], level: float = LEVEL) -> tuple[float, float, float, int]:
-    """mean over shared seeds of a[seed] - b[seed], its paired t confidence interval, and the number of shared
-    seeds (nan bounds with fewer than 2; nan everything with none). Runs of one seed share the flow's
-    initialisation and data order, so the seed-by-seed difference removes what the two runs have in common."""
-    d = np.asarray([a[s] - b[s] for s in sorted(set(a) & set(b))], dtype=np.float64)
-    if len(d) == 0:
-        return float("nan"), float("nan"), float("nan"), 0
-    mean = float(d.mean())
-    if len(d) < 2:
-        return mean, float("nan"), float("nan"), 1
-    se = float(d.std(ddof=1)) / math.sqrt(len(d))
-    if se == 0:
-        return mean, mean, mean, len(d)
-    h = float(stats.t.ppf(0.5 + level / 2, len(d) - 1)) * se
-    return mean, mean - h, mean + h, len(d)
-
-
-def verdict(lo: float, hi: float, want_negative: bool) -> str:
-    if math.isnan(lo):
-        return "not resolved (needs 2+ seeds a side)"
-    if (hi < 0) if want_negative else (lo > 0):
-        return "holds"
-    if (lo > 0) if want_negative else (hi < 0):
-        return "contradicted"
-    return "not resolved (the interval contains 0)"
-
-
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
-    """The first step at which a decreasing-is-better curve [(step, value)] reaches target, interpolated
-    linearly between evaluations (from step 0 at +inf, i.e. never before the first evaluation)."""
-    prev = None
-    for step, v in curve:
-        if v <= target:
-            if prev is None or prev[1] == v:
-                return float(step)
-            s0, v0 = prev
-            return s0 + (step - s0) * (v0 - target) / (v0 - v)
-        prev = (step, v)
-    return None
-
-
-def _fmt(fmt: str, m: float, s: float, n: int) -> str:
-    if n == 1:
-        return fmt.format(m) + " (1 seed)"
-    return f"{fmt.format(m)} ± {fmt.format(s).rstrip('%')}" + ("%" if fmt.endswith("%}") else "")
-
-
-def _ci(fmt: str, d: float, lo: float, hi: float) -> str:
-    if math.isnan(lo):
-        return fmt.format(d)
-    return f"{fmt.format(d)} [{fmt.format(lo)}, {fmt.format(hi)}]"
-
-
 def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
     """Write folder/README.md and the PNG plots from folder/evals.jsonl; returns the README's path."""
     folder = Path(folder)
@@ -187,7 +117,7 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
     for a in arms:
         at = tab[a].get(last[a] if own else final, {})
         n = max((len(v) for v in at.values()), default=0)
-        cells = [_fmt(f, *mean_std(at[k]), len(at[k])) + (" per latent dim" if k == "bpd" and a in latent else "")
+        cells = [fmt_mean(f, *mean_std(at[k]), len(at[k])) + (" per latent dim" if k == "bpd" and a in latent else "")
                  if at.get(k) else "—" for k, _, f, _ in METRICS]
         lines.append(f"| {a} | " + (f"{last[a]:,} | " if own else "") + f"{n} | " + " | ".join(cells) + " |")
     if latent:
@@ -200,7 +130,7 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
               "|---|" + "---|" * len({r["step"] for r in rows})]
     for a in arms:
         lines.append(f"| {a} | " + " | ".join(
-            _fmt("{:.1f}", *mean_std(tab[a][s]["fid"]), len(tab[a][s]["fid"])) if tab[a].get(s, {}).get("fid")
+            fmt_mean("{:.1f}", *mean_std(tab[a][s]["fid"]), len(tab[a][s]["fid"])) if tab[a].get(s, {}).get("fid")
             else "—" for s in sorted({r["step"] for r in rows})) + " |")
     diverged = [f"{r['arm']} seed {r['seed']} step {r['step']:,}: {r['diverged']} of {r['diverged'] + r['num_samples']}"
                 for r in rows if r.get("diverged")]
@@ -211,6 +141,8 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
     lines += ["", "![FID against step](fid.png)", "", "![one-step top-1 against step](one_step.png)", ""]
     probes = read_evals(folder / PROBES) if (folder / PROBES).is_file() else []
     lines += _claims(rows, tab, same_space, baseline, final, probes)
+    refs = read_evals(folder / REFERENCE_PROBES) if (folder / REFERENCE_PROBES).is_file() else []
+    lines += _probe_claim(folder, probes, refs, same_space, baseline)
     lines += _paired_section(rows, same_space, baseline, final)
     if latent and len(latent) < len(arms):
         lines += _spaces(tab, arms, latent, _aligned_arms(folder, arms), final)
@@ -248,15 +180,18 @@ def latent_arms(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["arm"] for r in rows if LATENT_BPD in str(r.get("bpd_protocol", ""))))
 
 
+def _arm_config(folder: Path, arm: str) -> RunConfig | None:
+    """The resolved config of an arm's first stored seed (the runner writes folder/configs/ARM-sSEED.yaml; an arm's
+    seeds share every other setting); None without one."""
+    for path in sorted((folder / "configs").glob(f"{arm}-s*.yaml")):
+        if path.stem.rpartition("-s")[0] == arm:
+            return RunConfig.from_dict(read_yaml(path))
+    return None
+
+
 def _aligned_arms(folder: Path, arms: list[str]) -> set[str]:
-    """The arms that train with alignment, read from the resolved config of each arm's first stored seed (the runner
-    writes folder/configs/ARM-sSEED.yaml; an arm's seeds share every other setting)."""
-    out = set()
-    for a in arms:
-        stored = sorted((folder / "configs").glob(f"{a}-s*.yaml"))
-        if stored and (yaml.safe_load(stored[0].read_text()) or {}).get("align", {}).get("enabled"):
-            out.add(a)
-    return out
+    """The arms that train with alignment."""
+    return {a for a in arms if (cfg := _arm_config(folder, a)) is not None and cfg.align.enabled}
 
 
 def _spaces(tab, arms: list[str], latent: list[str], aligned: set[str], final: int) -> list[str]:
@@ -272,7 +207,7 @@ def _spaces(tab, arms: list[str], latent: list[str], aligned: set[str], final: i
            "|---|---|---|---|---|---|---|---|"]
     for a in arms:
         at = tab[a].get(final, {})
-        cells = [_fmt(f, *mean_std(at[k]), len(at[k])) if at.get(k) else "—"
+        cells = [fmt_mean(f, *mean_std(at[k]), len(at[k])) if at.get(k) else "—"
                  for k, f in (("fid", "{:.1f}"), ("one_step_top1", "{:.1%}"), ("bayes_top1", "{:.1%}"),
                               ("wall_min", "{:.0f}"))]
         n = max((len(v) for v in at.values()), default=0)
@@ -292,7 +227,7 @@ def _spaces(tab, arms: list[str], latent: list[str], aligned: set[str], final: i
             vb, va = _final_values(tab, b, final, key), _final_values(tab, a, final, key)
             if vb and va:
                 d, lo, hi = welch(vb, va)
-                cells += [_ci(fmt, d, lo, hi), verdict(lo, hi, lower)]
+                cells += [fmt_ci(fmt, d, lo, hi), verdict(lo, hi, lower)]
             else:
                 cells += ["—", "—"]
         out.append(f"| {b} - {a} | {kind} | " + " | ".join(cells) + " |")
@@ -317,11 +252,8 @@ def _grid_section(grid: dict, arms: list[str], rows: list[dict]) -> list[str]:
 
 def _configured_steps(folder: Path, arm: str) -> int | None:
     """train.steps of an arm, from the resolved configs the runner stores (None without them)."""
-    for path in sorted((folder / "configs").glob(f"{arm}-s*.yaml")):
-        if path.stem.rpartition("-s")[0] == arm:
-            steps = (yaml.safe_load(path.read_text()) or {}).get("train", {}).get("steps")
-            return int(steps) if steps is not None else None
-    return None
+    cfg = _arm_config(folder, arm)
+    return None if cfg is None else cfg.train.steps
 
 
 def _final_values(tab, arm: str, final: int, key: str) -> list[float]:
@@ -338,7 +270,7 @@ def _claims(rows, tab, arms, baseline: str, final: int, probes: list[dict]) -> l
     for other in ("forward", "detach", baseline):
         if "reverse" in fid and other in fid and fid["reverse"] and fid[other]:
             d, lo, hi = welch(fid["reverse"], fid[other])
-            compared.append(f"| reverse - {other} | {_ci('{:+.1f}', d, lo, hi)} | {verdict(lo, hi, True)} |")
+            compared.append(f"| reverse - {other} | {fmt_ci('{:+.1f}', d, lo, hi)} | {verdict(lo, hi, True)} |")
     if compared:
         out += ["| comparison | difference [95 % CI] | verdict |", "|---|---|---|", *compared]
     else:
@@ -359,7 +291,7 @@ def _claims(rows, tab, arms, baseline: str, final: int, probes: list[dict]) -> l
             va, vb = _final_values(tab, a, final, key), _final_values(tab, baseline, final, key)
             if va and vb:
                 d, lo, hi = welch(va, vb)
-                cells += [_ci("{:+.1%}", d, lo, hi), verdict(lo, hi, False)]
+                cells += [fmt_ci("{:+.1%}", d, lo, hi), verdict(lo, hi, False)]
             else:
                 cells += ["—", "—"]
         out.append(f"| {a} | " + " | ".join(cells) + " |")
@@ -383,8 +315,9 @@ def _claims(rows, tab, arms, baseline: str, final: int, probes: list[dict]) -> l
             word = {"holds": "one-step is above the probe", "contradicted": "does not hold: one-step is below"}.get(
                 verdict(lo, hi, False), "not resolved (the interval contains 0)"
                 if not math.isnan(lo) else "not resolved (needs 2+ seeds)")
-            out.append(f"| {a} | {_fmt('{:.1%}', *mean_std(o), len(o))} | {_fmt('{:.1%}', *mean_std(q), len(q))} | "
-                       f"{where} | {_ci('{:+.1%}', d, lo, hi)} | {word} |")
+            out.append(f"| {a} | {fmt_mean('{:.1%}', *mean_std(o), len(o))} | "
+                       f"{fmt_mean('{:.1%}', *mean_std(q), len(q))} | {where} | {fmt_ci('{:+.1%}', d, lo, hi)} | "
+                       f"{word} |")
     else:
         out.append("Not measured yet: run `rrepa experiment probe` on the results folder.")
     # 4. Steps to the baseline's final FID.
@@ -406,6 +339,53 @@ def _claims(rows, tab, arms, baseline: str, final: int, probes: list[dict]) -> l
     return out
 
 
+def _probe_claim(folder: Path, probes: list[dict], refs: list[dict], arms: list[str], baseline: str) -> list[str]:
+    """Claim 5: each aligned arm's probe at its aligned position(s) against the baseline's there, paired by seed,
+    with the probes of its target and of the raw pixels on the same images (probes.jsonl, reference_probes.jsonl)."""
+    out = ["**Claim 5: alignment moves the aligned layer's probe towards the target's.** The linear probe of each "
+           "aligned position (final EMA weights, the images of claim 3) against the baseline's probe at the same "
+           "position, paired by seed (positive: the aligned arm's probe is higher), and the probe of the arm's "
+           "target on the same images, clean, its tokens mean-pooled as the flow's are. \"share of the gap\": the "
+           "difference over (target's probe - the baseline's).", ""]
+    per_pos = {a: {r["seed"]: _probed_positions(r) for r in probes if r["arm"] == a} for a in arms}
+    lines = []
+    for a in arms:
+        cfg = _arm_config(folder, a)
+        if a == baseline or cfg is None or not cfg.align.enabled or not per_pos[a]:
+            continue
+        ref = next((r for r in refs if r["reference"] == "target" and r["target"] == target_of(cfg)
+                    and r["images"] == images_of(cfg)), None)
+        for t, l in cfg.align.positions:
+            va = {s: v[(t, l)] for s, v in per_pos[a].items() if (t, l) in v}
+            vb = {s: v[(t, l)] for s, v in per_pos.get(baseline, {}).items() if (t, l) in v}
+            d, lo, hi, n = paired(va, vb)
+            base = float(np.mean(list(vb.values()))) if vb else math.nan
+            gap = d / (ref["probe_top1"] - base) if ref and n and ref["probe_top1"] != base else math.nan
+            lines.append(f"| {a} | ({t}, {l}) | {fmt_mean('{:.1%}', *mean_std(list(va.values())), len(va))} | "
+                         + (f"{fmt_mean('{:.1%}', *mean_std(list(vb.values())), len(vb))} | "
+                            f"{fmt_ci('{:+.1%}', d, lo, hi)} ({n}) | {verdict(lo, hi, False)} | " if n else
+                            "— | — | — | ")
+                         + (f"{ref['probe_top1']:.1%} (`{ref['encoder']}`) | " if ref else "not probed | ")
+                         + ("—" if math.isnan(gap) else f"{gap:.0%}") + " |")
+    if not lines:
+        return [*out, "Not measured yet: needs the probes of an aligned arm (`rrepa experiment probe` on the results "
+                "folder).", ""]
+    out += ["| arm | position | its probe | baseline's probe | difference [95 % CI] (seeds) | verdict | target's "
+            "probe | share of the gap |", "|---|---|---|---|---|---|---|---|", *lines]
+    pixels = [r for r in refs if r["reference"] == "pixels"]
+    if pixels:
+        out += ["", "The raw pixels on the same images (a linear probe of the flattened pixels, the floor): "
+                + ", ".join(f"{r['probe_top1']:.1%} ({r['images']['name']})" for r in pixels) + "."]
+    return [*out, ""]
+
+
+def _probed_positions(row: dict) -> dict[tuple[int, int], float]:
+    """(block, layer) -> test accuracy of one probes.jsonl line (an older line without `positions`: its best)."""
+    rows = row.get("positions") or [{"block": row["probe_block"], "layer": row["probe_layer"],
+                                     "test_acc": row["probe_top1"]}]
+    return {(r["block"], r["layer"]): r["test_acc"] for r in rows}
+
+
 def _paired_section(rows, arms: list[str], baseline: str, final: int) -> list[str]:
     """Each arm against the baseline and against `reverse` (R-REPA, the arm exploratory grids vary), seed by seed:
     the mean of same-seed differences at the final step with its paired t interval. One seed gives a
@@ -421,7 +401,7 @@ def _paired_section(rows, arms: list[str], baseline: str, final: int) -> list[st
             d, lo, hi, n_key = paired(final_by_seed(rows, a, key, final), final_by_seed(rows, r, key, final))
             n = max(n, n_key)
             word = verdict(lo, hi, lower).split(" (")[0]  # the reason in brackets is the table's caption
-            cells.append("—" if n_key == 0 else _ci(fmt, d, lo, hi) + (f", {word}" if n_key > 1 else ""))
+            cells.append("—" if n_key == 0 else fmt_ci(fmt, d, lo, hi) + (f", {word}" if n_key > 1 else ""))
         if n:
             rows_out.append(f"| {a} - {r} | {n} | " + " | ".join(cells) + " |")
     if not rows_out:  # no pair of arms has finished a common seed yet

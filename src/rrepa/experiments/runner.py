@@ -17,15 +17,15 @@ evaluates a step again, never duplicates a line (the evaluation is deterministic
 restored exactly). Linear probes at every (block, layer) of each finished cell go to `probes.jsonl`, one line
 per cell: the runner probes each cell as it finishes (`--no-probe` turns that off), while the cell's run folder,
 which a fresh machine lacks, is still there; `rrepa experiment probe results/NAME` probes any finished cell left
-unprobed (it may run while the grid trains). `rrepa experiment report results/NAME` (experiments.report) turns both
-logs into tables and plots.
+unprobed (it may run while the grid trains), and once per grid the raw pixels and the alignment targets on the
+same images (`reference_probes.jsonl`; rrepa.experiments.probes). `rrepa experiment report results/NAME`
+(experiments.report) turns the logs into tables and plots.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import shutil
 import signal
@@ -39,111 +39,24 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from rrepa.data.latent_run import data_config, eval_dataset, is_latent, load_run_vae
-from rrepa.eval.probe import probe_model
 from rrepa.experiments.grid import Cell, grid_from_dict, load_grid
-from rrepa.flow.checkpoint import list_checkpoints, weights_step
+from rrepa.experiments.probes import probe_grid, probe_references
+from rrepa.experiments.records import (
+    EVALS,
+    GRID_COPY,
+    PROBE_LOCK,
+    PROBES,
+    EvalLog,
+    append_line,
+    cell_state,
+    eval_rows,
+    read_evals,
+    read_metrics,
+)
+from rrepa.flow.checkpoint import list_checkpoints
 from rrepa.training.config import RunConfig, read_yaml
 from rrepa.training.loop import check_pinned_files
-from rrepa.training.run import load_run
 from rrepa.utils import LOCK_FILE, RunInUseError, atomic_write, run_lock
-
-EVALS = "evals.jsonl"
-PROBE_LOCK = ".probe.lock"  # the prober's own lock: probing may run beside the runner, which holds LOCK_FILE
-PROBES = "probes.jsonl"
-GRID_COPY = "grid.yaml"
-
-
-# --------------------------------------------------------------------------------------------
-# The evaluation log
-# --------------------------------------------------------------------------------------------
-
-
-def read_metrics(run_dir: Path) -> tuple[list[dict], int]:
-    """A run's metrics.jsonl: its evaluation lines with their `eval_` prefix removed, and the last step logged (0
-    when none). A line still being written (the last one, while the run is alive) is skipped."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return [], 0
-    evals, step = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        step = max(step, int(row["step"]))
-        if "eval_fid" in row:
-            evals.append({"step": row["step"], **{k[5:]: v for k, v in row.items() if k.startswith("eval_")}})
-    return evals, step
-
-
-def eval_rows(run_dir: Path) -> list[dict]:
-    """The evaluation lines of a run's metrics.jsonl (see read_metrics)."""
-    return read_metrics(run_dir)[0]
-
-
-def _append_line(path: Path, row: dict) -> None:
-    """Append one JSON line in a single write, on disk before it returns (a kill leaves at most a partial line)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-class EvalLog:
-    """results/NAME/evals.jsonl: one line per (arm, seed, step), appended with a single write each."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.keys: set[tuple[str, int, int]] = set()
-        if path.is_file():
-            lines = path.read_text().splitlines(keepends=True)
-            good = []
-            for line in lines:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a kill mid-write
-                if line.endswith("\n") and self.key(row) not in self.keys:
-                    self.keys.add(self.key(row))
-                    good.append(line)
-            if good != lines:
-                atomic_write(path, lambda tmp: Path(tmp).write_text("".join(good)))
-
-    @staticmethod
-    def key(row: dict) -> tuple[str, int, int]:
-        return row["arm"], int(row["seed"]), int(row["step"])
-
-    def drop(self, cell: Cell) -> int:
-        """Remove the cell's lines (a cell that starts again from step 0: they describe a run that is gone)."""
-        rows = read_evals(self.path) if self.path.is_file() else []
-        keep = [r for r in rows if (r["arm"], int(r["seed"])) != (cell.arm, cell.seed)]
-        if len(keep) < len(rows):
-            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in keep)))
-            self.keys = {self.key(r) for r in keep}
-        return len(rows) - len(keep)
-
-    def add(self, cell: Cell, rows: list[dict]) -> int:
-        """Append the rows not logged yet; returns how many were new."""
-        new = 0
-        for row in rows:
-            row = {"arm": cell.arm, "seed": cell.seed, **row}
-            if self.key(row) in self.keys:
-                continue
-            _append_line(self.path, row)
-            self.keys.add(self.key(row))
-            new += 1
-        return new
-
-
-def read_evals(path: str | os.PathLike) -> list[dict]:
-    """The rows of an evals.jsonl (a trailing partial line is ignored)."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(line))
-    return rows
-
 
 # --------------------------------------------------------------------------------------------
 # Running the grid
@@ -174,7 +87,7 @@ def reuse_cells(cells: list[Cell], sources: list[str], evals: EvalLog, out: Path
                 have = {(r["arm"], r["seed"]) for r in read_evals(out / PROBES)} if (out / PROBES).is_file() else set()
                 for r in probes:
                     if (r["arm"], r["seed"]) == (c.arm, c.seed) and (c.arm, c.seed) not in have:
-                        _append_line(out / PROBES, r)
+                        append_line(out / PROBES, r)
             taken.add(c.name)
             log(f"{c.name}: reused from {src} ({new} evaluation(s) copied)")
     return taken
@@ -188,17 +101,6 @@ def same_config(stored: Path, cfg: RunConfig) -> bool:
         return RunConfig.from_dict(read_yaml(stored)).to_dict() == cfg.to_dict()
     except (KeyError, ValueError):
         return False
-
-
-def cell_state(cell: Cell, run_dir: Path) -> str:
-    """done | resume (has checkpoints) | restart (killed before its first checkpoint) | new."""
-    t = cell.cfg.train
-    ema = run_dir / "ema.safetensors"
-    if ema.is_file() and weights_step(ema) == t.steps and (not t.eval_bpd or (run_dir / "bpd.json").is_file()):
-        return "done"
-    if list_checkpoints(run_dir):
-        return "resume"
-    return "restart" if run_dir.exists() and any(run_dir.iterdir()) else "new"
 
 
 def train_command(cell: Cell, run_dir: Path, state: str, config_file: Path) -> list[str]:
@@ -375,12 +277,13 @@ def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int
 
 
 def _probe_finished(out: Path, runs: Path, threads: int, log) -> None:
-    """probe_grid with the cells' thread budget; a prober already at work (`rrepa experiment probe` by hand)
-    is left to it."""
+    """probe_grid, then the references its probes are read against (probe_references, once), with the cells'
+    thread budget; a prober already at work (`rrepa experiment probe` by hand) is left to it."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         probe_grid(out, runs, progress=False, log=log)
+        probe_references(out, progress=False, log=log)
     except RunInUseError as err:
         log(f"not probing now: {err}")
     finally:
@@ -404,47 +307,3 @@ def _stop(procs: list[subprocess.Popen], grace: float = 120.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-
-
-# --------------------------------------------------------------------------------------------
-# Linear probes of the finished cells
-# --------------------------------------------------------------------------------------------
-
-
-def probe_grid(out: str | os.PathLike, runs: str | os.PathLike | None = None, limit_train: int = 10_000,
-               limit_test: int = 2000, progress: bool = True, log=tqdm.write) -> int:
-    """Linear probes (rrepa.eval.probe) of the final EMA weights of every finished cell not probed yet, one line each
-    in OUT/probes.jsonl: {arm, seed, step, probe_top1, probe_block, probe_layer, positions, ...}. The test
-    images are the first limit_test of the test split, those of the in-training one-step and Bayes top-1.
-    Returns the number of cells probed."""
-    out = Path(out)
-    if not (out / GRID_COPY).is_file():
-        raise FileNotFoundError(f"{out / GRID_COPY} does not exist: run `rrepa experiment run GRID --out {out}` "
-                                f"first")
-    runs = Path(runs) if runs is not None else out / "runs"
-    cells = grid_from_dict(yaml.safe_load((out / GRID_COPY).read_text()), str(out / GRID_COPY)).cells()
-    path = out / PROBES
-    probed = 0
-    with run_lock(out, warn=log, name=PROBE_LOCK):  # not the runner's lock: probing may run beside training
-        done = {(r["arm"], r["seed"]) for r in read_evals(path)} if path.is_file() else set()
-        todo = [c for c in cells if (c.arm, c.seed) not in done and cell_state(c, runs / c.name) == "done"]
-        log(f"probing {len(todo)} finished cell(s) ({len(done)} probed before)")
-        for c in todo:
-            model, info = load_run(runs / c.name, "ema")
-            # The run's own data section: its paths are the ones it trained with (the grid copy's are relative to a
-            # grid file this folder does not know).
-            data = data_config(info["config"]["data"])
-            vae = load_run_vae(data, log=log) if is_latent(data) else None  # a latent cell's latents
-            train_set, test_set = (eval_dataset(data, split, vae, log=log) for split in ("train", "test"))
-            res = probe_model(model, train_set, test_set,
-                              limit_train=limit_train, limit_test=limit_test, seed=c.cfg.train.seed,
-                              progress=progress)
-            best = res["best"]
-            row = {"arm": c.arm, "seed": c.seed, "step": info["step"], "probe_top1": best["test_acc"],
-                   "probe_block": best["block"], "probe_layer": best["layer"], "train_images": res["train_images"],
-                   "test_images": res["test_images"], "pool": res["pool"], "noise": res["noise"],
-                   "positions": [{k: r[k] for k in ("block", "layer", "test_acc")} for r in res["positions"]]}
-            _append_line(path, row)
-            probed += 1
-            log(f"{c.name}: best probe block {best['block']}, layer {best['layer']}: {best['test_acc']:.1%}")
-    return probed
