@@ -92,17 +92,24 @@ def test_report_sets_the_aligned_probe_against_the_baselines_and_the_targets(tmp
     assert "60.0% (`fmnist-ssl@abc`)" in row and row.endswith(f"| {gap:.0%} |")
     assert "The raw pixels on the same images (a linear probe of the flattened pixels, the floor): 24.0% (fmnist)" \
         in claim
+    refs[1]["probe_top1"] = 0.44  # 1.7 points above the baseline: no share of a gap that small
+    (tmp_path / REFERENCE_PROBES).write_text("".join(json.dumps(r) + "\n" for r in refs))
+    claim = write_report(tmp_path).read_text().split("**Claim 5")[1]
+    assert "44.0% (`fmnist-ssl@abc`) | — |" in claim and "at least 5 points above" in claim
     (tmp_path / REFERENCE_PROBES).unlink()  # without the references: the arms' probes, the target "not probed"
     claim = write_report(tmp_path).read_text().split("**Claim 5")[1]
     assert "| not probed | — |" in claim and "raw pixels" not in claim
 
 
-@pytest.mark.parametrize("probes", [False, True])
-def test_claim_5_waits_for_the_probes_of_an_aligned_arm(tmp_path, probes):
-    grid_folder(tmp_path, {"baseline": []}, seeds=(0,))
+@pytest.mark.parametrize("aligned", [False, True])
+def test_claim_5_needs_an_aligned_arm_and_its_probes(data, tmp_path, aligned):
+    arms = {"baseline": [], **({"reverse": ALIGNED} if aligned else {})}
+    grid_folder(tmp_path, arms, data, seeds=(0,))
     (tmp_path / "evals.jsonl").write_text(json.dumps({"arm": "baseline", "seed": 0, "step": 10, "fid": 5.0}) + "\n")
-    if probes:
-        (tmp_path / "probes.jsonl").write_text(json.dumps({"arm": "baseline", "seed": 0, "step": 10,
-                                                           "probe_top1": 0.4, "probe_block": 4,
-                                                           "probe_layer": 2}) + "\n")
-    assert "Not measured yet: needs the probes of an aligned arm" in write_report(tmp_path).read_text()
+    (tmp_path / "probes.jsonl").write_text(json.dumps({"arm": "baseline", "seed": 0, "step": 10, "probe_top1": 0.4,
+                                                       "probe_block": 4, "probe_layer": 2}) + "\n")
+    claim = write_report(tmp_path).read_text().split("**Claim 5")[1]
+    want = "Not measured yet: needs the probes of an aligned arm" if aligned else "Not tested: no arm of this grid"
+    assert want in claim
+    # The references serve the aligned arms: a grid without alignment probes none.
+    assert (probe_references(tmp_path, limit_train=16, limit_test=8, progress=False, log=lambda m: None) > 0) == aligned

@@ -106,18 +106,20 @@ def probe_references(out: str | os.PathLike, limit_train: int = 10_000, limit_te
     encoder (name@fingerprint of a target), probe_top1, train_images, test_images}. The images are those of
     probe_grid's probes, the first limit_train training and limit_test test images, clean (the target is computed
     on clean images in training), with the same probe (rrepa.eval.linear.linear_probe, l2 chosen on held-out
-    training features). A target's tokens are mean-pooled, as the flow's. Skips what was probed before; returns
-    how many were probed."""
+    training features). A target's tokens are mean-pooled, as the flow's. Skips what was probed before, and a grid
+    without alignment; returns how many were probed."""
     out = Path(out)
     if not (out / GRID_COPY).is_file():
         raise FileNotFoundError(f"{out / GRID_COPY} does not exist: run `rrepa experiment run GRID --out {out}` "
                                 f"first")
     cells = grid_from_dict(yaml.safe_load((out / GRID_COPY).read_text()), str(out / GRID_COPY)).cells()
+    # The cells' configs as the runner stored them, whose paths are relative to the folder it ran in (the grid copy's
+    # are relative to a grid file this folder does not know).
+    configs = [RunConfig.from_dict(read_yaml(out / "configs" / f"{c.name}.yaml")) for c in cells]
+    if not any(cfg.align.enabled for cfg in configs):
+        return 0  # the references serve the aligned arms' probes
     wanted: list[tuple[dict, RunConfig]] = []
-    for c in cells:
-        # The cell's config as the runner stored it, whose paths are relative to the folder it ran in (the grid
-        # copy's are relative to a grid file this folder does not know).
-        cfg = RunConfig.from_dict(read_yaml(out / "configs" / f"{c.name}.yaml"))
+    for cfg in configs:
         for kind, target in (("pixels", None), ("target", target_of(cfg))):
             key = {"reference": kind, "images": images_of(cfg), "target": target}
             if (kind == "pixels" or target is not None) and key not in [k for k, _ in wanted]:

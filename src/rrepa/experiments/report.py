@@ -41,6 +41,7 @@ METRICS = [("fid", "FID", "{:.1f}", True), ("precision", "precision", "{:.3f}", 
            ("one_step_top1", "one-step top-1", "{:.1%}", False),
            ("bayes_top1", "Bayes top-1", "{:.1%}", False), ("bpd", "bits/dim (true labels)", "{:.4f}", True),
            ("wall_min", "wall-clock (min)", "{:.0f}", True)]
+MIN_GAP = 0.05  # claim 5's share of the gap is shown where the target's probe is this far above the baseline's
 LATENT_BPD = "per latent dimension"  # in the bpd_protocol of a latent run's evaluations (rrepa.eval.bpd)
 
 
@@ -142,7 +143,7 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
     probes = read_evals(folder / PROBES) if (folder / PROBES).is_file() else []
     lines += _claims(rows, tab, same_space, baseline, final, probes)
     refs = read_evals(folder / REFERENCE_PROBES) if (folder / REFERENCE_PROBES).is_file() else []
-    lines += _probe_claim(folder, probes, refs, same_space, baseline)
+    lines += _probe_claim(folder, probes, refs, same_space, baseline, arm_order)
     lines += _paired_section(rows, same_space, baseline, final)
     if latent and len(latent) < len(arms):
         lines += _spaces(tab, arms, latent, _aligned_arms(folder, arms), final)
@@ -339,14 +340,19 @@ def _claims(rows, tab, arms, baseline: str, final: int, probes: list[dict]) -> l
     return out
 
 
-def _probe_claim(folder: Path, probes: list[dict], refs: list[dict], arms: list[str], baseline: str) -> list[str]:
+def _probe_claim(folder: Path, probes: list[dict], refs: list[dict], arms: list[str], baseline: str,
+                 grid_arms: list[str]) -> list[str]:
     """Claim 5: each aligned arm's probe at its aligned position(s) against the baseline's there, paired by seed,
-    with the probes of its target and of the raw pixels on the same images (probes.jsonl, reference_probes.jsonl)."""
-    out = ["**Claim 5: alignment moves the aligned layer's probe towards the target's.** The linear probe of each "
+    with the probes of its target and of the raw pixels on the same images (probes.jsonl, reference_probes.jsonl).
+    grid_arms: every arm of the grid, evaluated or not."""
+    out = ["**Claim 5: alignment moves the aligned layer's probe towards the target's.**", "The linear probe of each "
            "aligned position (final EMA weights, the images of claim 3) against the baseline's probe at the same "
-           "position, paired by seed (positive: the aligned arm's probe is higher), and the probe of the arm's "
-           "target on the same images, clean, its tokens mean-pooled as the flow's are. \"share of the gap\": the "
-           "difference over (target's probe - the baseline's).", ""]
+           "position on the same seeds, paired by seed (positive: the aligned arm's probe is higher), and the probe "
+           "of the arm's target on the same images, clean, its tokens mean-pooled as the flow's are. \"share of the "
+           "gap\": the difference over (target's probe - the baseline's), where the target's probe is at least "
+           f"{100 * MIN_GAP:.0f} points above (below that the ratio is noise).", ""]
+    if not _aligned_arms(folder, grid_arms):
+        return [*out[:1], "", "Not tested: no arm of this grid trains with alignment.", ""]
     per_pos = {a: {r["seed"]: _probed_positions(r) for r in probes if r["arm"] == a} for a in arms}
     lines = []
     for a in arms:
@@ -357,10 +363,10 @@ def _probe_claim(folder: Path, probes: list[dict], refs: list[dict], arms: list[
                     and r["images"] == images_of(cfg)), None)
         for t, l in cfg.align.positions:
             va = {s: v[(t, l)] for s, v in per_pos[a].items() if (t, l) in v}
-            vb = {s: v[(t, l)] for s, v in per_pos.get(baseline, {}).items() if (t, l) in v}
+            vb = {s: v[(t, l)] for s, v in per_pos.get(baseline, {}).items() if (t, l) in v and s in va}  # paired
             d, lo, hi, n = paired(va, vb)
             base = float(np.mean(list(vb.values()))) if vb else math.nan
-            gap = d / (ref["probe_top1"] - base) if ref and n and ref["probe_top1"] != base else math.nan
+            gap = d / (ref["probe_top1"] - base) if ref and n and ref["probe_top1"] - base >= MIN_GAP else math.nan
             lines.append(f"| {a} | ({t}, {l}) | {fmt_mean('{:.1%}', *mean_std(list(va.values())), len(va))} | "
                          + (f"{fmt_mean('{:.1%}', *mean_std(list(vb.values())), len(vb))} | "
                             f"{fmt_ci('{:+.1%}', d, lo, hi)} ({n}) | {verdict(lo, hi, False)} | " if n else
