@@ -21,7 +21,7 @@ from rrepa.data.latent_run import data_config, eval_dataset, is_latent, load_run
 from rrepa.eval.classify import batches
 from rrepa.eval.linear import linear_probe
 from rrepa.eval.probe import probe_model
-from rrepa.experiments.grid import grid_from_dict
+from rrepa.experiments.grid import Cell, grid_from_dict
 from rrepa.experiments.records import (
     GRID_COPY,
     PROBE_LOCK,
@@ -35,6 +35,15 @@ from rrepa.training.config import RunConfig, read_yaml
 from rrepa.training.run import load_run
 from rrepa.utils import run_lock
 
+
+def grid_cells(out: Path) -> list[Cell]:
+    """The cells of the grid whose results folder is out, from its copy of the grid file."""
+    if not (out / GRID_COPY).is_file():
+        raise FileNotFoundError(f"{out / GRID_COPY} does not exist: run `rrepa experiment run GRID --out {out}` "
+                                f"first")
+    return grid_from_dict(yaml.safe_load((out / GRID_COPY).read_text()), str(out / GRID_COPY)).cells()
+
+
 # --------------------------------------------------------------------------------------------
 # The flows' probes, cell by cell
 # --------------------------------------------------------------------------------------------
@@ -47,11 +56,8 @@ def probe_grid(out: str | os.PathLike, runs: str | os.PathLike | None = None, li
     images are the first limit_test of the test split, those of the in-training one-step and Bayes top-1.
     Returns the number of cells probed."""
     out = Path(out)
-    if not (out / GRID_COPY).is_file():
-        raise FileNotFoundError(f"{out / GRID_COPY} does not exist: run `rrepa experiment run GRID --out {out}` "
-                                f"first")
+    cells = grid_cells(out)
     runs = Path(runs) if runs is not None else out / "runs"
-    cells = grid_from_dict(yaml.safe_load((out / GRID_COPY).read_text()), str(out / GRID_COPY)).cells()
     path = out / PROBES
     probed = 0
     with run_lock(out, warn=log, name=PROBE_LOCK):  # not the runner's lock: probing may run beside training
@@ -109,10 +115,7 @@ def probe_references(out: str | os.PathLike, limit_train: int = 10_000, limit_te
     training features). A target's tokens are mean-pooled, as the flow's. Skips what was probed before, and a grid
     without alignment; returns how many were probed."""
     out = Path(out)
-    if not (out / GRID_COPY).is_file():
-        raise FileNotFoundError(f"{out / GRID_COPY} does not exist: run `rrepa experiment run GRID --out {out}` "
-                                f"first")
-    cells = grid_from_dict(yaml.safe_load((out / GRID_COPY).read_text()), str(out / GRID_COPY)).cells()
+    cells = grid_cells(out)
     # The cells' configs as the runner stored them, whose paths are relative to the folder it ran in (the grid copy's
     # are relative to a grid file this folder does not know).
     configs = [RunConfig.from_dict(read_yaml(out / "configs" / f"{c.name}.yaml")) for c in cells]
