@@ -1,8 +1,10 @@
 """What the test modules share: models for the math tests, a fake Fashion-MNIST, the tiny training config, `rrepa`
 in a subprocess (pytest puts this folder on sys.path: tests/conftest.py lives here)."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +51,25 @@ def finish(p: subprocess.Popen, rc: int = 0) -> str:
     out, _ = p.communicate(timeout=240)
     assert p.returncode == rc, out[-3000:]
     return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (Linux /proc), also those in sessions of their own, which a killpg
+    misses: torchrun's workers, left behind by a test that timed out."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
 
 
 def killer(method: str) -> str:

@@ -1,7 +1,6 @@
 """Training: outputs of a run, non-finite steps, refusing a used folder, exact resume after SIGKILL,
 and DDP on two gloo processes matching one process on the same global batch."""
 
-import contextlib
 import json
 import os
 import signal
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ENV, finish, killer, rows, rrepa, sgd, tiny
+from helpers import ENV, finish, kill_tree, killer, rows, rrepa, sgd, tiny
 from rrepa import cli
 from rrepa.distributed import Dist, GlobalBatchSampler
 from rrepa.flow.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -277,8 +276,7 @@ def test_ddp_evaluates_in_training_on_rank_0_alone(data, tmp_path):
     try:
         out = finish(two)  # a deadlock is a timeout here
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(two.pid, signal.SIGKILL)
+        kill_tree(two.pid)  # torchrun's workers too, which run in sessions of their own
     assert "2 process(es)" in out
     train(cfg, tmp_path / "one", device="cpu")
     evals = {name: [r for r in rows(tmp_path / name) if "eval_fid" in r] for name in ("ddp", "one")}
