@@ -259,7 +259,8 @@ def test_report_from_a_fixture_log(tmp_path):
     assert "diverged" not in text  # no evaluation left samples out
     fid = {(r["arm"], r["seed"], r["step"]): r["fid"] for r in rows}  # the last interval's change, by hand
     change = np.mean([fid[("reverse", s, 400)] - fid[("reverse", s, 300)] for s in range(3)])
-    assert "(about 0 at a plateau): baseline " in text and f"reverse {change:+.1f}." in text
+    assert "FID change over steps 300-400, mean over the finished seeds (about 0 at a plateau): baseline " in text
+    assert f"reverse {change:+.1f}." in text
     rows[0] = {**rows[0], "diverged": 7, "num_samples": 1993}
     write_jsonl(tmp_path / "evals.jsonl", rows + unfinished)
     line = f"{rows[0]['arm']} seed {rows[0]['seed']} step {rows[0]['step']:,}: 7 of 2000"

@@ -133,10 +133,12 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
         lines.append(f"| {a} | " + " | ".join(
             fmt_mean("{:.1f}", *mean_std(tab[a][s]["fid"]), len(tab[a][s]["fid"])) if tab[a].get(s, {}).get("fid")
             else "—" for s in sorted({r["step"] for r in rows})) + " |")
-    last = [(a, [c[-1][1] - c[-2][1] for c in finished_curves(rows, a, final) if len(c) > 1]) for a in arms]
-    if any(d for _, d in last):  # whether the runs ended near their plateau, where this is about 0
-        lines += ["", "FID change over the last interval before step " + f"{final:,}, mean over the finished seeds "
-                  "(about 0 at a plateau): " + ", ".join(f"{a} {np.mean(d):+.1f}" for a, d in last if d) + "."]
+    last = {a: [(c[-2][0], c[-1][1] - c[-2][1]) for c in finished_curves(rows, a, final) if len(c) > 1] for a in arms}
+    starts = {v[0][0] for v in last.values() if v}
+    if starts:  # whether the runs ended near their plateau, where this is about 0
+        span = f"steps {starts.pop():,}-{final:,}" if len(starts) == 1 else "each arm's last interval"
+        lines += ["", f"FID change over {span}, mean over the finished seeds (about 0 at a plateau): "
+                  + ", ".join(f"{a} {np.mean([d for _, d in v]):+.1f}" for a, v in last.items() if v) + "."]
     diverged = [f"{r['arm']} seed {r['seed']} step {r['step']:,}: {r['diverged']} of {r['diverged'] + r['num_samples']}"
                 for r in rows if r.get("diverged")]
     if diverged:  # the in-training evaluation leaves non-finite samples out of its metrics, and counts them
