@@ -21,7 +21,7 @@ from rrepa.eval.samples import build_feature_network, evaluate_features
 from rrepa.flow.sample import draw
 from rrepa.flow.tarflow import TARFlow
 from rrepa.training.config import RunConfig
-from rrepa.utils import as_nchw_uint8, finite_rows, generator, to_uint8
+from rrepa.utils import as_nchw_uint8, drop_diverged, generator, to_uint8
 
 
 class InTrainingEval:
@@ -145,11 +145,10 @@ def evaluate_in_training(model_sampler: Callable, evaluator, ref_stats, n: int, 
             x = torch.as_tensor(x).detach().cpu()
             if x.shape[0] != m:
                 raise ValueError(f"model_sampler({m}) returned {x.shape[0]} images")
-            y = None if y is None else torch.as_tensor(y).cpu().reshape(-1)
-            ok = finite_rows(x)
-            diverged += int((~ok).sum())
-            images.append(as_nchw_uint8(to_uint8(x[ok])))
-            labels.append(None if y is None else y[ok])
+            finite, y, _ = drop_diverged(x, None if y is None else torch.as_tensor(y).cpu().reshape(-1))
+            diverged += m - len(finite)
+            images.append(as_nchw_uint8(to_uint8(finite)))
+            labels.append(y)
             done += m
     x = torch.cat(images)
     y = torch.cat(labels).numpy() if all(t is not None for t in labels) else None
