@@ -35,4 +35,7 @@ def test_final_summary_names_diverged_samples():
     assert "  FID          23.46 (4990 samples, 10 diverged and left out at guidance 0 against ref" in text
     text = final_summary(Path("r"), 5, 0.0, {**EVAL, "fid": None, "num_samples": 0, "diverged": 5000}, None, False,
                          0.0, "ref")
-    assert "  FID          none: every sample diverged (NaN or inf)" in text.splitlines()
+    assert "  FID          none: 5000 of 5000 samples diverged (NaN or inf)" in text.splitlines()
+    text = final_summary(Path("r"), 5, 0.0, {**EVAL, "fid": None, "num_samples": 1, "diverged": 4999}, None, False,
+                         0.0, "ref")  # one finite sample is no FID either, and is not "every sample"
+    assert "  FID          none: 4999 of 5000 samples diverged (NaN or inf)" in text.splitlines()

@@ -143,7 +143,8 @@ def final_summary(run_dir: Path, step: int, grid_guidance: float | None, final_e
         left_out = f", {final_eval['diverged']} diverged and left out" if final_eval.get("diverged") else ""
         lines.append(f"  FID          {final_eval['fid']:.2f} ({final_eval['num_samples']} samples{left_out} at "
                      f"guidance {eval_guidance:g} against {reference}, feature network {final_eval['feature_network']})"
-                     if final_eval["fid"] is not None else "  FID          none: every sample diverged (NaN or inf)")
+                     if final_eval["fid"] is not None else f"  FID          none: {final_eval['diverged']} of "
+                     f"{final_eval['diverged'] + final_eval['num_samples']} samples diverged (NaN or inf)")
         if final_eval.get("class_accuracy") is not None:
             lines.append(f"  class acc.   {100 * final_eval['class_accuracy']:.1f} % (conditional samples the "
                          f"evaluator labels as their class)")
