@@ -40,6 +40,12 @@ def test_eval_log_drops_a_line_cut_short_and_duplicates(tmp_path):
     assert read_evals(path) == [other] and log.keys == {("b", 0, 2)}
 
 
+def test_read_evals_of_a_missing_file(tmp_path):
+    assert read_evals(tmp_path / "none.jsonl", missing_ok=True) == []
+    with pytest.raises(FileNotFoundError):  # the report needs evals.jsonl and says so
+        read_evals(tmp_path / "none.jsonl")
+
+
 # --------------------------------------------------------------------------------------------
 # A real grid, killed and resumed
 # --------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def probe_grid(out: str | os.PathLike, runs: str | os.PathLike | None = None, li
     path = out / PROBES
     probed = 0
     with run_lock(out, warn=log, name=PROBE_LOCK):  # not the runner's lock: probing may run beside training
-        done = {(r["arm"], r["seed"]) for r in read_evals(path)} if path.is_file() else set()
+        done = {(r["arm"], r["seed"]) for r in read_evals(path, missing_ok=True)}
         todo = [c for c in cells if (c.arm, c.seed) not in done and cell_state(c, runs / c.name) == "done"]
         log(f"probing {len(todo)} finished cell(s) ({len(done)} probed before)")
         for c in todo:
@@ -130,8 +130,7 @@ def probe_references(out: str | os.PathLike, limit_train: int = 10_000, limit_te
     path = out / REFERENCE_PROBES
     probed = 0
     with run_lock(out, warn=log, name=PROBE_LOCK):
-        done = [{k: r[k] for k in ("reference", "images", "target")} for r in read_evals(path)] if path.is_file() \
-            else []
+        done = [{k: r[k] for k in ("reference", "images", "target")} for r in read_evals(path, missing_ok=True)]
         for key, cfg in wanted:
             if key in done:
                 continue

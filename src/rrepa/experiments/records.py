@@ -83,7 +83,7 @@ class EvalLog:
 
     def drop(self, cell: Cell) -> int:
         """Remove the cell's lines (a cell that starts again from step 0: they describe a run that is gone)."""
-        rows = read_evals(self.path) if self.path.is_file() else []
+        rows = read_evals(self.path, missing_ok=True)
         keep = [r for r in rows if (r["arm"], int(r["seed"])) != (cell.arm, cell.seed)]
         if len(keep) < len(rows):
             atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in keep)))
@@ -103,10 +103,14 @@ class EvalLog:
         return new
 
 
-def read_evals(path: str | os.PathLike) -> list[dict]:
-    """The rows of an evals.jsonl (a trailing partial line is ignored)."""
+def read_evals(path: str | os.PathLike, missing_ok: bool = False) -> list[dict]:
+    """The rows of an evals.jsonl (a trailing partial line is ignored); [] for a missing file when missing_ok,
+    FileNotFoundError otherwise."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return []
     rows = []
-    for line in Path(path).read_text().splitlines():
+    for line in path.read_text().splitlines():
         with contextlib.suppress(json.JSONDecodeError):
             rows.append(json.loads(line))
     return rows

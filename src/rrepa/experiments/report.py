@@ -146,9 +146,9 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
     same_space = [a for a in arms if (a in latent) == (baseline in latent)]
     lines += _gap_by_step(tab, same_space, baseline, sorted({r["step"] for r in rows}))
     lines += ["", "![FID against step](fid.png)", "", "![one-step top-1 against step](one_step.png)", ""]
-    probes = read_evals(folder / PROBES) if (folder / PROBES).is_file() else []
+    probes = read_evals(folder / PROBES, missing_ok=True)
     lines += _claims(rows, tab, same_space, baseline, final, probes)
-    refs = read_evals(folder / REFERENCE_PROBES) if (folder / REFERENCE_PROBES).is_file() else []
+    refs = read_evals(folder / REFERENCE_PROBES, missing_ok=True)
     lines += _probe_claim(folder, probes, refs, same_space, baseline, arm_order)
     lines += _paired_section(rows, same_space, baseline, final)
     if latent and len(latent) < len(arms):

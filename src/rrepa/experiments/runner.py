@@ -70,7 +70,7 @@ def reuse_cells(cells: list[Cell], sources: list[str], evals: EvalLog, out: Path
     for src in map(Path, sources):
         if not (src / EVALS).is_file():
             raise FileNotFoundError(f"reuse: {src / EVALS} does not exist; name a results folder of another grid")
-        rows, probes = read_evals(src / EVALS), read_evals(src / PROBES) if (src / PROBES).is_file() else []
+        rows, probes = read_evals(src / EVALS), read_evals(src / PROBES, missing_ok=True)
         for c in cells:
             stored = src / "configs" / f"{c.name}.yaml"
             if c.name in taken or not stored.is_file():
@@ -84,7 +84,7 @@ def reuse_cells(cells: list[Cell], sources: list[str], evals: EvalLog, out: Path
                 continue  # not finished there (yet): trained here
             new = evals.add(c, mine)
             with run_lock(out, warn=log, name=PROBE_LOCK):  # probes.jsonl is the prober's
-                have = {(r["arm"], r["seed"]) for r in read_evals(out / PROBES)} if (out / PROBES).is_file() else set()
+                have = {(r["arm"], r["seed"]) for r in read_evals(out / PROBES, missing_ok=True)}
                 for r in probes:
                     if (r["arm"], r["seed"]) == (c.arm, c.seed) and (c.arm, c.seed) not in have:
                         append_line(out / PROBES, r)
@@ -185,7 +185,7 @@ def _check_grid_change(out: Path, runs: Path, cells: list[Cell], stored: Path, g
     logged): each such cell's stored config must reappear, identical, among `cells`; else ValueError. A dropped
     cell loses its stored config and its run folder (a few steps at most)."""
     new = {c.name: c.cfg.to_yaml() for c in cells}
-    logged = {f"{r['arm']}-s{r['seed']}" for r in read_evals(out / EVALS)} if (out / EVALS).is_file() else set()
+    logged = {f"{r['arm']}-s{r['seed']}" for r in read_evals(out / EVALS, missing_ok=True)}
     stored_configs = sorted((out / "configs").glob("*.yaml"))
     ran = [p for p in stored_configs if (runs / p.stem).is_dir() and list_checkpoints(runs / p.stem)
            or p.stem in logged]
