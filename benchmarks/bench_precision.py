@@ -5,12 +5,15 @@ few layers), the R-REPA step, the one-step and Bayes classifiers, and sampling (
     python benchmarks/bench_precision.py                       # threads: all cores
     OMP_NUM_THREADS=1 python benchmarks/bench_precision.py --repeats 5
     python benchmarks/bench_precision.py --ckpt results/fmnist-precision/runs/baseline_bf16-s0   # a trained flow
+    python benchmarks/bench_precision.py --device cuda --samples 100 1000   # on a GPU (bench_precision in gpu_check.sh)
 
 Times are medians of --repeats calls, fp32 and bf16 alternating call by call (so that load on a shared machine
-hits both alike), after one warm-up call each. Ratios are bf16 / fp32 (< 1: bf16 is faster). Sampling also prints
-how far the bf16 images lie from the float32 sequential sampler's on the same z (max |dx| in [-1, 1] units; one
-uint8 level is 0.0078). Without --ckpt the flows are random with a perturbed proj_out (the arithmetic of a trained
-flow, not its values): give a trained run for the drift figures that matter.
+hits both alike), after one warm-up call each; on a GPU each call ends with a synchronize. Ratios are bf16 / fp32
+(< 1: bf16 is faster). Sampling also prints how far the bf16 images lie from the float32 sequential sampler's on the
+same z (max |dx| in [-1, 1] units; one uint8 level is 0.0078); on the CPU the sequential sampler stays float32 under
+bf16 by design (docs/DESIGN.md section 13), on a GPU it runs in bf16. Without --ckpt the flows are random with a
+perturbed proj_out (the arithmetic of a trained flow, not its values): give a trained run for the drift figures
+that matter.
 """
 
 from __future__ import annotations
@@ -30,38 +33,44 @@ from rrepa.flow.config import FlowConfig
 from rrepa.flow.jacobi import Jacobi
 from rrepa.flow.sample import draw
 from rrepa.flow.tarflow import TARFlow
-from rrepa.precision import autocast, cpu_has_native_bf16
+from rrepa.precision import autocast, cpu_has_native_bf16, native_bf16
 from rrepa.training.config import preset_model, resolve
 from rrepa.training.objective import Objective
 from rrepa.training.run import load_run
 
+BOTH = ("fp32", "bf16")
 
-def interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+
+def interleaved(calls: dict[str, Callable[[], object]], repeats: int, device: str = "cpu") -> dict[str, float]:
     """Median seconds of each call, the calls alternating, after one warm-up each."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for fn in calls.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(repeats):
         for k, fn in calls.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def train_step(model: TARFlow, batch: int, head: AlignHead | None = None, dim: int = 0) -> Callable[[str], None]:
+def train_step(model: TARFlow, batch: int, head: AlignHead | None = None, dim: int = 0,
+               device: str = "cpu") -> Callable[[str], None]:
     """One AdamW step of the objective (NLL, plus R-REPA pseudo when head is given) on a random batch."""
     cfg = model.cfg
-    objective = Objective(model, head)
+    objective = Objective(model, head).to(device)
     opt = torch.optim.AdamW(objective.parameters(), lr=1e-5)
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, cfg.in_channels, cfg.image_height, cfg.image_width, generator=g) * 2 - 1
-    y = torch.randint(0, max(cfg.num_classes, 1), (batch,), generator=g) if cfg.num_classes else None
-    tokens = torch.randn(batch, cfg.num_tokens, dim, generator=g) if head is not None else None
+    x = (torch.rand(batch, cfg.in_channels, cfg.image_height, cfg.image_width, generator=g) * 2 - 1).to(device)
+    y = torch.randint(0, max(cfg.num_classes, 1), (batch,), generator=g).to(device) if cfg.num_classes else None
+    tokens = torch.randn(batch, cfg.num_tokens, dim, generator=g).to(device) if head is not None else None
     hw = cfg.grid if head is not None else None
 
     def step(precision: str) -> None:
-        with autocast(precision, "cpu"):
+        with autocast(precision, device):
             loss, _ = objective(x + cfg.sigma * torch.randn_like(x), y, 0.1, tokens, hw)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
@@ -69,6 +78,31 @@ def train_step(model: TARFlow, batch: int, head: AlignHead | None = None, dim: i
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def sampling_rows(model: TARFlow, n: int, repeats: int, device: str) -> None:
+    """Sequential and Jacobi sampling of n images, fp32 against bf16, and the bf16 images' distance to the float32
+    sequential sampler's on the same z."""
+    cfg = model.cfg
+    z = torch.randn(n, cfg.in_channels, cfg.image_height, cfg.image_width,
+                    generator=torch.Generator().manual_seed(2)).to(device)
+    y = (torch.arange(n) % cfg.num_classes).to(device) if cfg.num_classes else None
+    exact = draw(model, z, y)  # float32, sequential: the reference images
+
+    def sample(precision: str, sampler):
+        with autocast(precision, device):
+            return draw(model, z, y, sampler=sampler)
+
+    sequential = interleaved({p: (lambda p=p: sample(p, "sequential")) for p in BOTH}, repeats, device)
+    drift = (sample("bf16", "sequential") - exact).abs().max().item()
+    same = " (float32 on the CPU by design)" if torch.device(device).type == "cpu" else ""
+    print(row(f"sample {n}, sequential{same}", sequential, f"bf16 max abs dx {drift:.4f}"), flush=True)
+    jac = Jacobi()
+    t = interleaved({"fp32": lambda: sample("fp32", jac), "bf16": lambda: sample("bf16", jac)}, repeats, device)
+    err32, err16 = ((sample(p, jac) - exact).abs().max().item() for p in ("fp32", "bf16"))
+    print(row(f"sample {n}, jacobi (defaults; bf16 then float32 refinement)", t,
+              f"max abs dx: fp32 {err32:.4f}, bf16 {err16:.4f}; bf16 jacobi / fp32 sequential "
+              f"{t['bf16'] / sequential['fp32']:.2f}x"), flush=True)
 
 
 def row(name: str, t: dict[str, float], extra: str = "") -> str:
@@ -79,14 +113,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=128, help="training batch of the Fashion-MNIST models")
-    ap.add_argument("--samples", type=int, default=100, help="images drawn by the sampling rows")
+    ap.add_argument("--samples", type=int, nargs="+", default=[100], help="images drawn by the sampling rows "
+                                                                           "(one pair of rows per number)")
     ap.add_argument("--ckpt", help="a trained fmnist run (folder, ckpt or safetensors) for the classifier and "
                                    "sampling rows (default: a random fmnist-shaped flow)")
     ap.add_argument("--skip-large", action="store_true", help="leave out the 32 x 32 and width-768 training rows")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args()
+    device = args.device
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_precision.py: --device cuda needs a CUDA GPU (torch.cuda.is_available() is false); "
+                         "leave --device out to measure the CPU")
     torch.manual_seed(0)
-    print(f"{torch.get_num_threads()} thread(s); native bf16 on this CPU: {cpu_has_native_bf16()}; "
-          f"torch {torch.__version__}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n")
+    if torch.device(device).type == "cuda":
+        print(f"{torch.cuda.get_device_name()}; native bf16: {native_bf16(device)}; torch {torch.__version__}\n")
+    else:
+        print(f"{torch.get_num_threads()} thread(s); native bf16 on this CPU: {cpu_has_native_bf16()}; "
+              f"torch {torch.__version__}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n")
     print("| what | fp32 ms | bf16 ms | bf16 / fp32 | notes |")
     print("|---|---|---|---|---|")
 
@@ -101,56 +144,40 @@ def main() -> None:
                    ("train step, width 768, 64 x 64 patch 2, 2 x 1 layers (batch 4)",
                     preset_model("imagenet64", num_blocks=2, layers_per_block=1), 4)]
     for name, cfg, batch in shapes:
-        step = train_step(trained_like(cfg), batch)
-        print(row(name, interleaved({p: (lambda p=p, step=step: step(p)) for p in ("fp32", "bf16")}, args.repeats)),
+        step = train_step(trained_like(cfg), batch, device=device)
+        print(row(name, interleaved({p: (lambda p=p, step=step: step(p)) for p in BOTH}, args.repeats, device)),
               flush=True)
     cfg = resolve("fmnist", overrides=["align.enabled=true"])
     model = trained_like(cfg.model)
     head = AlignHead(cfg.align, cfg.model.width, 128)
-    step = train_step(model, args.batch, head, 128)
+    step = train_step(model, args.batch, head, 128, device)
     print(row(f"R-REPA (pseudo) step, fmnist (batch {args.batch})",
-              interleaved({p: (lambda p=p: step(p)) for p in ("fp32", "bf16")}, args.repeats)), flush=True)
+              interleaved({p: (lambda p=p: step(p)) for p in BOTH}, args.repeats, device)), flush=True)
 
     # ---- classifiers and sampling, on a trained flow when given -------------------------------
     if args.ckpt:
-        model, info = load_run(args.ckpt, "ema", "cpu")
+        model, info = load_run(args.ckpt, "ema", device)
         what = f"{args.ckpt} (EMA, step {info['step']})"
     else:
         model, what = trained_like(preset_model("fmnist"), class_embed_std=0.02), "a random fmnist-shaped flow"
-    model.requires_grad_(False)
+    model = model.to(device).requires_grad_(False)
     cfg = model.cfg
     g = torch.Generator().manual_seed(1)
-    x = torch.rand(64, cfg.in_channels, cfg.image_height, cfg.image_width, generator=g) * 2 - 1
+    x = (torch.rand(64, cfg.in_channels, cfg.image_height, cfg.image_width, generator=g) * 2 - 1).to(device)
 
     def classify(fn, precision):
-        with autocast(precision, "cpu"):
+        with autocast(precision, device):
             return fn(model, x).float()
 
     for name, fn in (("one-step classifier, 64 images", one_step_scores),
                      ("Bayes classifier, 64 images x 10 classes", class_log_likelihoods)):
-        t = interleaved({p: (lambda p=p, fn=fn: classify(fn, p)) for p in ("fp32", "bf16")}, args.repeats)
+        t = interleaved({p: (lambda p=p, fn=fn: classify(fn, p)) for p in BOTH}, args.repeats, device)
         ref, low = classify(fn, "fp32"), classify(fn, "bf16")
         agree = (ref.argmax(1) == low.argmax(1)).float().mean().item()
         print(row(name, t, f"argmax agreement {100 * agree:.1f} %"), flush=True)
 
-    n = args.samples
-    z = torch.randn(n, cfg.in_channels, cfg.image_height, cfg.image_width, generator=torch.Generator().manual_seed(2))
-    y = torch.arange(n) % cfg.num_classes if cfg.num_classes else None
-    exact = draw(model, z, y)  # float32, sequential: the reference images
-
-    def sample(precision: str, sampler):
-        with autocast(precision, "cpu"):
-            return draw(model, z, y, sampler=sampler)
-
-    sequential = interleaved({p: (lambda p=p: sample(p, "sequential")) for p in ("fp32", "bf16")}, args.repeats)
-    drift = (sample("bf16", "sequential") - exact).abs().max().item()
-    print(row(f"sample {n}, sequential", sequential, f"bf16 max abs dx {drift:.4f}"), flush=True)
-    jac = Jacobi()
-    t = interleaved({"fp32": lambda: sample("fp32", jac), "bf16": lambda: sample("bf16", jac)}, args.repeats)
-    err32, err16 = ((sample(p, jac) - exact).abs().max().item() for p in ("fp32", "bf16"))
-    print(row(f"sample {n}, jacobi (defaults; bf16 then float32 refinement)", t,
-              f"max abs dx: fp32 {err32:.4f}, bf16 {err16:.4f}; bf16 jacobi / fp32 sequential "
-              f"{t['bf16'] / sequential['fp32']:.2f}x"), flush=True)
+    for n in args.samples:
+        sampling_rows(model, n, args.repeats, device)
     print(f"\nclassifiers and sampling on {what}")
 
 
