@@ -296,6 +296,20 @@ def test_report_from_a_fixture_log(tmp_path):
     # Claim 4: reverse reaches the baseline's final mean FID (about 100) before its last evaluation.
     line = next(x for x in text.splitlines() if x.startswith("| reverse |") and "x (" in x)
     assert "3 of 3 seeds" in line
+    # ... and along the way: at each baseline step s, s / (steps to the baseline's mean FID at s), mean over seeds.
+    along = text.split("Along the way")[1].split("**Claim 5")[0]
+    steps = sorted({r["step"] for r in rows if r["arm"] == "baseline"})
+    curves = {seed: [(r["step"], r["fid"]) for r in sorted(rows, key=lambda r: r["step"])
+                     if r["arm"] == "reverse" and r["seed"] == seed] for seed in range(3)}  # not the unfinished seed 3
+    want = []
+    for s in steps:
+        target = np.mean([r["fid"] for r in rows if r["arm"] == "baseline" and r["step"] == s])
+        reached = [steps_to_reach(c, target) for c in curves.values()]
+        ok = [s / r for r in reached if r is not None]
+        first = any(r == c[0][0] and c[0][1] <= target for r, c in zip(reached, curves.values()))
+        want.append(("—" if not ok else (">=" if first else "") + f"{np.mean(ok):.2f}x"
+                     + ("" if len(ok) == 3 else f" ({len(ok)} of 3)")))
+    assert f"| reverse | {' | '.join(want)} |" in along and "| baseline |" not in along
     # Paired by seed: against the baseline and against reverse, each cell the paired mean and interval.
     section = text.split("## Paired by seed")[1]
     row = next(x for x in section.splitlines() if x.startswith("| reverse - baseline |"))
