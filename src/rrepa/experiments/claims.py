@@ -25,7 +25,9 @@ from rrepa.experiments.tables import aligned_arms, arm_config, final_by_seed, fi
 MIN_GAP = 0.05  # claim 5's share of the gap is shown where the target's probe is this far above the baseline's
 
 
-def claims(rows, tab, arms, baseline: str, final: int, probes: list[dict]) -> list[str]:
+def claims(rows: list[dict], tab: dict, arms: list[str], baseline: str, final: int, probes: list[dict]) -> list[str]:
+    """Claims 1-4 at step `final`. rows: evals.jsonl's; tab: tables.table(rows); arms: those in the baseline's space;
+    probes: probes.jsonl's rows (claim 3)."""
     out = ["## The paper's claims, tested", ""]
     fid = {a: final_values(tab, a, final, "fid") for a in arms}
     # 1. R-REPA's FID against F-REPA's and D-REPA's (and the baseline's).
