@@ -307,8 +307,8 @@ def test_report_from_a_fixture_log(tmp_path):
         reached = [steps_to_reach(c, target) for c in curves.values()]
         ok = [s / r for r in reached if r is not None]
         first = any(r == c[0][0] and c[0][1] <= target for r, c in zip(reached, curves.values()))
-        want.append(("—" if not ok else (">=" if first else "") + f"{np.mean(ok):.2f}x"
-                     + ("" if len(ok) == 3 else f" ({len(ok)} of 3)")))
+        want.append("—" if not ok else (">=" if first else "") + f"{np.mean(ok):.2f}x"
+                     + ("" if len(ok) == 3 else f" ({len(ok)} of 3)"))
     assert f"| reverse | {' | '.join(want)} |" in along and "| baseline |" not in along
     # Paired by seed: against the baseline and against reverse, each cell the paired mean and interval.
     section = text.split("## Paired by seed")[1]
