@@ -6,6 +6,7 @@ few layers), the R-REPA step, the one-step and Bayes classifiers, and sampling (
     OMP_NUM_THREADS=1 python benchmarks/bench_precision.py --repeats 5
     python benchmarks/bench_precision.py --ckpt results/fmnist-precision/runs/baseline_bf16-s0   # a trained flow
     python benchmarks/bench_precision.py --device cuda --samples 100 1000   # on a GPU (bench_precision in gpu_check.sh)
+    python benchmarks/bench_precision.py --ckpt RUN --skip-train --coarse-tols 0.01 0.03 0.1   # Jacobi's bf16 tolerance
 
 Times are medians of --repeats calls, fp32 and bf16 alternating call by call (so that load on a shared machine
 hits both alike), after one warm-up call each; on a GPU each call ends with a synchronize. Ratios are bf16 / fp32
@@ -80,33 +81,63 @@ def train_step(model: TARFlow, batch: int, head: AlignHead | None = None, dim: i
     return step
 
 
-def sampling_rows(model: TARFlow, n: int, repeats: int, device: str) -> None:
-    """Sequential and Jacobi sampling of n images, fp32 against bf16, and the bf16 images' distance to the float32
-    sequential sampler's on the same z."""
+def sampling_rows(model: TARFlow, n: int, repeats: int, device: str, coarse_tols: list[float]) -> None:
+    """Sequential and Jacobi sampling of n images, fp32 against bf16, and the images' distance to the float32
+    sequential sampler's on the same z; one Jacobi row per coarse_tol (the bf16 iterations' tolerance)."""
     cfg = model.cfg
     z = torch.randn(n, cfg.in_channels, cfg.image_height, cfg.image_width,
                     generator=torch.Generator().manual_seed(2)).to(device)
     y = (torch.arange(n) % cfg.num_classes).to(device) if cfg.num_classes else None
     exact = draw(model, z, y)  # float32, sequential: the reference images
 
-    def sample(precision: str, sampler):
+    def sample(precision: str, sampler, stats: bool = False):
         with autocast(precision, device):
-            return draw(model, z, y, sampler=sampler)
+            return draw(model, z, y, sampler=sampler, return_stats=stats)
 
     sequential = interleaved({p: (lambda p=p: sample(p, "sequential")) for p in BOTH}, repeats, device)
     drift = (sample("bf16", "sequential") - exact).abs().max().item()
     same = " (float32 on the CPU by design)" if torch.device(device).type == "cpu" else ""
     print(row(f"sample {n}, sequential{same}", sequential, f"bf16 max abs dx {drift:.4f}"), flush=True)
-    jac = Jacobi()
-    t = interleaved({"fp32": lambda: sample("fp32", jac), "bf16": lambda: sample("bf16", jac)}, repeats, device)
-    err32, err16 = ((sample(p, jac) - exact).abs().max().item() for p in ("fp32", "bf16"))
-    print(row(f"sample {n}, jacobi (defaults; bf16 then float32 refinement)", t,
-              f"max abs dx: fp32 {err32:.4f}, bf16 {err16:.4f}; bf16 jacobi / fp32 sequential "
-              f"{t['bf16'] / sequential['fp32']:.2f}x"), flush=True)
+    for coarse_tol in coarse_tols:
+        jac = Jacobi(coarse_tol=coarse_tol)
+        t = interleaved({p: (lambda p=p, jac=jac: sample(p, jac)) for p in BOTH}, repeats, device)
+        (x32, s32), (x16, s16) = (sample(p, jac, stats=True) for p in BOTH)
+        print(row(f"sample {n}, jacobi (tol {jac.tol:g}; bf16 to {coarse_tol:g}, then float32)", t,
+                  f"max abs dx: fp32 {(x32 - exact).abs().max():.4f}, bf16 {(x16 - exact).abs().max():.4f}; passes "
+                  f"per block fp32 {passes(s32)}, bf16 + float32 {passes(s16)}; bf16 jacobi / fp32 sequential "
+                  f"{t['bf16'] / sequential['fp32']:.2f}x"), flush=True)
+
+
+def passes(stats) -> str:
+    """Transformer passes per block, in generation order, e.g. "28/9/10/7"."""
+    return "/".join(f"{p:.0f}" for p in stats.passes())
 
 
 def row(name: str, t: dict[str, float], extra: str = "") -> str:
     return f"| {name} | {1000 * t['fp32']:.1f} | {1000 * t['bf16']:.1f} | {t['bf16'] / t['fp32']:.2f}x | {extra} |"
+
+
+def training_rows(batch_size: int, skip_large: bool, repeats: int, device: str) -> None:
+    """The training steps' rows: the Fashion-MNIST models (and, unless skip_large, two larger ones), then R-REPA."""
+    shapes: list[tuple[str, FlowConfig, int]] = [
+        (f"train step, fmnist (batch {batch_size})", preset_model("fmnist"), batch_size),
+        (f"train step, fmnist-latent (batch {batch_size})", preset_model("fmnist-latent"), batch_size)]
+    if not skip_large:
+        shapes += [("train step, 32 x 32 x 3 patch 2, width 256, 4 x 2 (batch 32)",
+                    FlowConfig(in_channels=3, image_height=32, image_width=32, patch_size=2, width=256,
+                               num_blocks=4, layers_per_block=2, num_classes=10), 32),
+                   ("train step, width 768, 64 x 64 patch 2, 2 x 1 layers (batch 4)",
+                    preset_model("imagenet64", num_blocks=2, layers_per_block=1), 4)]
+    for name, cfg, batch in shapes:
+        step = train_step(trained_like(cfg), batch, device=device)
+        print(row(name, interleaved({p: (lambda p=p, step=step: step(p)) for p in BOTH}, repeats, device)),
+              flush=True)
+    cfg = resolve("fmnist", overrides=["align.enabled=true"])
+    model = trained_like(cfg.model)
+    head = AlignHead(cfg.align, cfg.model.width, 128)
+    step = train_step(model, batch_size, head, 128, device)
+    print(row(f"R-REPA (pseudo) step, fmnist (batch {batch_size})",
+              interleaved({p: (lambda p=p: step(p)) for p in BOTH}, repeats, device)), flush=True)
 
 
 def main() -> None:
@@ -118,7 +149,10 @@ def main() -> None:
     ap.add_argument("--ckpt", help="a trained fmnist run (folder, ckpt or safetensors) for the classifier and "
                                    "sampling rows (default: a random fmnist-shaped flow)")
     ap.add_argument("--skip-large", action="store_true", help="leave out the 32 x 32 and width-768 training rows")
+    ap.add_argument("--skip-train", action="store_true", help="leave out every training row")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--coarse-tols", type=float, nargs="+", default=[Jacobi.coarse_tol],
+                    help="the Jacobi rows' bf16 tolerances (Jacobi.coarse_tol; default: its default), a row each")
     args = ap.parse_args()
     device = args.device
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -133,26 +167,8 @@ def main() -> None:
     print("| what | fp32 ms | bf16 ms | bf16 / fp32 | notes |")
     print("|---|---|---|---|---|")
 
-    # ---- training steps ---------------------------------------------------------------------
-    shapes: list[tuple[str, FlowConfig, int]] = [
-        (f"train step, fmnist (batch {args.batch})", preset_model("fmnist"), args.batch),
-        (f"train step, fmnist-latent (batch {args.batch})", preset_model("fmnist-latent"), args.batch)]
-    if not args.skip_large:
-        shapes += [("train step, 32 x 32 x 3 patch 2, width 256, 4 x 2 (batch 32)",
-                    FlowConfig(in_channels=3, image_height=32, image_width=32, patch_size=2, width=256,
-                               num_blocks=4, layers_per_block=2, num_classes=10), 32),
-                   ("train step, width 768, 64 x 64 patch 2, 2 x 1 layers (batch 4)",
-                    preset_model("imagenet64", num_blocks=2, layers_per_block=1), 4)]
-    for name, cfg, batch in shapes:
-        step = train_step(trained_like(cfg), batch, device=device)
-        print(row(name, interleaved({p: (lambda p=p, step=step: step(p)) for p in BOTH}, args.repeats, device)),
-              flush=True)
-    cfg = resolve("fmnist", overrides=["align.enabled=true"])
-    model = trained_like(cfg.model)
-    head = AlignHead(cfg.align, cfg.model.width, 128)
-    step = train_step(model, args.batch, head, 128, device)
-    print(row(f"R-REPA (pseudo) step, fmnist (batch {args.batch})",
-              interleaved({p: (lambda p=p: step(p)) for p in BOTH}, args.repeats, device)), flush=True)
+    if not args.skip_train:
+        training_rows(args.batch, args.skip_large, args.repeats, device)
 
     # ---- classifiers and sampling, on a trained flow when given -------------------------------
     if args.ckpt:
@@ -177,7 +193,7 @@ def main() -> None:
         print(row(name, t, f"argmax agreement {100 * agree:.1f} %"), flush=True)
 
     for n in args.samples:
-        sampling_rows(model, n, args.repeats, device)
+        sampling_rows(model, n, args.repeats, device, args.coarse_tols)
     print(f"\nclassifiers and sampling on {what}")
 
 

@@ -25,9 +25,14 @@ class Jacobi:
     # tol holds in float32 (a mixed-precision fixed point: the cheap passes do most of the way, the result is the
     # float32 solution's). Their passes are counted in SampleStats too. No effect in float32.
     refine: bool = True
-    # The bf16 iterations stop at max(tol, coarse_tol): bfloat16's rounding (8 significant bits) keeps its iterates
-    # from settling below ~1e-2, so a finer tol would run them to the chunk's length for nothing.
-    coarse_tol: float = 1e-2
+    # The bf16 iterations stop at max(tol, coarse_tol). bfloat16's rounding (8 significant bits) keeps its iterates
+    # from settling much below a few 1e-2 (iterates of |x| ~ 4), so a finer coarse_tol spends bf16 passes on noise
+    # that the float32 iterations then undo. Measured (benchmarks/bench_precision.py --coarse-tols, two trained
+    # fmnist flows, 100 samples, tol 1e-3): total passes over the 4 blocks at coarse_tol 0.01 / 0.03 / 0.1 were
+    # 123 / 61 / 54 and 185 / 89 / 62, against 48 and 54 in float32 alone. The answer does not depend on it: the
+    # float32 iterations run to tol (images 0.0003-0.0005 from the float32 sequential sampler's, latents; 0.0022,
+    # pixels, as float32 Jacobi's 0.0019).
+    coarse_tol: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.tol >= 0:
