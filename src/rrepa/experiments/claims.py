@@ -121,11 +121,12 @@ def speed_ups(rows: list[dict], arms: list[str], baseline: str, final: int) -> l
             continue
         cells = []
         for s in steps:
-            reached = [(steps_to_reach(c, target[s]), c[0]) for c in curves]
-            ok = [(s / r, r == first[0] and first[1] <= target[s]) for r, first in reached if r is not None]
-            bound = ">=" if any(b for _, b in ok) else ""
+            reached = [steps_to_reach(c, target[s]) for c in curves]
+            ok = [r for r in reached if r is not None]
+            # steps_to_reach returns a curve's first step only when it was there already (no interpolation before it)
+            bound = ">=" if any(r == c[0][0] for r, c in zip(reached, curves)) else ""
             part = "" if len(ok) == len(reached) else f" ({len(ok)} of {len(reached)})"
-            cells.append(f"{bound}{np.mean([x for x, _ in ok]):.2f}x{part}" if ok else "—")
+            cells.append(f"{bound}{np.mean([s / r for r in ok]):.2f}x{part}" if ok else "—")
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     if not lines:
         return []
