@@ -581,3 +581,28 @@ def test_report_of_a_recipe_search_compares_each_arm_at_its_own_last_step(tmp_pa
     assert "| short | 1,200 | 1 | 30.0 (1 seed) |" in section and "| 80.0% (1 seed) |" in section
     assert "| long | 1,800 | 1 | 25.0 (1 seed) |" in section
     assert "| unfinished | 2,400 | 0 | — |" in section
+
+
+@pytest.mark.parametrize("exit_code,word", [(130, "interrupted"), (143, "interrupted"),
+                                            (-signal.SIGTERM, "interrupted"), (3, "failed")])
+def test_a_cell_stopped_by_a_signal_is_interrupted_not_failed(tmp_path, monkeypatch, exit_code, word):
+    """A cell stopped from outside (SIGINT / SIGTERM on its PID: it checkpoints and exits 130 / 143, or dies of the
+    signal) is reported as interrupted, to be continued; any other exit is a failure, with the log's tail."""
+    from rrepa.experiments import runner as runner_module
+
+    grid = {"preset": "fmnist", "seeds": [0], "set": ["model.width=32", "model.head_dim=16", "train.steps=10"],
+            "arms": {"baseline": []}}
+    cells = grid_from_dict(grid).cells()
+    exit_with = (f"import os, signal; os.kill(os.getpid(), {-exit_code})" if exit_code < 0
+                 else f"import sys; sys.exit({exit_code})")
+    monkeypatch.setattr(runner_module, "train_command", lambda *a: [sys.executable, "-c", exit_with])
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "runs").mkdir()
+    logs = []
+    not_done = runner_module._run(cells, tmp_path / "runs", tmp_path / "configs", EvalLog(tmp_path / "evals.jsonl"),
+                                  jobs=1, threads=1, poll=0.05, log=logs.append)
+    assert not_done == 1
+    assert logs[-1] == f"0 of 1 cells done; {word}: baseline-s0"
+    stopped = any("baseline-s0 was stopped by a signal" in m and "run the same command again" in m for m in logs)
+    assert stopped == (word == "interrupted")
+    assert any(m.startswith("FAILED baseline-s0 (exit code 3)") for m in logs) == (word == "failed")

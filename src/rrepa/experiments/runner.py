@@ -204,6 +204,11 @@ def _check_grid_change(out: Path, runs: Path, cells: list[Cell], stored: Path, g
         f"never reached a checkpoint dropped, the {len(ran)} that ran kept")
 
 
+# A training run stopped by SIGINT or SIGTERM saves a checkpoint and exits 128 + the signal's number (rrepa.cli);
+# one killed before it could is reported by Popen as minus the signal's number.
+STOPPED_BY_SIGNAL = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
+
+
 def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int, threads: int, poll: float,
          log, reused: set[str] = frozenset(), prober: Callable[[], None] | None = None) -> int:
     states = {c.name: "done" if c.name in reused else cell_state(c, runs / c.name) for c in cells}
@@ -226,6 +231,7 @@ def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int
     bar.update(sum(done_steps.values()))
     running: dict[str, tuple[Cell, subprocess.Popen]] = {}
     failed: list[str] = []
+    interrupted: list[str] = []
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -258,6 +264,10 @@ def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int
                     log(f"finished {name}")
                     if prober is not None:
                         prober()
+                elif proc.returncode in STOPPED_BY_SIGNAL:  # stopped from outside, e.g. `kill -INT` on its PID
+                    interrupted.append(name)
+                    log(f"{name} was stopped by a signal (exit code {proc.returncode}) at step {step}; it keeps "
+                        f"its checkpoint: run the same command again to continue it")
                 else:
                     failed.append(name)
                     log(f"FAILED {name} (exit code {proc.returncode}); see {runs / name}.log:\n"
@@ -271,9 +281,10 @@ def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int
         raise
     finally:
         bar.close()
-    log(f"{len(cells) - len(failed)} of {len(cells)} cells done" + (f"; failed: {', '.join(failed)}" if failed
-                                                                     else ""))
-    return len(failed)
+    not_done = failed + interrupted
+    log(f"{len(cells) - len(not_done)} of {len(cells)} cells done" + "".join(
+        f"; {what}: {', '.join(names)}" for what, names in (("failed", failed), ("interrupted", interrupted)) if names))
+    return len(not_done)
 
 
 def _probe_finished(out: Path, runs: Path, threads: int, log) -> None:
