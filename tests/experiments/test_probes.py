@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -92,6 +93,12 @@ def test_report_sets_the_aligned_probe_against_the_baselines_and_the_targets(tmp
     assert "60.0% (`fmnist-ssl@abc`)" in row and row.endswith(f"| {gap:.0%} |")
     assert "The raw pixels on the same images (a linear probe of the flattened pixels, the floor): 24.0% (fmnist)" \
         in claim
+    # Every probed position of every arm, mean ± std over seeds, the aligned one starred.
+    table = text.split("**Linear probes at every (block, layer)**")[1].split("## ")[0].splitlines()
+    assert "| arm | (1, 1) | (4, 2) |" in table
+    for arm, acc, star in (("baseline", base_acc, ""), ("reverse", rev_acc, " *")):
+        v = list(acc.values())
+        assert f"| {arm} | 20.0% ± 0.0% | {np.mean(v):.1%} ± {np.std(v, ddof=1):.1%}{star} |" in table
     refs[1]["probe_top1"] = 0.44  # 1.7 points above the baseline: no share of a gap that small
     (tmp_path / REFERENCE_PROBES).write_text("".join(json.dumps(r) + "\n" for r in refs))
     claim = write_report(tmp_path).read_text().split("**Claim 5")[1]

@@ -182,6 +182,29 @@ def probe_claim(folder: Path, probes: list[dict], refs: list[dict], arms: list[s
     return [*out, ""]
 
 
+def probe_positions(folder: Path, probes: list[dict], arms: list[str]) -> list[str]:
+    """The probe of every (block, layer) of every arm (final EMA weights, mean ± std over seeds): where in the flow
+    the class is linearly readable, and whether alignment moves more than the aligned position. Aligned positions
+    carry a '*'."""
+    per_arm = {a: [_probed_positions(r) for r in probes if r["arm"] == a] for a in arms}
+    per_arm = {a: v for a, v in per_arm.items() if v}
+    if not per_arm:
+        return []
+    positions = sorted({pos for v in per_arm.values() for seed in v for pos in seed})
+    out = ["**Linear probes at every (block, layer)**, final EMA weights, mean ± std over seeds (the images of claim "
+           "3; '*': the arm's aligned position):", "",
+           "| arm | " + " | ".join(f"({t}, {l})" for t, l in positions) + " |", "|---|" + "---|" * len(positions)]
+    for a, seeds in per_arm.items():
+        cfg = arm_config(folder, a)
+        aligned = {tuple(p) for p in cfg.align.positions} if cfg is not None and cfg.align.enabled else set()
+        cells = []
+        for pos in positions:
+            v = [s[pos] for s in seeds if pos in s]
+            cells.append((fmt_mean("{:.1%}", *mean_std(v), len(v)) if v else "—") + (" *" if pos in aligned else ""))
+        out.append(f"| {a} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
 def _probed_positions(row: dict) -> dict[tuple[int, int], float]:
     """(block, layer) -> test accuracy of one probes.jsonl line (an older line without `positions`: its best)."""
     rows = row.get("positions") or [{"block": row["probe_block"], "layer": row["probe_layer"],

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from rrepa.experiments.claims import claims, paired_section, probe_claim
+from rrepa.experiments.claims import claims, paired_section, probe_claim, probe_positions
 from rrepa.experiments.records import EVALS, GRID_COPY, PROBES, REFERENCE_PROBES, read_evals
 from rrepa.experiments.stats import fmt_ci, fmt_mean, mean_std, steps_to_reach, verdict, welch
 from rrepa.experiments.tables import (
@@ -103,6 +103,7 @@ def write_report(folder: str | os.PathLike, baseline: str = "baseline") -> Path:
     lines += claims(rows, tab, same_space, baseline, final, probes)
     refs = read_evals(folder / REFERENCE_PROBES, missing_ok=True)
     lines += probe_claim(folder, probes, refs, same_space, baseline, arm_order)
+    lines += probe_positions(folder, probes, arms)
     lines += paired_section(rows, same_space, baseline, final)
     if latent and len(latent) < len(arms):
         lines += _spaces(tab, arms, latent, aligned_arms(folder, arms), final)
