@@ -603,6 +603,6 @@ def test_a_cell_stopped_by_a_signal_is_interrupted_not_failed(tmp_path, monkeypa
                                   jobs=1, threads=1, poll=0.05, log=logs.append)
     assert not_done == 1
     assert logs[-1] == f"0 of 1 cells done; {word}: baseline-s0"
-    stopped = any("baseline-s0 was stopped by a signal" in m and "run the same command again" in m for m in logs)
+    stopped = any("baseline-s0 was stopped by a signal" in m and "same command again to continue" in m for m in logs)
     assert stopped == (word == "interrupted")
     assert any(m.startswith("FAILED baseline-s0 (exit code 3)") for m in logs) == (word == "failed")

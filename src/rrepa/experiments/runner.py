@@ -266,8 +266,8 @@ def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int
                         prober()
                 elif proc.returncode in STOPPED_BY_SIGNAL:  # stopped from outside, e.g. `kill -INT` on its PID
                     interrupted.append(name)
-                    log(f"{name} was stopped by a signal (exit code {proc.returncode}) at step {step}; it keeps "
-                        f"its checkpoint: run the same command again to continue it")
+                    log(f"{name} was stopped by a signal (exit code {proc.returncode}) near step {step}; run the "
+                        f"same command again to continue it from its newest checkpoint")
                 else:
                     failed.append(name)
                     log(f"FAILED {name} (exit code {proc.returncode}); see {runs / name}.log:\n"
