@@ -282,7 +282,7 @@ def test_report_from_a_fixture_log(tmp_path):
     assert f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" in line and "holds" in line
     assert any("not resolved" in x for x in text.splitlines() if x.startswith("| forward |"))  # claim 2
     # Claim 3: baseline's one-step (~50 %) is far below its probe (~81 %); reverse's (~55 %) is near its (~51 %).
-    lines = [x for x in text.splitlines() if "(4, 2)" in x]
+    lines = [x for x in text.split("**Claim 3")[1].split("**Claim 4")[0].splitlines() if "(4, 2)" in x]
     assert len(lines) == 2 and "does not hold" in lines[0] and lines[0].startswith("| baseline")
     one = [r["one_step_top1"] for r in rows if r["arm"] == "baseline" and r["step"] == 400]
     d, lo, hi = welch(one, [p["probe_top1"] for p in probes if p["arm"] == "baseline"])
