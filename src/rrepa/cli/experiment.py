@@ -16,11 +16,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     # SIGTERM (kill, a cluster's scheduler) stops the grid as Ctrl-C does: the cells save checkpoints.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        failed = run_grid(args.grid, args.out, runs=args.runs, jobs=args.jobs, threads=args.threads,
-                          only=args.only.split(",") if args.only else None, probe=not args.no_probe)
+        not_done = run_grid(args.grid, args.out, runs=args.runs, jobs=args.jobs, threads=args.threads,
+                            only=args.only.split(",") if args.only else None, probe=not args.no_probe)
     except KeyboardInterrupt:
         sys.exit(130)
-    if failed:
+    if not_done:  # failed or interrupted cells: the runner's log names them; no report of a grid left unfinished
         sys.exit(1)
     if not args.no_report:
         print(f"wrote {write_report(args.out)}")

@@ -150,7 +150,7 @@ def probe_claim(folder: Path, probes: list[dict], refs: list[dict], arms: list[s
            f"{100 * MIN_GAP:.0f} points above (below that the ratio is noise).", ""]
     if not aligned_arms(folder, grid_arms):
         return [*out[:1], "", "Not tested: no arm of this grid trains with alignment.", ""]
-    per_pos = {a: {r["seed"]: _probed_positions(r) for r in probes if r["arm"] == a} for a in arms}
+    per_pos = _probes_by_seed(probes, arms)
     lines = []
     for a in arms:
         cfg = arm_config(folder, a)
@@ -186,8 +186,7 @@ def probe_positions(folder: Path, probes: list[dict], arms: list[str]) -> list[s
     """The probe of every (block, layer) of every arm (final EMA weights, mean ± std over seeds): where in the flow
     the class is linearly readable, and whether alignment moves more than the aligned position. Aligned positions
     carry a '*'."""
-    per_arm = {a: [_probed_positions(r) for r in probes if r["arm"] == a] for a in arms}
-    per_arm = {a: v for a, v in per_arm.items() if v}
+    per_arm = {a: list(v.values()) for a, v in _probes_by_seed(probes, arms).items() if v}
     if not per_arm:
         return []
     positions = sorted({pos for v in per_arm.values() for seed in v for pos in seed})
@@ -203,6 +202,11 @@ def probe_positions(folder: Path, probes: list[dict], arms: list[str]) -> list[s
             cells.append((fmt_mean("{:.1%}", *mean_std(v), len(v)) if v else "—") + (" *" if pos in aligned else ""))
         out.append(f"| {a} | " + " | ".join(cells) + " |")
     return [*out, ""]
+
+
+def _probes_by_seed(probes: list[dict], arms: list[str]) -> dict[str, dict[int, dict[tuple[int, int], float]]]:
+    """arm -> seed -> (block, layer) -> probe test accuracy, from probes.jsonl's lines (one per finished cell)."""
+    return {a: {r["seed"]: _probed_positions(r) for r in probes if r["arm"] == a} for a in arms}
 
 
 def _probed_positions(row: dict) -> dict[tuple[int, int], float]:

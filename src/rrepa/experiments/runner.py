@@ -123,7 +123,8 @@ def _die_with_parent() -> None:
 def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | os.PathLike | None = None,
              jobs: int = 2, threads: int = 1, poll: float = 5.0, only: list[str] | None = None,
              probe: bool = True, log=tqdm.write) -> int:
-    """Train every unfinished cell of the grid; returns the number of cells that failed. With probe, each time a
+    """Train every unfinished cell of the grid; returns the number of cells not done (failed, or interrupted from
+    outside and left to continue). With probe, each time a
     cell finishes, the finished cells not probed yet are probed (probe_grid, on the freed core), while their
     run folders, a cache that another machine or session may not have, still exist."""
     if jobs < 1 or threads < 1:
