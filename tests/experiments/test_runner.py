@@ -295,12 +295,14 @@ def test_report_from_a_fixture_log(tmp_path):
     assert "| baseline |" not in gap
     # Claim 4: reverse reaches the baseline's final mean FID (about 100) before its last evaluation.
     line = next(x for x in text.splitlines() if x.startswith("| reverse |") and "x (" in x)
-    assert "3 of 3 seeds" in line
+    curves = {seed: [(r["step"], r["fid"]) for r in sorted(rows, key=lambda r: r["step"])
+                     if r["arm"] == "reverse" and r["seed"] == seed] for seed in range(3)}  # not the unfinished seed 3
+    reached = [steps_to_reach(c, np.mean(final["baseline"])) for c in curves.values()]
+    assert line == (f"| reverse | {', '.join(f'{r:,.0f}' for r in reached)} | "
+                    f"{np.mean([400 / r for r in reached]):.2f}x (3 of 3 seeds) |")
     # ... and along the way: at each baseline step s, s / (steps to the baseline's mean FID at s), mean over seeds.
     along = text.split("Along the way")[1].split("**Claim 5")[0]
     steps = sorted({r["step"] for r in rows if r["arm"] == "baseline"})
-    curves = {seed: [(r["step"], r["fid"]) for r in sorted(rows, key=lambda r: r["step"])
-                     if r["arm"] == "reverse" and r["seed"] == seed] for seed in range(3)}  # not the unfinished seed 3
     want = []
     for s in steps:
         target = np.mean([r["fid"] for r in rows if r["arm"] == "baseline" and r["step"] == s])

@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from rrepa.experiments.claims import claims, paired_section, probe_claim, probe_positions
+from rrepa.experiments.claims import claims, paired_section, probe_claim, probe_positions, steps_to_baseline
 from rrepa.experiments.records import EVALS, GRID_COPY, PROBES, REFERENCE_PROBES, read_evals
-from rrepa.experiments.stats import fmt_ci, fmt_mean, mean_std, steps_to_reach, verdict, welch
+from rrepa.experiments.stats import fmt_ci, fmt_mean, mean_std, verdict, welch
 from rrepa.experiments.tables import (
     METRICS,
     aligned_arms,
-    by_seed,
     configured_steps,
     final_values,
     finished_curves,
@@ -227,13 +226,11 @@ def _plot_steps_to_baseline(rows, arms, baseline: str, final: int, path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = [v for c in by_seed(rows, baseline, "fid").values() for s, v in c if s == final]
-    if not base:
+    target, per_arm = steps_to_baseline(rows, arms, baseline, final)
+    if math.isnan(target):
         return
-    target = float(np.mean(base))
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for i, a in enumerate(arms):
-        reached = [steps_to_reach(c, target) for c in finished_curves(rows, a, final)]
+    for i, reached in enumerate(per_arm.values()):
         ok = [s for s in reached if s is not None]
         if ok:
             ax.bar(i, np.mean(ok), color="C0", alpha=0.5)
