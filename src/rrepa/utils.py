@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -313,6 +314,12 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float, schedule: st
         return 1.0 - (1 - min_ratio) * min(1.0, max(0, step - start) / max(1, total - start))
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_schedule(optim, steps: int) -> Callable[[int], float]:
+    """step -> lr_factor under an OptimConfig's warm-up, schedule and cool-down, for a run of `steps` steps."""
+    return partial(lr_factor, warmup=optim.warmup_steps, total=steps, min_ratio=optim.min_lr_ratio,
+                   schedule=optim.schedule, cooldown=optim.cooldown_fraction)
 
 
 # --------------------------------------------------------------------------------------------

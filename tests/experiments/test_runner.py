@@ -455,6 +455,33 @@ def test_cells_finished_elsewhere_with_the_same_config_are_reused(tmp_path):
         grid_from_dict({**source, "reuse": "results/x"})
 
 
+def test_a_longer_grid_branches_from_a_shorter_ones_checkpoints(grid_file, tmp_path):
+    """`branch:` starts a cell at the newest checkpoint of its namesake in another grid that it would have reached
+    itself: a 16-step wsd cell from an 8-step one's step 6 (its lr is the same until the 8-step cool-down). Its
+    evaluations, copied up to step 6 and computed after, equal those of the same cell trained from step 0."""
+    from rrepa.experiments.runner import run_grid
+    from rrepa.flow.checkpoint import load_checkpoint
+
+    base = yaml.safe_load(grid_file.read_text())
+    common = [o for o in base["set"] if not o.startswith(("train.steps=", "train.eval_every=", "train.ckpt_every="))]
+    short = {**base, "seeds": [0], "arms": {"baseline": []},
+             "set": [*common, "optim.schedule=wsd", "train.steps=8", "train.eval_every=2", "train.ckpt_every=3"]}
+    long = {**short, "set": [*common, "optim.schedule=wsd", "train.steps=16", "train.eval_every=4",
+                             "train.ckpt_every=5"]}
+    for name, grid in (("short", short), ("long", long), ("branched", {**long, "branch": [str(tmp_path / "short")]})):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(grid))
+        logs = []
+        assert run_grid(tmp_path / f"{name}.yaml", tmp_path / name, jobs=1, poll=0.2, probe=False,
+                        log=logs.append) == 0
+    assert any(m.startswith("baseline-s0: branched from ") and m.endswith("ckpt-0000006.pt at step 6") for m in logs)
+    got, want = (keyed(read_evals(tmp_path / n / "evals.jsonl")) for n in ("branched", "long"))
+    assert got == want and [k[2] for k in got] == [4, 8, 12, 16]
+    a, b = (load_checkpoint(tmp_path / n / "runs" / "baseline-s0" / "ckpt-0000016.pt") for n in ("branched", "long"))
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    with pytest.raises(ValueError, match="branch must be a list"):
+        grid_from_dict({**short, "branch": "results/x"})
+
+
 def test_paths_in_a_grid_file_are_relative_to_it(tmp_path, monkeypatch):
     """Issue #33 item 2: a grid's relative paths (pinned weights, reuse folders, data.vae where it exists) are
     relative to the grid file, from whatever folder it is run; a pinned file that is missing fails the grid once,
@@ -608,3 +635,33 @@ def test_a_cell_stopped_by_a_signal_is_interrupted_not_failed(tmp_path, monkeypa
     stopped = any("baseline-s0 was stopped by a signal" in m and "same command again to continue" in m for m in logs)
     assert stopped == (word == "interrupted")
     assert any(m.startswith("FAILED baseline-s0 (exit code 3)") for m in logs) == (word == "failed")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_runner_even_where_sigint_was_ignored(tmp_path, monkeypatch, signum):
+    """A runner started in the background (`cmd &`) inherits SIGINT ignored; `kill -INT` (or SIGTERM) on it must still
+    stop it and its cells, and no further cell may start."""
+    import threading
+
+    from rrepa.experiments import runner as runner_module
+
+    grid = {"preset": "fmnist", "seeds": [0, 1], "set": ["model.width=32", "model.head_dim=16", "train.steps=10",
+                                                          "train.eval_every=5"], "arms": {"baseline": []}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    monkeypatch.setattr(runner_module, "train_command", lambda *a: sleeper)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logs = []
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signum))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner_module.run_grid(tmp_path / "grid.yaml", tmp_path / "out", jobs=1, poll=0.05, probe=False,
+                                   log=logs.append)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # the runner's handlers are gone again
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, before)
+    assert any(m.startswith("interrupted: stopping 1 cell(s)") for m in logs)
+    started = [m for m in logs if m.startswith("started")]
+    assert len(started) == 1 and started[0].startswith("started baseline-s0")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rrepa.cli.options import add_data_dir, add_device
+from rrepa.training.branch import branch
 from rrepa.training.config import DEFAULT_PRESET, resolve
 from rrepa.training.loop import train
 from rrepa.training.run import stored_config
@@ -19,6 +20,18 @@ def cmd_train(args: argparse.Namespace) -> None:
         args.set = [*args.set, f"align.encoder_weights={args.encoder_weights}"]
     if args.vae:
         args.set = [*args.set, f"data.vae={args.vae}"]
+    if args.branch_from:
+        if args.resume or args.init_from or not args.out:
+            raise ValueError("--branch-from starts a new run (--out NEW, required) at another run's checkpoint; it "
+                             "does not combine with --resume or --init-from")
+        cfg = resolve(args.preset or DEFAULT_PRESET, args.config, args.set)
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return
+        step = branch(args.branch_from, cfg, args.out)
+        print(f"branched {args.out} from {args.branch_from} at step {step}")
+        train(stored_config(args.out, []), args.out, resume=True, device=args.device)
+        return
     if args.resume:
         if args.init_from:
             raise ValueError("--init-from starts a new run from given weights; --resume continues a run with its own")
@@ -52,6 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default runs/<date-time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest loadable checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--branch-from", metavar="CKPT",
+                   help="start the new run --out at this checkpoint of another run (ckpt-*.pt, or a run folder for "
+                        "its newest), where this config trained from step 0 would have reached it (the same config "
+                        "but for train.steps and the evaluation, grid and checkpoint cadence, and the same learning "
+                        "rate at every step so far: e.g. a longer wsd run before the shorter one's cool-down)")
     p.add_argument("--init-from", help="start from these weights (run folder, ckpt-*.pt or .safetensors); "
                                        "optimiser and step start afresh")
     add_data_dir(p, help="the dataset (Fashion-MNIST folder, image folder or .npz); the same as --set data.path=PATH")

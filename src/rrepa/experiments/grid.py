@@ -13,14 +13,16 @@ preset):
       jacobi4: {set: [align.enabled=true, align.reverse=jacobi, align.jacobi_steps=4], seeds: [0]}
       latent: {preset: fmnist-latent}
     reuse: [results/other-grid]    # optional: cells finished there with the same resolved config are not retrained
+    branch: [results/other-grid]   # optional: a cell starts at the newest checkpoint of its namesake there that it
+                                   # would have reached itself (rrepa.training.branch), e.g. a longer wsd schedule
 
 Each (arm, seed) is a Cell `ARM-sSEED` with its resolved RunConfig; a bad override fails when the grid is read,
 before anything trains, naming the arm.
 
 Paths in a grid file are relative to the grid file's folder, wherever the grid is run from: the values of
 PATH_KEYS (weights files, data, caches; `data.vae` and `train.eval_ref` only where such a file or folder exists,
-since they also take names) and the `reuse` folders. A cell's config holds them relative to the current folder (so
-that a grid run from the repository root stores the paths a user would type there).
+since they also take names) and the `reuse` and `branch` folders. A cell's config holds them relative to the current
+folder (so that a grid run from the repository root stores the paths a user would type there).
 """
 
 from __future__ import annotations
@@ -73,11 +75,19 @@ class Grid:
     common: list[str]  # overrides applied to every arm, before the arm's own
     arms: dict[str, dict]  # name -> {"set": [...], "seeds": [...][, "preset": name]}, in file order
     reuse: list[str] = field(default_factory=list)  # results folders whose finished, identical cells are copied
+    branch: list[str] = field(default_factory=list)  # results folders whose cells' checkpoints cells may start at
     root: Path | None = None  # the grid file's folder, which its relative paths are relative to (None: the current)
 
     def reuse_folders(self) -> list[str]:
         """The reuse folders, relative to the current folder."""
-        return [v if self.root is None or os.path.isabs(v) else os.path.relpath(self.root / v) for v in self.reuse]
+        return self._here(self.reuse)
+
+    def branch_folders(self) -> list[str]:
+        """The branch folders, relative to the current folder."""
+        return self._here(self.branch)
+
+    def _here(self, folders: list[str]) -> list[str]:
+        return [v if self.root is None or os.path.isabs(v) else os.path.relpath(self.root / v) for v in folders]
 
     def cells(self) -> list[Cell]:
         """Every cell, resolved and validated, seed-major (all arms of the first seed first), so that a grid cut
@@ -104,7 +114,7 @@ class Grid:
 
     def to_dict(self) -> dict:
         d = {"preset": self.preset, "seeds": self.seeds, "set": self.common, "arms": self.arms}
-        return {**d, "reuse": self.reuse} if self.reuse else d
+        return {**d, **{k: v for k, v in (("reuse", self.reuse), ("branch", self.branch)) if v}}
 
 
 def load_grid(path: str | os.PathLike) -> Grid:
@@ -118,12 +128,16 @@ def grid_from_dict(d, where: str = "grid") -> Grid:
     if not isinstance(d, dict) or not isinstance(d.get("arms"), dict) or not d["arms"]:
         raise ValueError(f"{where} must be a mapping with `arms:` (name -> list of key=value overrides), and "
                          f"optionally `preset:`, `seeds:` and `set:`")
-    unknown = set(d) - {"preset", "seeds", "set", "arms", "reuse"}
+    unknown = set(d) - {"preset", "seeds", "set", "arms", "reuse", "branch"}
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; a grid has preset, seeds, set, arms and reuse")
-    reuse = d.get("reuse", [])
-    if not isinstance(reuse, list) or not all(isinstance(x, str) and x for x in reuse):
-        raise ValueError(f"{where}: reuse must be a list of results folders like [results/fmnist-grid], got {reuse!r}")
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; a grid has preset, seeds, set, arms, reuse and "
+                         f"branch")
+    folders = {}
+    for key in ("reuse", "branch"):
+        folders[key] = d.get(key, [])
+        if not isinstance(folders[key], list) or not all(isinstance(x, str) and x for x in folders[key]):
+            raise ValueError(f"{where}: {key} must be a list of results folders like [results/fmnist-grid], got "
+                             f"{folders[key]!r}")
     seeds = _int_list(d.get("seeds", [0]), f"{where}: seeds")
     common = _str_list(d.get("set", []), f"{where}: set")
     arms = {}
@@ -139,7 +153,7 @@ def grid_from_dict(d, where: str = "grid") -> Grid:
                       "seeds": _int_list(spec.get("seeds", seeds), f"{where}: arm {name} seeds")}
         if "preset" in spec:
             arms[name]["preset"] = str(spec["preset"])
-    return Grid(str(d.get("preset", "fmnist")), seeds, common, arms, list(reuse))
+    return Grid(str(d.get("preset", "fmnist")), seeds, common, arms, list(folders["reuse"]), list(folders["branch"]))
 
 
 def _str_list(v, where: str) -> list[str]:

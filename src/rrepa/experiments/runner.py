@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,7 +54,8 @@ from rrepa.experiments.records import (
     read_evals,
     read_metrics,
 )
-from rrepa.flow.checkpoint import list_checkpoints
+from rrepa.flow.checkpoint import checkpoint_step, list_checkpoints, load_checkpoint
+from rrepa.training.branch import branch, branch_mismatch
 from rrepa.training.config import RunConfig, read_yaml
 from rrepa.training.loop import check_pinned_files
 from rrepa.utils import LOCK_FILE, RunInUseError, atomic_write, run_lock
@@ -91,6 +93,21 @@ def reuse_cells(cells: list[Cell], sources: list[str], evals: EvalLog, out: Path
             taken.add(c.name)
             log(f"{c.name}: reused from {src} ({new} evaluation(s) copied)")
     return taken
+
+
+def branch_cells(cells: list[Cell], sources: list[str], runs: Path, evals: EvalLog, log=tqdm.write) -> None:
+    """Start each cell that has not run yet at the newest checkpoint of its namesake in a `branch` folder (that
+    grid's `runs/NAME/`) which the cell's config, trained from step 0, would reach (rrepa.training.branch): a longer
+    schedule does not train the steps it shares with a shorter one again."""
+    for c in cells:
+        if cell_state(c, runs / c.name) not in ("new", "restart") or (c.arm, c.seed, c.cfg.train.steps) in evals.keys:
+            continue
+        found = next((ckpt for src in map(Path, sources) for ckpt in reversed(list_checkpoints(src / "runs" / c.name))
+                      if branch_mismatch(RunConfig.from_dict(load_checkpoint(ckpt)["config"]), c.cfg,
+                                         checkpoint_step(ckpt)) is None), None)  # newest first, loaded one by one
+        if found is not None:
+            shutil.rmtree(runs / c.name, ignore_errors=True)  # a cell killed before its first checkpoint: nothing kept
+            log(f"{c.name}: branched from {found} at step {branch(found, c.cfg, runs / c.name)}")
 
 
 def same_config(stored: Path, cfg: RunConfig) -> bool:
@@ -163,8 +180,30 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
         runs.mkdir(parents=True, exist_ok=True)
         evals = EvalLog(out / EVALS)
         reused = reuse_cells(cells, grid.reuse_folders(), evals, out, log)
+        branch_cells([c for c in cells if c.name not in reused], grid.branch_folders(), runs, evals, log)
         prober = (lambda: _probe_finished(out, runs, threads, log)) if probe else None
-        return _run(cells, runs, configs, evals, jobs, threads, poll, log, reused, prober)
+        with _stop_on_signals():
+            return _run(cells, runs, configs, evals, jobs, threads, poll, log, reused, prober)
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the runner, which then stops its cells (each saves a checkpoint)
+    and starts no other: also when it was started in the background (`cmd &` leaves SIGINT ignored, so `kill -INT`
+    on its process group used to stop the running cells and let the runner start the next ones)."""
+    if threading.current_thread() is not threading.main_thread():  # no signal handlers there
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _ignore_local_files(out: Path, runs: Path) -> None:

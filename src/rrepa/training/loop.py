@@ -37,7 +37,6 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -84,7 +83,7 @@ from rrepa.utils import (
     atomic_write,
     deferred_interrupts,
     derive_seed,
-    lr_factor,
+    lr_schedule,
     restore_rng_state,
     rng_preserved,
     rng_state,
@@ -323,9 +322,7 @@ def build_optimizer(params: list[nn.Parameter], cfg: RunConfig, d: Dist):
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": o.weight_decay},
                                    {"params": vectors, "weight_decay": 0.0}],
                                   lr=o.lr, betas=o.betas, fused=d.device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, warmup=o.warmup_steps, total=cfg.train.steps, min_ratio=o.min_lr_ratio,
-                           schedule=o.schedule, cooldown=o.cooldown_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(o, cfg.train.steps))
     return optimizer, scheduler
 
 
