@@ -112,3 +112,13 @@ def test_a_branch_that_fails_half_way_leaves_nothing(runs, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         branch(tmp / "short" / "ckpt-0000006.pt", long("train.sample_every=3"), tmp / "full")
     assert not (tmp / "full").exists()  # config, log and grids were written before the checkpoint, and removed
+
+
+def test_the_lr_of_the_step_after_the_checkpoint_must_agree_too(runs):
+    """The checkpoint's AdamW holds the lr of the next update: at step 7 of the 8-step run (its cool-down's first
+    step) a branch would take one step at the short run's lr, so it is refused though steps 0-6 agree."""
+    tmp, _, long = runs
+    train(long("train.steps=8", "train.ckpt_every=7", "train.eval_every=3", "train.sample_every=0"), tmp / "seven",
+          device="cpu")
+    with pytest.raises(ValueError, match="learning rate of step 7 differs"):
+        branch(tmp / "seven" / "ckpt-0000007.pt", long(), tmp / "refused7")

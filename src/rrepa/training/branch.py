@@ -6,7 +6,7 @@ learning rate until the cool-down, so a 4,800-step run follows a 2,400-step one 
 `rrepa train --branch-from OLD/ckpt-0001800.pt --out NEW --set train.steps=4800` starts NEW at step 1,800. The
 branch is exact, not approximate: everything a step computes is in the checkpoint (weights, EMA, projectors, AdamW
 state, schedule position, data position, RNG), the configs must agree on every key but those that only say when
-the run stops, evaluates, draws grids or saves, and the learning rates must agree at every step before S. A test
+the run stops, evaluates, draws grids or saves, and the learning rates must agree at every step up to S. A test
 checks that the branch ends bit for bit where the new config trained from scratch ends.
 
 The new run folder gets its own config.yaml, a copy of the checkpoint, and what its own config would have written up
@@ -54,10 +54,12 @@ def branch_mismatch(old: RunConfig, new: RunConfig, step: int) -> str | None:
     if new.train.steps <= step:
         return f"train.steps is {new.train.steps}, not beyond the checkpoint's step {step}: nothing to train"
     fa, fb = lr_schedule(old.optim, old.train.steps), lr_schedule(new.optim, new.train.steps)
-    for s in range(step):  # the factor each of the first `step` updates used
+    # Update k + 1 uses factor k; the checkpoint's AdamW holds the lr of the next update, factor `step`, so that one
+    # must agree too.
+    for s in range(step + 1):
         if fa(s) != fb(s):
             return (f"the learning rate of step {s} differs ({fa(s):.6g} x optim.lr there, {fb(s):.6g} here): the "
-                    f"two schedules part before step {step}; branch from an earlier checkpoint")
+                    f"two schedules part by step {step}; branch from an earlier checkpoint")
     return None
 
 
