@@ -122,3 +122,4 @@ def test_the_lr_of_the_step_after_the_checkpoint_must_agree_too(runs):
           device="cpu")
     with pytest.raises(ValueError, match="learning rate of step 7 differs"):
         branch(tmp / "seven" / "ckpt-0000007.pt", long(), tmp / "refused7")
+

@@ -20,6 +20,7 @@ from rrepa.training import loop
 from rrepa.training.config import resolve
 from rrepa.training.loop import train
 from rrepa.training.objective import Objective
+from rrepa.training.run import stored_config
 from rrepa.utils import lr_factor
 
 
@@ -317,3 +318,18 @@ def test_sample_rows_zero_draws_no_grid(data, tmp_path, capsys):
     assert "  samples      none (train.sample_rows=0)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="train.sample_rows must be >= 0"):
         tiny(data, "train.sample_rows=-1")
+
+
+@pytest.mark.parametrize("schedule", ["wsd", "cosine"])
+def test_a_run_resumed_with_more_steps_follows_its_new_schedule_from_the_first_step(data, tmp_path, schedule):
+    """`--resume RUN --set train.steps=N` (a finished run trained further): the checkpoint's AdamW holds the old
+    schedule's lr for the next update, which resume replaces by the new schedule's, so every step after the
+    checkpoint uses lr x lr_factor(step) of the N-step schedule."""
+    cfg = tiny(data, f"optim.schedule={schedule}", "train.steps=8", "train.eval_bpd=false", "train.sample_every=0")
+    train(cfg, tmp_path / "run", device="cpu")
+    train(stored_config(tmp_path / "run", ["train.steps=16"]), tmp_path / "run", resume=True, device="cpu")
+    lrs = {r["step"]: r["lr"] for r in rows(tmp_path / "run")}
+    o = cfg.optim
+    for step in range(9, 17):  # the row of step k logs the lr of update k, factor k - 1
+        want = o.lr * lr_factor(step - 1, o.warmup_steps, 16, o.min_lr_ratio, schedule, o.cooldown_fraction)
+        assert lrs[step] == pytest.approx(want, rel=1e-12), step

@@ -234,7 +234,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init_fr
             update_ema(ema, model, t.ema_decay, step)
             window.add(loss, grad_norm, logs)
         optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
+        lr = optimizer.param_groups[0]["lr"]  # the one this step used
         scheduler.step()
         step += 1
         window.tick(time.time() - t0, o.batch_size)
@@ -403,6 +403,8 @@ def resume_from(run_dir: Path, model: TARFlow, ema: TARFlow, head: AlignHead | N
         load_state_checked(head, state["align_head"], source=f"{path} (align_head)")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    for g, base in zip(optimizer.param_groups, scheduler.base_lrs):  # a run given more steps: its new schedule now
+        g["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
     set_rng_state(state, d, cfg.train.seed)
     say(f"resumed {path} at step {int(state['step'])}")
     return int(state["step"]), int(state.get("skipped", 0)), float(state.get("elapsed_s", 0.0))
