@@ -638,11 +638,12 @@ def test_a_cell_stopped_by_a_signal_is_interrupted_not_failed(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_stops_the_runner_even_where_sigint_was_ignored(tmp_path, monkeypatch, signum):
+def test_a_signal_stops_the_runner_even_where_sigint_was_ignored(tmp_path, monkeypatch, capsys, signum):
     """A runner started in the background (`cmd &`) inherits SIGINT ignored; `kill -INT` (or SIGTERM) on it must still
     stop it and its cells, and no further cell may start."""
     import threading
 
+    from rrepa import cli
     from rrepa.experiments import runner as runner_module
 
     grid = {"preset": "fmnist", "seeds": [0, 1], "set": ["model.width=32", "model.head_dim=16", "train.steps=10",
@@ -650,18 +651,20 @@ def test_a_signal_stops_the_runner_even_where_sigint_was_ignored(tmp_path, monke
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     monkeypatch.setattr(runner_module, "train_command", lambda *a: sleeper)
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logs = []
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # the command sets both
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signum))
     timer.start()
     try:
-        with pytest.raises(KeyboardInterrupt):
-            runner_module.run_grid(tmp_path / "grid.yaml", tmp_path / "out", jobs=1, poll=0.05, probe=False,
-                                   log=logs.append)
-        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # the runner's handlers are gone again
+        with pytest.raises(SystemExit) as err:
+            cli.main(["experiment", "run", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "out"), "--jobs", "1",
+                      "--no-probe"])
     finally:
         timer.cancel()
-        signal.signal(signal.SIGINT, before)
+        for s, h in before.items():
+            signal.signal(s, h)
+    assert err.value.code == 130
+    logs = capsys.readouterr().out.splitlines()
     assert any(m.startswith("interrupted: stopping 1 cell(s)") for m in logs)
     started = [m for m in logs if m.startswith("started")]
     assert len(started) == 1 and started[0].startswith("started baseline-s0")

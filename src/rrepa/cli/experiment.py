@@ -13,8 +13,11 @@ from rrepa.experiments.runner import run_grid
 
 def cmd_run(args: argparse.Namespace) -> None:
     """Train every unfinished cell of a grid, then write its report."""
-    # SIGTERM (kill, a cluster's scheduler) stops the grid as Ctrl-C does: the cells save checkpoints.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM (kill, a cluster's scheduler) stops the grid as Ctrl-C does: the cells save checkpoints and no other
+    # starts. SIGINT is set too: a runner started in the background (`cmd &`) inherits it ignored, and `kill -INT`
+    # on its process group then stopped the running cells and let it start the next ones.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
     try:
         not_done = run_grid(args.grid, args.out, runs=args.runs, jobs=args.jobs, threads=args.threads,
                             only=args.only.split(",") if args.only else None, probe=not args.no_probe)

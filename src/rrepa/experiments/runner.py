@@ -31,7 +31,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -182,28 +181,7 @@ def run_grid(grid_file: str | os.PathLike, out: str | os.PathLike, runs: str | o
         reused = reuse_cells(cells, grid.reuse_folders(), evals, out, log)
         branch_cells([c for c in cells if c.name not in reused], grid.branch_folders(), runs, evals, log)
         prober = (lambda: _probe_finished(out, runs, threads, log)) if probe else None
-        with _stop_on_signals():
-            return _run(cells, runs, configs, evals, jobs, threads, poll, log, reused, prober)
-
-
-@contextlib.contextmanager
-def _stop_on_signals():
-    """SIGINT and SIGTERM raise KeyboardInterrupt in the runner, which then stops its cells (each saves a checkpoint)
-    and starts no other: also when it was started in the background (`cmd &` leaves SIGINT ignored, so `kill -INT`
-    on its process group used to stop the running cells and let the runner start the next ones)."""
-    if threading.current_thread() is not threading.main_thread():  # no signal handlers there
-        yield
-        return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        return _run(cells, runs, configs, evals, jobs, threads, poll, log, reused, prober)
 
 
 def _ignore_local_files(out: Path, runs: Path) -> None:
