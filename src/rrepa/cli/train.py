@@ -20,18 +20,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         args.set = [*args.set, f"align.encoder_weights={args.encoder_weights}"]
     if args.vae:
         args.set = [*args.set, f"data.vae={args.vae}"]
-    if args.branch_from:
-        if args.resume or args.init_from or not args.out:
-            raise ValueError("--branch-from starts a new run (--out NEW, required) at another run's checkpoint; it "
-                             "does not combine with --resume or --init-from")
-        cfg = resolve(args.preset or DEFAULT_PRESET, args.config, args.set)
-        if args.print_config:
-            print(cfg.to_yaml(), end="")
-            return
-        step = branch(args.branch_from, cfg, args.out)
-        print(f"branched {args.out} from {args.branch_from} at step {step}")
-        train(stored_config(args.out, []), args.out, resume=True, device=args.device)
-        return
+    if args.branch_from and (args.resume or args.init_from or not args.out):
+        raise ValueError("--branch-from starts a new run (--out NEW, required) at another run's checkpoint; it does "
+                         "not combine with --resume or --init-from")
     if args.resume:
         if args.init_from:
             raise ValueError("--init-from starts a new run from given weights; --resume continues a run with its own")
@@ -47,6 +38,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg = resolve(args.preset or DEFAULT_PRESET, args.config, args.set)
     if args.print_config:
         print(cfg.to_yaml(), end="")
+        return
+    if args.branch_from:  # a new run folder made at the checkpoint, then resumed from there
+        print(f"branched {args.out} from {args.branch_from} at step {branch(args.branch_from, cfg, args.out)}")
+        train(stored_config(args.out), args.out, resume=True, device=args.device)
         return
     train(cfg, args.resume or args.out, resume=bool(args.resume), overwrite=args.overwrite,
           init_from=args.init_from, device=args.device)

@@ -53,7 +53,7 @@ from rrepa.experiments.records import (
     read_evals,
     read_metrics,
 )
-from rrepa.flow.checkpoint import checkpoint_step, list_checkpoints, load_checkpoint
+from rrepa.flow.checkpoint import list_checkpoints, load_checkpoint
 from rrepa.training.branch import branch, branch_mismatch
 from rrepa.training.config import RunConfig, read_yaml
 from rrepa.training.loop import check_pinned_files
@@ -101,12 +101,12 @@ def branch_cells(cells: list[Cell], sources: list[str], runs: Path, evals: EvalL
     for c in cells:
         if cell_state(c, runs / c.name) not in ("new", "restart") or (c.arm, c.seed, c.cfg.train.steps) in evals.keys:
             continue
-        found = next((ckpt for src in map(Path, sources) for ckpt in reversed(list_checkpoints(src / "runs" / c.name))
-                      if branch_mismatch(RunConfig.from_dict(load_checkpoint(ckpt)["config"]), c.cfg,
-                                         checkpoint_step(ckpt)) is None), None)  # newest first, loaded one by one
-        if found is not None:
-            shutil.rmtree(runs / c.name, ignore_errors=True)  # a cell killed before its first checkpoint: nothing kept
-            log(f"{c.name}: branched from {found} at step {branch(found, c.cfg, runs / c.name)}")
+        for ckpt in (k for src in map(Path, sources) for k in reversed(list_checkpoints(src / "runs" / c.name))):
+            state = load_checkpoint(ckpt)  # newest first, each loaded once
+            if branch_mismatch(RunConfig.from_dict(state["config"]), c.cfg, int(state["step"])) is None:
+                shutil.rmtree(runs / c.name, ignore_errors=True)  # a cell killed before its first checkpoint
+                log(f"{c.name}: branched from {ckpt} at step {branch(ckpt, c.cfg, runs / c.name, state)}")
+                break
 
 
 def same_config(stored: Path, cfg: RunConfig) -> bool:

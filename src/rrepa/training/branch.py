@@ -63,11 +63,11 @@ def branch_mismatch(old: RunConfig, new: RunConfig, step: int) -> str | None:
     return None
 
 
-def branch(source: str | Path, cfg: RunConfig, run_dir: str | Path) -> int:
+def branch(source: str | Path, cfg: RunConfig, run_dir: str | Path, state: dict | None = None) -> int:
     """Make run_dir (absent or empty) a run of cfg at the step of the checkpoint `source` (a ckpt-*.pt file, or a run
     folder for its newest); returns that step. ValueError (one line, saying why) where cfg would not have reached
-    that checkpoint's state (branch_mismatch)."""
-    path, state = resolve_checkpoint(source)
+    that checkpoint's state (branch_mismatch). state: the file's contents, where the caller has loaded them."""
+    path, state = (Path(source), state) if state is not None else resolve_checkpoint(source)
     step = int(state["step"])
     old = RunConfig.from_dict(state["config"])
     why = branch_mismatch(old, cfg, step)
