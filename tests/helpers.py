@@ -37,6 +37,18 @@ def tiny(data: Path, *extra: str, preset: str = "fmnist"):
         "train.eval_batch_size=16", f"data.path={data}", *extra])
 
 
+def assert_same_state(a_path: Path, b_path: Path) -> None:
+    """Two checkpoints hold the same training state, bit for bit: weights, EMA weights and AdamW's moments."""
+    from rrepa.flow.checkpoint import load_checkpoint
+
+    a, b = load_checkpoint(a_path), load_checkpoint(b_path)
+    for key in ("model", "ema"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f"{key}.{name} differs"
+    for s1, s2 in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(s1["exp_avg"], s2["exp_avg"]) and torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"])
+
+
 def rows(run: Path) -> list[dict]:
     return [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
 

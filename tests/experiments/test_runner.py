@@ -17,7 +17,7 @@ import torch
 import yaml
 from scipy import stats
 
-from helpers import ENV, write_fake_fmnist
+from helpers import ENV, assert_same_state, write_fake_fmnist
 from rrepa.experiments.grid import grid_from_dict, load_grid
 from rrepa.experiments.probes import probe_grid
 from rrepa.experiments.records import EvalLog, cell_state, read_evals
@@ -460,7 +460,6 @@ def test_a_longer_grid_branches_from_a_shorter_ones_checkpoints(grid_file, tmp_p
     itself: a 16-step wsd cell from an 8-step one's step 6 (its lr is the same until the 8-step cool-down). Its
     evaluations, copied up to step 6 and computed after, equal those of the same cell trained from step 0."""
     from rrepa.experiments.runner import run_grid
-    from rrepa.flow.checkpoint import load_checkpoint
 
     base = yaml.safe_load(grid_file.read_text())
     common = [o for o in base["set"] if not o.startswith(("train.steps=", "train.eval_every=", "train.ckpt_every="))]
@@ -476,8 +475,7 @@ def test_a_longer_grid_branches_from_a_shorter_ones_checkpoints(grid_file, tmp_p
     assert any(m.startswith("baseline-s0: branched from ") and m.endswith("ckpt-0000006.pt at step 6") for m in logs)
     got, want = (keyed(read_evals(tmp_path / n / "evals.jsonl")) for n in ("branched", "long"))
     assert got == want and [k[2] for k in got] == [4, 8, 12, 16]
-    a, b = (load_checkpoint(tmp_path / n / "runs" / "baseline-s0" / "ckpt-0000016.pt") for n in ("branched", "long"))
-    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert_same_state(*(tmp_path / n / "runs" / "baseline-s0" / "ckpt-0000016.pt" for n in ("branched", "long")))
     with pytest.raises(ValueError, match="branch must be a list"):
         grid_from_dict({**short, "branch": "results/x"})
 

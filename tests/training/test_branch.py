@@ -6,15 +6,14 @@ import shutil
 import pytest
 import torch
 
-from helpers import rows, tiny
+from helpers import assert_same_state, rows, tiny
 from rrepa import cli
-from rrepa.flow.checkpoint import load_checkpoint
 from rrepa.training.branch import branch
 from rrepa.training.loop import train
 from rrepa.training.run import stored_config
 
-# A wsd run of 8 steps holds its lr through step 6 (the cool-down starts there), one of 16 through step 12: they
-# share steps 0-5. The short one evaluates and draws grids on another cadence than the long one; neither moves the
+# A wsd run of 8 steps holds its lr through step 6 (the cool-down starts there), one of 16 through step 12: their lrs
+# agree up to step 6. The short one evaluates and draws grids on another cadence than the long one; neither moves the
 # training state, which the bitwise comparison checks.
 COMMON = ("optim.schedule=wsd", "train.eval_bpd=false", "train.keep_last=0", "train.eval_samples=16",
           "train.eval_test_images=16", "model.sigma=0")
@@ -39,15 +38,6 @@ def runs(data, tmp_path_factory):
     return tmp, short, long
 
 
-def same_state(a_path, b_path) -> None:
-    a, b = load_checkpoint(a_path), load_checkpoint(b_path)
-    for key in ("model", "ema"):
-        for name, value in a[key].items():
-            assert torch.equal(value, b[key][name]), f"{key}.{name} differs"
-    for s1, s2 in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
-        assert torch.equal(s1["exp_avg"], s2["exp_avg"]) and torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"])
-
-
 def test_a_branch_ends_where_the_longer_run_ends(runs):
     tmp, _, long = runs
     assert branch(tmp / "short" / "ckpt-0000006.pt", long(), tmp / "branch") == 6
@@ -55,7 +45,7 @@ def test_a_branch_ends_where_the_longer_run_ends(runs):
     assert [r["step"] for r in rows(tmp / "branch")] == [*range(1, 7), 6]
     assert not (tmp / "branch" / "samples").exists()  # the long run draws no grids (the short one did, at 3 and 6)
     train(stored_config(tmp / "branch"), tmp / "branch", resume=True, device="cpu")
-    same_state(tmp / "branch" / "ckpt-0000016.pt", tmp / "long" / "ckpt-0000016.pt")
+    assert_same_state(tmp / "branch" / "ckpt-0000016.pt", tmp / "long" / "ckpt-0000016.pt")
     got, want = rows(tmp / "branch"), rows(tmp / "long")
     assert [r["step"] for r in got] == [r["step"] for r in want]
     assert [r.get("loss") for r in got] == [r.get("loss") for r in want]
@@ -86,7 +76,7 @@ def test_the_command_line_branches_and_refuses_what_it_cannot(runs, capsys):
     ckpt = str(tmp / "short" / "ckpt-0000006.pt")
     cli.main(["train", "--config", str(config), "--branch-from", ckpt, "--out", str(tmp / "cli"), "--device", "cpu"])
     assert f"branched {tmp / 'cli'} from {ckpt} at step 6" in capsys.readouterr().out
-    same_state(tmp / "cli" / "ckpt-0000016.pt", tmp / "long" / "ckpt-0000016.pt")
+    assert_same_state(tmp / "cli" / "ckpt-0000016.pt", tmp / "long" / "ckpt-0000016.pt")
     grids = sorted(p.name for p in (tmp / "cli" / "samples").iterdir())
     assert grids[:3] == ["step-0000003.png", "step-0000006.png", "step-0000009.png"]  # 3 and 6 copied, 9 drawn
     for name in grids[:2]:
