@@ -302,7 +302,7 @@ def test_report_from_a_fixture_log(tmp_path):
                     f"{np.mean([400 / r for r in reached]):.2f}x (3 of 3 seeds) |")
     # ... and along the way: at each baseline step s, s / (steps to the baseline's mean FID at s), mean over seeds.
     along = text.split("Along the way")[1].split("**Claim 5")[0]
-    steps = sorted({r["step"] for r in rows if r["arm"] == "baseline"})
+    steps = sorted({r["step"] for r in rows if r["arm"] == "baseline"} - {400})  # step 400: claim 4's own table
     want = []
     for s in steps:
         target = np.mean([r["fid"] for r in rows if r["arm"] == "baseline" and r["step"] == s])
@@ -311,7 +311,7 @@ def test_report_from_a_fixture_log(tmp_path):
         first = any(r == c[0][0] and c[0][1] <= target for r, c in zip(reached, curves.values()))
         want.append("—" if not ok else (">=" if first else "") + f"{np.mean(ok):.2f}x"
                      + ("" if len(ok) == 3 else f" ({len(ok)} of 3)"))
-    assert f"| reverse | {' | '.join(want)} |" in along and "| baseline |" not in along
+    assert f"| reverse | {' | '.join(want)} |" in along and "| baseline |" not in along and "| 400 (" not in along
     # Paired by seed: against the baseline and against reverse, each cell the paired mean and interval.
     section = text.split("## Paired by seed")[1]
     row = next(x for x in section.splitlines() if x.startswith("| reverse - baseline |"))
@@ -340,6 +340,9 @@ def test_report_of_a_grid_whose_reverse_arm_is_still_training(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "| reverse - baseline |" in text.split("**Claim 1")[1].split("**Claim 2")[0]
     assert any(x.startswith("| reverse - baseline | 3 |") for x in text.split("## Paired by seed")[1].splitlines())
+    write_jsonl(tmp_path / "evals.jsonl", [r for r in rows if r["step"] == 400])  # evaluated at the end only
+    text = write_report(tmp_path).read_text()
+    assert "x (3 of 3 seeds) |" in text.split("**Claim 4")[1] and "Along the way" not in text  # nothing before it
 
 
 def test_report_compares_pixel_and_latent_arms(tmp_path):
