@@ -613,6 +613,26 @@ def test_report_of_a_recipe_search_compares_each_arm_at_its_own_last_step(tmp_pa
     assert "| unfinished | 2,400 | 0 | — |" in section
 
 
+def test_cells_with_checkpoints_are_trained_before_new_ones(tmp_path, monkeypatch):
+    """A cell that has checkpoints here (resumed) starts before the cells that have none, whatever the grid's
+    order: its trained steps live only in this machine's run folder."""
+    from rrepa.experiments import runner as runner_module
+
+    grid = {"preset": "fmnist", "seeds": [0, 1], "set": ["model.width=32", "model.head_dim=16", "train.steps=10"],
+            "arms": {"baseline": [], "other": ["optim.lr=1e-2"]}}
+    cells = grid_from_dict(grid).cells()
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "runs" / "other-s1").mkdir(parents=True)
+    (tmp_path / "runs" / "other-s1" / "ckpt-0000005.pt").write_bytes(b"")
+    monkeypatch.setattr(runner_module, "train_command", lambda *a: [sys.executable, "-c", "pass"])
+    logs = []
+    runner_module._run(cells, tmp_path / "runs", tmp_path / "configs", EvalLog(tmp_path / "evals.jsonl"),
+                       jobs=1, threads=1, poll=0.05, log=logs.append)
+    started = [m.split()[1] for m in logs if m.startswith("started ")]
+    assert started[0] == "other-s1" and sorted(started[1:]) == ["baseline-s0", "baseline-s1", "other-s0"]
+    assert started[1:] == [c.name for c in cells if c.name != "other-s1"]  # the others keep the grid's order
+
+
 @pytest.mark.parametrize("exit_code,word", [(130, "interrupted"), (143, "interrupted"),
                                             (-signal.SIGTERM, "interrupted"), (3, "failed")])
 def test_a_cell_stopped_by_a_signal_is_interrupted_not_failed(tmp_path, monkeypatch, exit_code, word):

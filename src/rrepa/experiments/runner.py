@@ -6,10 +6,10 @@ A grid file (rrepa.experiments.grid) names a preset, the seeds, common overrides
 process into `RUNS/ARM-sSEED` (RUNS defaults to `results/NAME/runs`; checkpoints are large, keep them out of
 git), `jobs` at a time with `threads` intra-op threads each. It is resumable: finished cells are skipped (also
 when their run folder is gone but the log holds their final evaluation), a cell with checkpoints continues from
-the newest one, a cell killed before its first checkpoint restarts. A cell named in a `reuse` folder (another
-grid's results) with the same name, a resolved config equal to the one stored there (`configs/ARM-sSEED.yaml`) and
-its final evaluation logged there is not trained again: its evaluations and probes are copied, so that grids
-which share a baseline share its cells.
+the newest one, before any new cell starts, and a cell killed before its first checkpoint restarts. A cell named in
+a `reuse` folder (another grid's results) with the same name, a resolved config equal to the one stored there
+(`configs/ARM-sSEED.yaml`) and its final evaluation logged there is not trained again: its evaluations and probes
+are copied, so that grids which share a baseline share its cells.
 Every in-training evaluation of every cell is appended, once, as one JSON line to `results/NAME/evals.jsonl`
 (keys arm, seed, step, fid, precision, recall, one_step_top1, bayes_top1, bpd, wall_s, ...): the runner copies
 them from the cells' metrics.jsonl, keyed by (arm, seed, step), so a cell that is killed and resumed, and so
@@ -236,7 +236,9 @@ def _run(cells: list[Cell], runs: Path, configs: Path, evals: EvalLog, jobs: int
     for c in cells:  # finished cells may still have evaluations the log lacks (a runner killed at the end)
         if states[c.name] != "new":
             evals.add(c, eval_rows(runs / c.name))
-    pending = [c for c in cells if states[c.name] != "done"]
+    # Cells with checkpoints go first: run folders are a per-machine cache, so the steps already trained here are
+    # finished before new cells start, rather than left half-done for a machine that may not keep them.
+    pending = sorted((c for c in cells if states[c.name] != "done"), key=lambda c: states[c.name] != "resume")
     if prober is not None and len(pending) < len(cells):  # cells a killed runner finished but did not probe
         prober()
     log(f"{len(cells)} cells: {len(cells) - len(pending)} done, {len(pending)} to run ({jobs} at a time, "
